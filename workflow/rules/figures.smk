@@ -1,0 +1,43 @@
+rule figures_logit_lens:
+    input:
+        notebook="workflow/notebooks/logit_lens.ipynb",
+        positions=rules.logit_lens.output.positions,
+        targets=rules.logit_lens.output.targets,
+        first_layer=rules.logit_lens.output.first_layer,
+    output:
+        notebook=f"{RESULTS}/figures/logit_lens.ipynb",
+        html=report(
+            f"{RESULTS}/figures/logit_lens.html",
+            caption="../report/logit_lens_notebook.rst",
+            category="Logit lens",
+        ),
+        heatmaps=[
+            report(
+                f,
+                caption="../report/logit_lens_heatmap.rst",
+                category="Logit lens",
+                subcategory="Heatmaps",
+            )
+            for prompt_id in lens_ids()
+            for f in figure_files(f"logit_lens/heatmap_{prompt_id}")
+        ],
+        curves=[
+            report(f, caption="../report/logit_lens_targets.rst", category="Logit lens")
+            for f in figure_files("logit_lens/target_curves")
+        ],
+        kl=[
+            report(f, caption="../report/logit_lens_kl.rst", category="Logit lens")
+            for f in figure_files("logit_lens/kl_to_final")
+        ],
+    log:
+        f"{RESULTS}/logs/figures_logit_lens.log",
+    params:
+        figure_dir=f"{RESULTS}/figures/logit_lens",
+        model_name=config["model"]["name"],
+    threads: 1
+    conda:
+        ENV
+    shell:
+        "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
+        " -p positions {input.positions} -p targets {input.targets} -p first_layer {input.first_layer}"
+        " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"

@@ -1,0 +1,24 @@
+rule logit_lens:
+    input:
+        model=rules.fetch_model.output[0],
+        tokens=rules.tokenize.output.tokens,
+        table=rules.tokenize.output.table,
+    output:
+        positions=f"{RESULTS}/logit_lens/positions.parquet",
+        targets=f"{RESULTS}/logit_lens/targets.parquet",
+        first_layer=f"{RESULTS}/logit_lens/first_layer.parquet",
+        summary=f"{RESULTS}/logit_lens/summary.json",
+    log:
+        f"{RESULTS}/logs/logit_lens.log",
+    params:
+        spec=spec("logit_lens"),
+        seed=config["seed"],
+        device=config["device"],
+        out_dir=f"{RESULTS}/logit_lens",
+    threads: workflow.cores
+    conda:
+        ENV
+    shell:
+        "mechinterp logit-lens --model {input.model} --tokens {input.tokens} --table {input.table}"
+        " --spec {params.spec:q} --seed {params.seed} --device {params.device} --threads {threads}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
