@@ -1,0 +1,179 @@
+"""Cache a model's activations: one forward pass per batch of windows serves every requested
+(site, layer), stopping after the deepest layer needed.
+
+Each site goes to its own `.npy` file [n_tokens, width] in float16 or bfloat16, rows in the order of
+the token table, written batch by batch with plain file writes (memory stays flat however many
+tokens there are), plus a JSON header written last. Readers memory-map the array and check the
+header against the token table, so a cache that is incomplete or from other tokens is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mechinterp.errors import UserError
+from mechinterp.files import atomic_path, sha256_file, write_json
+
+SITE_HOOKS = {"resid": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.mlp.hook_post"}
+# bfloat16 has no numpy dtype: its raw 16 bits are stored as uint16 and reinterpreted on read.
+STORAGE = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A place in the model whose activations are cached: `resid` (residual stream after block
+    `layer`) or `mlp` (the MLP's hidden activations in block `layer`, its "neurons")."""
+
+    kind: str
+    layer: int
+
+    @property
+    def hook_name(self) -> str:
+        return SITE_HOOKS[self.kind].format(layer=self.layer)
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}{self.layer}"
+
+    @classmethod
+    def parse(cls, site_id: str) -> Site:
+        for kind in SITE_HOOKS:
+            if site_id.startswith(kind) and site_id[len(kind):].isdigit():
+                return cls(kind, int(site_id[len(kind):]))
+        raise UserError(f"{site_id!r} is not a site id; use resid<layer> or mlp<layer>, e.g. resid12.")
+
+
+def site_width(cfg, site: Site) -> int:
+    return cfg.d_model if site.kind == "resid" else cfg.d_mlp
+
+
+def check_sites(cfg, sites: list[Site], config_key: str) -> None:
+    for site in sites:
+        if site.kind not in SITE_HOOKS:
+            raise UserError(f"{config_key}: unknown site kind {site.kind!r}; use one of {sorted(SITE_HOOKS)}.")
+        if not 0 <= site.layer < cfg.n_layers:
+            raise UserError(f"{config_key}: layer {site.layer} does not exist; the model has layers "
+                            f"0..{cfg.n_layers - 1}.")
+
+
+def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "float16":
+        stored = acts.to(torch.float16)
+        if not torch.isfinite(stored).all():
+            raise UserError("activations overflow float16 (|x| > 65504); set activations.dtype: bfloat16.")
+        return stored.numpy()
+    return acts.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def from_storage(rows: np.ndarray, dtype: str) -> torch.Tensor:
+    """float32 tensor from stored rows."""
+    if dtype == "float16":
+        return torch.from_numpy(rows.astype(np.float32))
+    return torch.from_numpy(rows.view(np.int16).copy()).view(torch.bfloat16).float()
+
+
+def header_path(array_path: str | Path) -> Path:
+    return Path(array_path).with_suffix(".json")
+
+
+@dataclass
+class ActivationCache:
+    """A memory-mapped activation array and its header."""
+
+    path: Path
+    header: dict[str, Any]
+    array: np.ndarray
+
+    @classmethod
+    def open(cls, path: str | Path, token_table: str | Path | None = None) -> ActivationCache:
+        """Open a cache, refusing one without a header, of the wrong shape, or made from other tokens."""
+        path = Path(path)
+        if not header_path(path).is_file() or not path.is_file():
+            raise UserError(f"activation cache {path} is incomplete (array or header {header_path(path).name} "
+                            "missing); rerun the cache_activations stage.")
+        header = json.loads(header_path(path).read_text())
+        try:
+            array = np.load(path, mmap_mode="r")
+        except ValueError as err:
+            raise UserError(f"activation cache {path} cannot be read ({err}); rerun cache_activations.") from err
+        if list(array.shape) != header["shape"] or array.dtype != STORAGE[header["dtype"]]:
+            raise UserError(f"activation cache {path} has shape {list(array.shape)} / {array.dtype} but its header "
+                            f"says {header['shape']} / {header['dtype']}: truncated or corrupt; rerun cache_activations.")
+        if token_table is not None and sha256_file(token_table) != header["token_table_sha256"]:
+            raise UserError(f"activation cache {path} was made from another token table than {token_table} "
+                            "(sha256 differs); rerun cache_activations after tokenize.")
+        if not np.isfinite(from_storage(np.asarray(array[: min(len(array), 4096)]), header["dtype"]).numpy()).all():
+            raise UserError(f"activation cache {path} holds NaN or infinite values; rerun cache_activations "
+                            "(with activations.dtype: bfloat16 if float16 overflowed).")
+        return cls(path, header, array)
+
+    @property
+    def dtype(self) -> str:
+        return self.header["dtype"]
+
+    def rows(self, index: np.ndarray | slice) -> torch.Tensor:
+        """Rows as float32; sorted index arrays read fastest."""
+        return from_storage(np.asarray(self.array[index]), self.dtype)
+
+    def chunks(self, rows: np.ndarray, chunk: int = 8192) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            yield part, self.rows(part)
+
+
+def _write_npy_header(handle, shape: tuple[int, int], dtype: np.dtype) -> None:
+    np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": shape})
+
+
+@contextmanager
+def _open_all(paths: dict[Site, Path]) -> Iterator[dict[Site, BinaryIO]]:
+    """Open every output under a temporary name; all are renamed into place only if the block succeeds."""
+    with ExitStack() as stack:
+        handles = {}
+        for site, path in paths.items():
+            tmp = stack.enter_context(atomic_path(path))
+            handles[site] = stack.enter_context(open(tmp, "wb"))
+        yield handles
+
+
+def cache_activations(bridge, tokens: np.ndarray, sites: list[Site], out_paths: dict[Site, Path], dtype: str,
+                      batch_sequences: int, provenance: dict[str, str]) -> dict[str, float]:
+    """Run the model over all windows in `tokens` once, writing each site's activations to its path.
+    Returns timing figures. `provenance` (model and token-table hashes) goes into every header."""
+    check_sites(bridge.cfg, sites, "sae.sites")
+    n_seq, ctx = tokens.shape
+    stop_at_layer = max(site.layer for site in sites) + 1
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(acts: torch.Tensor, hook) -> None:
+        captured[hook.name] = acts
+
+    hooks = [(site.hook_name, capture) for site in sites]
+    with _open_all({s: out_paths[s] for s in sites}) as handles:
+        for site, handle in handles.items():
+            _write_npy_header(handle, (n_seq * ctx, site_width(bridge.cfg, site)), STORAGE[dtype])
+        forward_s = 0.0
+        for start in tqdm(range(0, n_seq, batch_sequences), desc="caching activations", unit="batch"):
+            batch = torch.from_numpy(np.asarray(tokens[start : start + batch_sequences], dtype=np.int64))
+            t0 = time.perf_counter()
+            bridge.run_with_hooks(batch.to(bridge.cfg.device), fwd_hooks=hooks, stop_at_layer=stop_at_layer)
+            forward_s += time.perf_counter() - t0
+            for site, handle in handles.items():
+                acts = captured.pop(site.hook_name).reshape(-1, site_width(bridge.cfg, site)).float().cpu()
+                handle.write(to_storage(acts, dtype).tobytes())
+    for site in sites:
+        write_json({"site": site.id, "kind": site.kind, "layer": site.layer, "hook": site.hook_name,
+                    "shape": [n_seq * ctx, site_width(bridge.cfg, site)], "dtype": dtype,
+                    "context_length": ctx, **provenance}, header_path(out_paths[site]))
+    return {"forward_s": forward_s, "tokens": n_seq * ctx, "stop_at_layer": stop_at_layer}

@@ -1,0 +1,118 @@
+"""What every SAE architecture shares: parameters, decoding, initialisation from data, and the
+on-disk format of SAELens (`cfg.json` + `sae_weights.safetensors`) so the ecosystem can load them.
+
+An architecture is one module that subclasses `SparseAutoencoder` and provides `encode` and
+`training_step` (which computes the loss and sets `.grad` on the parameters). Training works in a
+normalised activation space (x * scale); `save` folds the scale into the weights, so a saved SAE
+reads and writes raw activations, which is what SAELens expects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mechinterp.errors import UserError
+from mechinterp.files import atomic_path, write_json
+
+SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout of SAELens 6.x
+WEIGHTS_FILE, CONFIG_FILE = "sae_weights.safetensors", "cfg.json"
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 30, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to `points` [n, d]."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(eps)
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+    return median
+
+
+class SparseAutoencoder(torch.nn.Module):
+    architecture: ClassVar[str]  # the name in this project's config
+    saelens_architecture: ClassVar[str]  # the name in SAELens's cfg.json
+    HYPERPARAMETERS: ClassVar[tuple[str, ...]]  # cfg.json keys passed back to __init__ on load
+
+    def __init__(self, d_in: int, d_sae: int) -> None:
+        super().__init__()
+        self.d_in, self.d_sae = d_in, d_sae
+        self.W_enc = torch.nn.Parameter(torch.zeros(d_in, d_sae))
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = torch.nn.Parameter(torch.zeros(d_sae, d_in))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
+
+    # --- to implement per architecture ---
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations [n, d_sae] of inputs [n, d_in]."""
+        raise NotImplementedError
+
+    def training_step(self, x: torch.Tensor, dead: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        """Compute the loss on batch `x`, set each parameter's .grad, and return metrics (incl. `active`
+        [d_sae] bool, which latents fired). `dead` marks latents that have not fired for a while;
+        `progress` in [0, 1] is the share of training done (for schedules such as L1 warm-up)."""
+        raise NotImplementedError
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Architecture settings that go into cfg.json besides d_in and d_sae."""
+        return {}
+
+    def after_step(self) -> None:
+        """Called after each optimizer step (e.g. to keep decoder rows at unit norm)."""
+
+    # --- shared ---
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def initialise(self, sample: torch.Tensor, generator: torch.Generator) -> None:
+        """Random unit-norm decoder rows, encoder = decoder transposed, b_dec at the sample's
+        geometric median (Gao et al. 2024)."""
+        w_dec = torch.randn(self.d_sae, self.d_in, generator=generator)
+        self.W_dec.copy_(w_dec / w_dec.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.copy_(geometric_median(sample))
+
+    @torch.no_grad()
+    def fold_scale(self, scale: float) -> None:
+        """Turn an SAE trained on x * scale into one on raw x (the latents are unchanged)."""
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    def save(self, folder: str | Path, metadata: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Write SAELens's on-disk format: cfg.json and sae_weights.safetensors, atomically."""
+        cfg = {"architecture": self.saelens_architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
+               "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+               "reshape_activations": "none", **self.hyperparameters(),
+               "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION,
+                            "sae_lens_training_version": SAELENS_FORMAT_VERSION, **metadata},
+               **(extra or {})}
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
+            save_file(tensors, tmp / WEIGHTS_FILE)
+            write_json(cfg, tmp / CONFIG_FILE)
+
+
+def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """Load an SAE saved by `save` (or any SAELens-format SAE of a known architecture)."""
+    from mechinterp.saes import ARCHITECTURES
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(f"{folder} is not a saved SAE (needs {CONFIG_FILE} and {WEIGHTS_FILE}); rerun train_sae.")
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    by_saelens_name = {cls.saelens_architecture: cls for cls in ARCHITECTURES.values()}
+    if cfg["architecture"] not in by_saelens_name:
+        raise UserError(f"{folder}: SAE architecture {cfg['architecture']!r} is not one of {sorted(by_saelens_name)}.")
+    cls = by_saelens_name[cfg["architecture"]]
+    sae = cls(cfg["d_in"], cfg["d_sae"], **{k: cfg[k] for k in cls.HYPERPARAMETERS if k in cfg})
+    sae.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    return sae.eval(), cfg
