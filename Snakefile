@@ -26,6 +26,7 @@ except UserError as err:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/logit_lens.smk"
+include: "workflow/rules/sae.smk"
 include: "workflow/rules/figures.smk"
 
 

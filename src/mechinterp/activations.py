@@ -154,12 +154,15 @@ def cache_activations(bridge, tokens: np.ndarray, sites: list[Site], out_paths: 
     check_sites(bridge.cfg, sites, "sae.sites")
     n_seq, ctx = tokens.shape
     stop_at_layer = max(site.layer for site in sites) + 1
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[Site, torch.Tensor] = {}
 
-    def capture(acts: torch.Tensor, hook) -> None:
-        captured[hook.name] = acts
+    def capture(site: Site):
+        def hook(acts: torch.Tensor, hook) -> None:
+            captured[site] = acts
 
-    hooks = [(site.hook_name, capture) for site in sites]
+        return hook
+
+    hooks = [(site.hook_name, capture(site)) for site in sites]
     with _open_all({s: out_paths[s] for s in sites}) as handles:
         for site, handle in handles.items():
             _write_npy_header(handle, (n_seq * ctx, site_width(bridge.cfg, site)), STORAGE[dtype])
@@ -170,7 +173,7 @@ def cache_activations(bridge, tokens: np.ndarray, sites: list[Site], out_paths: 
             bridge.run_with_hooks(batch.to(bridge.cfg.device), fwd_hooks=hooks, stop_at_layer=stop_at_layer)
             forward_s += time.perf_counter() - t0
             for site, handle in handles.items():
-                acts = captured.pop(site.hook_name).reshape(-1, site_width(bridge.cfg, site)).float().cpu()
+                acts = captured.pop(site).reshape(-1, site_width(bridge.cfg, site)).float().cpu()
                 handle.write(to_storage(acts, dtype).tobytes())
     for site in sites:
         write_json({"site": site.id, "kind": site.kind, "layer": site.layer, "hook": site.hook_name,

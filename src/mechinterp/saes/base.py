@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mechinterp.errors import UserError
-from mechinterp.files import atomic_path, write_json
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout of SAELens 6.x
 WEIGHTS_FILE, CONFIG_FILE = "sae_weights.safetensors", "cfg.json"
@@ -87,18 +86,18 @@ class SparseAutoencoder(torch.nn.Module):
         self.b_dec.div_(scale)
 
     def save(self, folder: str | Path, metadata: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        """Write SAELens's on-disk format: cfg.json and sae_weights.safetensors, atomically."""
+        """Write SAELens's on-disk format into `folder`: cfg.json and sae_weights.safetensors. Callers
+        write the folder under a temporary name (files.atomic_path) and rename it when complete."""
         cfg = {"architecture": self.saelens_architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
                "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
                "reshape_activations": "none", **self.hyperparameters(),
                "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION,
                             "sae_lens_training_version": SAELENS_FORMAT_VERSION, **metadata},
                **(extra or {})}
-        with atomic_path(folder) as tmp:
-            tmp.mkdir()
-            tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
-            save_file(tensors, tmp / WEIGHTS_FILE)
-            write_json(cfg, tmp / CONFIG_FILE)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}, folder / WEIGHTS_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:

@@ -29,34 +29,45 @@ def sparse_outer(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor, n_r
     return torch.sparse.mm(z_t, dense)
 
 
-def gathered_dot(idx: torch.Tensor, rows: torch.Tensor, dense: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """<rows[idx[b, j]], dense[b]> for every (b, j): [n, k], in chunks to bound the gathered memory."""
-    out = torch.empty(idx.shape, dtype=dense.dtype)
-    for start in range(0, idx.shape[0], chunk):
-        part = idx[start : start + chunk]
-        out[start : start + chunk] = torch.bmm(rows[part], dense[start : start + chunk, :, None]).squeeze(-1)
-    return out
-
-
 class TopKSAE(SparseAutoencoder):
     architecture: ClassVar[str] = "topk"
     saelens_architecture: ClassVar[str] = "topk"
     HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("k",)
 
     def __init__(self, d_in: int, d_sae: int, k: int = 32, auxk_coefficient: float = 1 / 32,
-                 auxk_k: int | None = None) -> None:
+                 auxk_k: int = 64) -> None:
         super().__init__(d_in, d_sae)
         self.k, self.auxk_coefficient = k, auxk_coefficient
-        self.auxk_k = auxk_k if auxk_k is not None else d_in // 2
+        self.auxk_k = auxk_k
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}
 
+    @torch.no_grad()
+    def _top_latents(self, centred: torch.Tensor, dead: torch.Tensor | None = None,
+                     chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Top-k pre-activations (and the top dead ones, if `dead` is given) of `centred` = x - b_dec.
+        Computed in row chunks so each chunk's pre-activations stay in cache for the top-k that follows
+        (faster than one large product followed by one large top-k)."""
+        n = centred.shape[0]
+        vals, idx = torch.empty(n, self.k), torch.empty(n, self.k, dtype=torch.long)
+        dead_ids = dead.nonzero().squeeze(1) if dead is not None else None
+        k_aux = min(self.auxk_k, len(dead_ids)) if dead_ids is not None else 0
+        aux_vals, aux_idx = torch.empty(n, k_aux), torch.empty(n, k_aux, dtype=torch.long)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            pre = torch.addmm(self.b_enc, centred[rows], self.W_enc)
+            torch.topk(pre, self.k, dim=1, sorted=False, out=(vals[rows], idx[rows]))
+            if k_aux:
+                torch.topk(pre.index_select(1, dead_ids), k_aux, dim=1, sorted=False, out=(aux_vals[rows], aux_idx[rows]))
+        if not k_aux:
+            return vals.clamp_min_(0), idx, None, None
+        return vals.clamp_min_(0), idx, aux_vals.clamp_min_(0), dead_ids[aux_idx]
+
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The k active latents per row: values [n, k] (>= 0) and indices [n, k]."""
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
-        vals, idx = pre.topk(self.k, dim=1, sorted=False)
-        return vals.clamp_min(0), idx
+        vals, idx, _, _ = self._top_latents(x - self.b_dec)
+        return vals, idx
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         vals, idx = self.encode_sparse(x)
@@ -66,51 +77,40 @@ class TopKSAE(SparseAutoencoder):
         vals, idx = self.encode_sparse(x)
         return sparse_decode(idx, vals, self.W_dec) + self.b_dec
 
-    @torch.no_grad()
     def training_step(self, x: torch.Tensor, dead: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
-        n = x.shape[0]
-        centred = x - self.b_dec
-        pre = centred @ self.W_enc + self.b_enc  # the one dense product
-        vals, idx = pre.topk(self.k, dim=1, sorted=False)
-        vals = vals.clamp_min(0)
-        x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
-        error = x_hat - x
-        mse = error.pow(2).sum(1).mean()
-        d_x_hat = error * (2.0 / n)
-
-        # Gradients of the reconstruction loss through the k active latents.
-        g_vals = gathered_dot(idx, self.W_dec, d_x_hat) * (vals > 0)
-        grad_W_dec = sparse_outer(idx, vals, d_x_hat, self.d_sae)
-        grad_W_enc_t = sparse_outer(idx, g_vals, centred, self.d_sae)
-        grad_b_enc = torch.zeros(self.d_sae).index_add_(0, idx.reshape(-1), g_vals.reshape(-1))
-        grad_b_dec = d_x_hat.sum(0) - self.W_enc @ grad_b_enc
-
-        auxk = torch.zeros(())
-        n_dead = int(dead.sum())
-        if n_dead > 0 and self.auxk_coefficient > 0:
-            # Auxiliary-k loss: the top dead latents reconstruct the (fixed) residual error; its gradient
-            # reaches their encoder columns and decoder rows, so they can come back to life.
-            k_aux = min(self.auxk_k, n_dead)
-            aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
-            aux_vals = aux_vals.clamp_min(0)
-            target = -error
-            scale = target.sub(target.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
-            aux_error = sparse_decode(aux_idx, aux_vals, self.W_dec) - target
-            auxk = aux_error.pow(2).sum(1).mean() / scale
-            d_aux = aux_error * (2.0 * self.auxk_coefficient / (n * scale))
-            g_aux = gathered_dot(aux_idx, self.W_dec, d_aux) * (aux_vals > 0)
-            grad_W_dec += sparse_outer(aux_idx, aux_vals, d_aux, self.d_sae)
-            grad_W_enc_t += sparse_outer(aux_idx, g_aux, centred, self.d_sae)
-            grad_b_enc_aux = torch.zeros(self.d_sae).index_add_(0, aux_idx.reshape(-1), g_aux.reshape(-1))
-            grad_b_enc += grad_b_enc_aux
-            grad_b_dec -= self.W_enc @ grad_b_enc_aux
-
-        self.W_enc.grad, self.b_enc.grad = grad_W_enc_t.T.contiguous(), grad_b_enc
-        self.W_dec.grad, self.b_dec.grad = grad_W_dec, grad_b_dec
-        active = torch.zeros(self.d_sae, dtype=torch.bool)
-        active[idx[vals > 0]] = True
-        return {"mse": mse, "auxk": auxk, "l0": (vals > 0).sum(1).float().mean(), "active": active,
-                "variance": x.sub(x.mean(0)).pow(2).sum(1).mean()}
+        with torch.no_grad():
+            centred = x - self.b_dec
+            use_aux = bool(dead.any()) and self.auxk_coefficient > 0
+            vals, idx, aux_vals, aux_idx = self._top_latents(centred, dead if use_aux else None)
+            latents = [(idx, vals)] + ([(aux_idx, aux_vals)] if use_aux else [])
+        # Decoder side through autograd: embedding_bag's backward gives the decoder gradient and the
+        # gradient of each active latent's value while touching only the k chosen rows.
+        with torch.enable_grad():
+            weights = [v.clone().requires_grad_() for _, v in latents]
+            x_hat = sparse_decode(idx, weights[0], self.W_dec) + self.b_dec
+            mse = (x_hat - x).pow(2).sum(1).mean()
+            loss, auxk = mse, torch.zeros(())
+            if len(latents) > 1:
+                # Auxiliary-k loss (Gao et al. 2024): dead latents reconstruct the fixed residual error.
+                target = (x - x_hat).detach()
+                scale = target.sub(target.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
+                auxk = (sparse_decode(latents[1][0], weights[1], self.W_dec) - target).pow(2).sum(1).mean() / scale
+                loss = loss + self.auxk_coefficient * auxk
+            loss.backward()
+        # Encoder side by hand: its gradient is non-zero only in the columns of active latents.
+        with torch.no_grad():
+            grad_enc_t = torch.zeros(self.d_sae, self.d_in)
+            grad_b_enc = torch.zeros(self.d_sae)
+            for (ids, v), w in zip(latents, weights):
+                g_pre = w.grad * (v > 0)
+                grad_enc_t += sparse_outer(ids, g_pre, centred, self.d_sae)
+                grad_b_enc.index_add_(0, ids.reshape(-1), g_pre.reshape(-1))
+            self.W_enc.grad, self.b_enc.grad = grad_enc_t.T.contiguous(), grad_b_enc
+            self.b_dec.grad -= self.W_enc @ grad_b_enc  # b_dec is also subtracted from the encoder's input
+            active = torch.zeros(self.d_sae, dtype=torch.bool)
+            active[idx[vals > 0]] = True
+            return {"mse": mse.detach(), "auxk": auxk.detach(), "l0": (vals > 0).sum(1).float().mean(),
+                    "active": active, "variance": x.sub(x.mean(0)).pow(2).sum(1).mean()}
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -1,0 +1,89 @@
+rule cache_activations:
+    input:
+        model=rules.fetch_model.output[0],
+        tokens=rules.tokenize.output.tokens,
+        table=rules.tokenize.output.table,
+    output:
+        arrays=[f"{RESULTS}/activations/{site}.npy" for site in cache_sites()],
+        headers=[f"{RESULTS}/activations/{site}.json" for site in cache_sites()],
+    log:
+        f"{RESULTS}/logs/cache_activations.log",
+    conda:
+        ENV
+    threads: workflow.cores
+    params:
+        sites=" ".join(cache_sites()),
+        dtype=config["activations"]["dtype"],
+        batch_sequences=config["activations"]["batch_sequences"],
+        device=config["device"],
+        out_dir=lambda wc, output: Path(output.arrays[0]).parent,
+    shell:
+        "mechinterp cache-activations --model {input.model} --tokens {input.tokens} --table {input.table}"
+        " --sites {params.sites} --dtype {params.dtype} --batch-sequences {params.batch_sequences}"
+        " --device {params.device} --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule train_sae:
+    input:
+        cache=lambda wc: activation_file(wc.sae, "npy"),
+        header=lambda wc: activation_file(wc.sae, "json"),
+        table=rules.tokenize.output.table,
+    output:
+        directory(f"{RESULTS}/saes/{{sae}}"),
+    log:
+        f"{RESULTS}/logs/train_sae/{{sae}}.log",
+    conda:
+        ENV
+    threads: workflow.cores
+    params:
+        spec=lambda wc: json.dumps(SAES[wc.sae], sort_keys=True),
+        seed=config["seed"],
+        checkpoint=lambda wc: f"{RESULTS}/checkpoints/{wc.sae}.pt",
+        model_name=config["model"]["name"],
+        dataset=dataset_name(),
+    shell:
+        "mechinterp train-sae --cache {input.cache} --table {input.table} --spec {params.spec:q}"
+        " --seed {params.seed} --threads {threads} --checkpoint {params.checkpoint}"
+        " --model-name {params.model_name:q} --dataset {params.dataset:q} --out {output} > {log} 2>&1"
+
+
+rule evaluate_sae:
+    input:
+        model=rules.fetch_model.output[0],
+        sae=rules.train_sae.output[0],
+        cache=lambda wc: activation_file(wc.sae, "npy"),
+        table=rules.tokenize.output.table,
+        tokens=rules.tokenize.output.tokens,
+    output:
+        metrics=f"{RESULTS}/sae_eval/{{sae}}.parquet",
+        density=f"{RESULTS}/sae_eval/{{sae}}.density.parquet",
+    log:
+        f"{RESULTS}/logs/evaluate_sae/{{sae}}.log",
+    conda:
+        ENV
+    threads: workflow.cores
+    params:
+        spec=spec("sae_eval"),
+        device=config["device"],
+    shell:
+        "mechinterp evaluate-sae --model {input.model} --sae {input.sae} --sae-id {wildcards.sae}"
+        " --cache {input.cache} --table {input.table} --tokens {input.tokens} --spec {params.spec:q}"
+        " --device {params.device} --threads {threads} --out {output.metrics}"
+        " --density-out {output.density} > {log} 2>&1"
+
+
+rule collect_sae_metrics:
+    input:
+        metrics=expand(rules.evaluate_sae.output.metrics, sae=SAES),
+        density=expand(rules.evaluate_sae.output.density, sae=SAES),
+    output:
+        metrics=f"{RESULTS}/sae_eval/metrics.parquet",
+        density=f"{RESULTS}/sae_eval/density.parquet",
+    log:
+        f"{RESULTS}/logs/collect_sae_metrics.log",
+    conda:
+        ENV
+    threads: 1
+    shell:
+        "(mechinterp concat-tables {input.metrics} --out {output.metrics}"
+        " && mechinterp concat-tables {input.density} --out {output.density}) > {log} 2>&1"
