@@ -147,6 +147,7 @@ def _open_all(paths: dict[Site, Path]) -> Iterator[dict[Site, BinaryIO]]:
         yield handles
 
 
+@torch.no_grad()
 def cache_activations(bridge, tokens: np.ndarray, sites: list[Site], out_paths: dict[Site, Path], dtype: str,
                       batch_sequences: int, provenance: dict[str, str]) -> dict[str, float]:
     """Run the model over all windows in `tokens` once, writing each site's activations to its path.

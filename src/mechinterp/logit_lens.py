@@ -39,6 +39,7 @@ def layer_name(layer: int) -> str:
     return "embed" if layer == 0 else f"block {layer - 1}"
 
 
+@torch.no_grad()
 def lens_log_probs(bridge, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities decoded from every layer, [n_layers + 1, n_pos, vocab], and the model's own
     output log-probabilities, [n_pos, vocab], from one forward pass."""

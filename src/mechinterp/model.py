@@ -27,7 +27,6 @@ def load_model(folder: str | Path, device: str = "cpu", trust_remote_code: bool 
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder needs no hub; fail fast instead of reaching for one
     from transformer_lens.model_bridge import TransformerBridge
 
-    torch.set_grad_enabled(False)
     bridge = TransformerBridge.boot_transformers(
         str(folder), device=resolve_device(device), dtype=torch.float32, trust_remote_code=trust_remote_code
     )
