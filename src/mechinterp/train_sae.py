@@ -79,41 +79,37 @@ def lr_multiplier(step: int, total: int, warmup_fraction: float, decay_fraction:
     return 1.0
 
 
-def build_sae(d_in: int, cfg: dict[str, Any]) -> SparseAutoencoder:
-    if cfg["architecture"] == "topk":
-        return ARCHITECTURES["topk"](d_in, cfg["d_sae"], k=cfg["k"], auxk_coefficient=cfg["auxk_coefficient"],
-                                     auxk_k=cfg["auxk_k"])
-    if cfg["architecture"] == "relu":
-        return ARCHITECTURES["relu"](d_in, cfg["d_sae"], l1_coefficient=cfg["l1_coefficient"],
-                                     l1_warmup_fraction=cfg["warmup_fraction"])
-    raise UserError(f"sae.architecture {cfg['architecture']!r} is not one of {sorted(ARCHITECTURES)}.")
+def build_sae(d_in: int, settings: dict[str, Any]) -> SparseAutoencoder:
+    if settings["architecture"] not in ARCHITECTURES:
+        raise UserError(f"sae.architecture {settings['architecture']!r} is not one of {sorted(ARCHITECTURES)}.")
+    return ARCHITECTURES[settings["architecture"]].from_settings(d_in, settings)
 
 
-def fingerprint(cfg: dict[str, Any], seed: int, cache: ActivationCache, selection: RowSelection) -> str:
+def fingerprint(settings: dict[str, Any], seed: int, cache: ActivationCache, selection: RowSelection) -> str:
     """What a checkpoint must match to be resumed: settings, seed, data."""
-    blob = json.dumps({"cfg": cfg, "seed": seed, "header": cache.header, "rows": len(selection.rows)}, sort_keys=True)
+    blob = json.dumps({"settings": settings, "seed": seed, "header": cache.header, "rows": len(selection.rows)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def train_sae(cache: ActivationCache, selection: RowSelection, cfg: dict[str, Any], seed: int,
+def train_sae(cache: ActivationCache, selection: RowSelection, settings: dict[str, Any], seed: int,
               checkpoint: Path | None = None, stop_after_step: int | None = None
               ) -> tuple[SparseAutoencoder, pl.DataFrame, dict[str, Any]]:
     """Train an SAE on `selection.rows` of `cache`. Returns the SAE (reading raw activations), the
     training log and a summary. `stop_after_step` ends early, as a crash would, after a checkpoint."""
-    d_in, batch_size = cache.header["shape"][1], cfg["batch_size"]
+    d_in, batch_size = cache.header["shape"][1], settings["batch_size"]
     if len(selection.rows) < batch_size:
         raise UserError(f"only {len(selection.rows)} training tokens for {cache.header['site']} but "
                         f"sae.batch_size is {batch_size}; lower the batch size or raise tokens.train_tokens.")
-    total_steps = max(1, cfg["training_tokens"] // batch_size)
+    total_steps = max(1, settings["training_tokens"] // batch_size)
     torch.manual_seed(seed)
-    sae = build_sae(d_in, cfg)
+    sae = build_sae(d_in, settings)
     sample = cache.rows(batch_rows(selection.rows, min(batch_size, 16384), seed, 0))
     scale = float(np.sqrt(d_in / sample.pow(2).sum(1).mean().item()))
     sae.initialise(sample * scale, torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), fused=True)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=settings["lr"], betas=(0.9, 0.999), fused=True)
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
     rows_log: list[dict[str, float]] = []
-    start_step, key = 0, fingerprint(cfg, seed, cache, selection)
+    start_step, key = 0, fingerprint(settings, seed, cache, selection)
 
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True)
@@ -126,25 +122,25 @@ def train_sae(cache: ActivationCache, selection: RowSelection, cfg: dict[str, An
             log.info("checkpoint %s is from other settings or data; starting afresh", checkpoint)
 
     started = time.perf_counter()
-    for step in tqdm(range(start_step, total_steps), desc=f"train {cfg['architecture']} SAE", unit="step",
+    for step in tqdm(range(start_step, total_steps), desc=f"train {settings['architecture']} SAE", unit="step",
                      initial=start_step, total=total_steps):
         x = cache.rows(batch_rows(selection.rows, batch_size, seed, step)) * scale
         for group in optimizer.param_groups:
-            group["lr"] = cfg["lr"] * lr_multiplier(step, total_steps, cfg["warmup_fraction"], cfg["decay_fraction"])
-        metrics = sae.training_step(x, since_fired >= cfg["dead_after_tokens"], progress=step / total_steps)
+            group["lr"] = settings["lr"] * lr_multiplier(step, total_steps, settings["warmup_fraction"], settings["decay_fraction"])
+        metrics = sae.training_step(x, since_fired >= settings["dead_after_tokens"], progress=step / total_steps)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sae.after_step()
         since_fired += batch_size
         since_fired[metrics["active"]] = 0
-        if step % cfg["log_every"] == 0 or step == total_steps - 1:
+        if step % settings["log_every"] == 0 or step == total_steps - 1:
             rows_log.append({"step": step, "tokens": (step + 1) * batch_size, "lr": optimizer.param_groups[0]["lr"],
                              "mse": float(metrics["mse"]), "fvu": float(metrics["mse"] / metrics["variance"]),
                              "l0": float(metrics["l0"]), "auxk": float(metrics.get("auxk", 0.0)),
                              "l1": float(metrics.get("l1", 0.0)),
-                             "dead_fraction": float((since_fired >= cfg["dead_after_tokens"]).float().mean())})
+                             "dead_fraction": float((since_fired >= settings["dead_after_tokens"]).float().mean())})
         done = step + 1
-        if checkpoint is not None and (done % cfg["checkpoint_every"] == 0 or done == stop_after_step):
+        if checkpoint is not None and (done % settings["checkpoint_every"] == 0 or done == stop_after_step):
             _save_checkpoint(checkpoint, {"fingerprint": key, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
                                           "since_fired": since_fired, "log": rows_log, "step": done, "scale": scale})
         if done == stop_after_step:

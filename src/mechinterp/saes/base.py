@@ -44,6 +44,11 @@ class SparseAutoencoder(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
 
     # --- to implement per architecture ---
+    @classmethod
+    def from_settings(cls, d_in: int, settings: dict[str, Any]) -> SparseAutoencoder:
+        """A fresh SAE from the resolved `sae` settings of the config."""
+        raise NotImplementedError
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations [n, d_sae] of inputs [n, d_in]."""
         raise NotImplementedError

@@ -20,8 +20,10 @@ class ReluSAE(SparseAutoencoder):
         super().__init__(d_in, d_sae)
         self.l1_coefficient, self.l1_warmup_fraction = l1_coefficient, l1_warmup_fraction
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {}
+    @classmethod
+    def from_settings(cls, d_in: int, settings: dict[str, Any]) -> ReluSAE:
+        return cls(d_in, settings["d_sae"], l1_coefficient=settings["l1_coefficient"],
+                   l1_warmup_fraction=settings["warmup_fraction"])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)

@@ -40,6 +40,11 @@ class TopKSAE(SparseAutoencoder):
         self.k, self.auxk_coefficient = k, auxk_coefficient
         self.auxk_k = auxk_k
 
+    @classmethod
+    def from_settings(cls, d_in: int, settings: dict[str, Any]) -> TopKSAE:
+        return cls(d_in, settings["d_sae"], k=settings["k"], auxk_coefficient=settings["auxk_coefficient"],
+                   auxk_k=settings["auxk_k"])
+
     def hyperparameters(self) -> dict[str, Any]:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}
 
