@@ -83,7 +83,20 @@ def test_smoke_run_end_to_end(tmp_path):
     assert any("parameters" in c["metadata"].get("tags", []) for c in executed["cells"])
     assert "injected-parameters" in json.dumps(executed)
     assert (figures / "logit_lens.html").stat().st_size > 100_000
-    for rule in ("fetch_model", "fetch_corpus", "tokenize", "logit_lens", "figures_logit_lens"):
+    metrics = pl.read_parquet(results / "sae_eval" / "metrics.parquet")
+    assert sorted(metrics["sae"]) == ["mlp3-relu", "resid3-topk"]
+    topk = metrics.filter(pl.col("sae") == "resid3-topk").row(0, named=True)
+    assert topk["l0"] == pytest.approx(32, abs=0.5) and 0 < topk["fvu"] < 1
+    assert topk["ce_clean"] < topk["ce_sae"] < topk["ce_zero"]
+    cfg = json.loads((results / "saes" / "resid3-topk" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    assert json.loads((results / "saes" / "mlp3-relu" / "cfg.json").read_text())["architecture"] == "standard"
+    for stem in ("metrics_by_layer", "density_histograms", "training_curves"):
+        assert (figures / "sae" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (results / "checkpoints").exists() or not list((results / "checkpoints").iterdir())
+
+    for rule in ("fetch_model", "fetch_corpus", "tokenize", "logit_lens", "figures_logit_lens", "cache_activations",
+                 "train_sae/resid3-topk", "evaluate_sae/mlp3-relu", "figures_sae"):
         assert (results / "logs" / f"{rule}.log").exists()
     assert not list(results.rglob(".*.partial-*"))
 
