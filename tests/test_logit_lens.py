@@ -7,6 +7,7 @@ from mechinterp.errors import UserError
 from mechinterp.logit_lens import (
     LensInput,
     corpus_inputs,
+    distribution_stats,
     lens_log_probs,
     prepare_prompts,
     run_logit_lens,
@@ -37,6 +38,16 @@ def test_each_layer_gets_its_own_norm(tiny_bridge):
     by_hand = resid * torch.rsqrt(resid.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
     logits = by_hand @ tiny_bridge.W_U
     assert torch.allclose(lens[1], logits.log_softmax(-1), atol=1e-4)
+
+
+def test_distribution_stats_match_their_definitions():
+    log_probs = (torch.randn(4, 3, 50) * 3).log_softmax(-1)
+    stats = distribution_stats(log_probs, top_k=5)
+    p, final = log_probs.exp(), log_probs[-1].exp()
+    assert torch.allclose(stats["entropy"], -(p * log_probs).sum(-1), atol=1e-5)
+    assert torch.allclose(stats["kl_to_final"], (final * (log_probs[-1] - log_probs)).sum(-1), atol=1e-5)
+    assert torch.equal(stats["top_ids"], p.argsort(-1, descending=True)[..., :5])
+    assert torch.allclose(stats["top_probs"], p.sort(-1, descending=True).values[..., :5])
 
 
 def test_target_ranks_match_sorting():

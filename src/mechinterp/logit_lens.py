@@ -53,12 +53,13 @@ def lens_log_probs(bridge, token_ids: list[int]) -> tuple[torch.Tensor, torch.Te
 
 def distribution_stats(log_probs: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
     """Top-k ids and probabilities, entropy (nats) and KL(final layer || layer) for [L, pos, vocab]."""
+    top_log_probs, top_ids = log_probs.topk(top_k, dim=-1)
     probs = log_probs.exp()
-    top_probs, top_ids = probs.topk(top_k, dim=-1)
-    entropy = -(probs * log_probs).sum(-1)
-    final = log_probs[-1:]
-    kl_to_final = (final.exp() * (final - log_probs)).sum(-1).clamp_min(0.0)
-    return {"top_ids": top_ids, "top_probs": top_probs, "entropy": entropy, "kl_to_final": kl_to_final}
+    entropy = -torch.einsum("lpv,lpv->lp", probs, log_probs)
+    final_probs = probs[-1]
+    cross_entropy = -torch.einsum("pv,lpv->lp", final_probs, log_probs)
+    kl_to_final = (cross_entropy - entropy[-1]).clamp_min(0.0)
+    return {"top_ids": top_ids, "top_probs": top_log_probs.exp(), "entropy": entropy, "kl_to_final": kl_to_final}
 
 
 def target_ranks(log_probs: torch.Tensor, target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
