@@ -123,6 +123,7 @@ def _split_rows(table: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def train_sae_cmd(args: argparse.Namespace) -> None:
     from mechinterp.activations import ActivationCache
+    from mechinterp.model import resolve_device
     from mechinterp.train_sae import select_rows, train_sae
 
     _set_threads(args.threads)
@@ -134,7 +135,8 @@ def train_sae_cmd(args: argparse.Namespace) -> None:
              len(selection.rows), selection.n_bos, selection.n_outliers, selection.outlier_threshold,
              spec["outlier_norm_ratio"], selection.median_norm)
     checkpoint = Path(args.checkpoint)
-    sae, training_log, summary = train_sae(cache, selection, spec, args.seed, checkpoint)
+    sae, training_log, summary = train_sae(cache, selection, spec, args.seed, checkpoint,
+                                           device=resolve_device(args.device))
     header = cache.header
     metadata = {"model_name": args.model_name, "hook_name": header["hook"], "hook_head_index": None,
                 "prepend_bos": True, "context_size": header["context_length"], "dataset_path": args.dataset,
@@ -164,8 +166,9 @@ def evaluate_sae_cmd(args: argparse.Namespace) -> None:
     site = Site(cache.header["kind"], cache.header["layer"])
     rows, positions = _split_rows(args.table, "heldout")
     selection = select_rows(cache, rows, positions, trained["spec"]["outlier_norm_ratio"], trained["outlier_threshold"])
-    metrics, density = reconstruction_metrics(sae, cache, selection.rows)
     bridge = load_model(args.model, args.device)
+    sae.to(bridge.cfg.device)
+    metrics, density = reconstruction_metrics(sae, cache, selection.rows)
     windows = np.load(args.tokens, mmap_mode="r")
     heldout_sequences = np.unique(pl.read_parquet(args.table, columns=["sequence", "split"])
                                   .filter(pl.col("split") == "heldout")["sequence"].to_numpy())
@@ -266,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--checkpoint", required=True, help="resumed from when it matches; deleted on success")
+    p.add_argument("--device", default="auto")
     p.add_argument("--model-name", required=True)
     p.add_argument("--dataset", required=True, help="what the activations came from, for cfg.json")
     p.add_argument("--out", required=True, help="the SAE folder")

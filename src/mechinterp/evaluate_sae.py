@@ -23,12 +23,15 @@ DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as de
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, cache: ActivationCache, rows: np.ndarray,
                            chunk: int = 4096) -> tuple[dict[str, float], np.ndarray]:
-    """Streaming over `rows`: MSE, FVU = SSE / total variance, mean L0, and each latent's density."""
+    """Streaming over `rows`: MSE, FVU = SSE / total variance, mean L0, and each latent's density.
+    Runs on the SAE's device."""
+    device = sae.W_enc.device
     n, sse, l0 = 0, 0.0, 0.0
-    sum_x = torch.zeros(sae.d_in, dtype=torch.float64)
+    sum_x = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
     sum_sq = 0.0
-    fires = torch.zeros(sae.d_sae, dtype=torch.long)
+    fires = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     for _, x in tqdm(cache.chunks(rows, chunk), desc="reconstruction", unit="chunk", total=-(-len(rows) // chunk)):
+        x = x.to(device)
         z = sae.encode(x)
         x_hat = sae.decode(z)
         sse += float((x_hat - x).double().pow(2).sum())
@@ -39,7 +42,7 @@ def reconstruction_metrics(sae: SparseAutoencoder, cache: ActivationCache, rows:
         fires += active.sum(0)
         n += len(x)
     variance = sum_sq - float(sum_x.pow(2).sum()) / n
-    density = (fires.double() / n).numpy()
+    density = (fires.double() / n).cpu().numpy()
     return {"n_eval_tokens": n, "mse": sse / n, "fvu": sse / variance, "l0": l0 / n,
             "dead_fraction": float((density == 0).mean()), "dense_fraction": float((density > DENSE_THRESHOLD).mean())}, density
 
@@ -62,7 +65,8 @@ def splice_hook(edit: Callable[[torch.Tensor], torch.Tensor], outlier_threshold:
 def loss_metrics(bridge, sae: SparseAutoencoder, site: Site, windows: np.ndarray, outlier_threshold: float,
                  batch_sequences: int) -> dict[str, float]:
     """Next-token cross-entropy (nats/token) clean, with the SAE spliced in, and with the site
-    zero-ablated; CE loss recovered; and KL(clean || spliced) per token."""
+    zero-ablated; CE loss recovered; and KL(clean || spliced) per token. The SAE must sit on the
+    model's device."""
     spliced = [(site.hook_name, splice_hook(sae, outlier_threshold))]
     zeroed = [(site.hook_name, splice_hook(torch.zeros_like, outlier_threshold))]
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0}

@@ -92,22 +92,23 @@ def fingerprint(settings: dict[str, Any], seed: int, cache: ActivationCache, sel
 
 
 def train_sae(cache: ActivationCache, selection: RowSelection, settings: dict[str, Any], seed: int,
-              checkpoint: Path | None = None, stop_after_step: int | None = None
+              checkpoint: Path | None = None, stop_after_step: int | None = None, device: str = "cpu"
               ) -> tuple[SparseAutoencoder, pl.DataFrame, dict[str, Any]]:
-    """Train an SAE on `selection.rows` of `cache`. Returns the SAE (reading raw activations), the
-    training log and a summary. `stop_after_step` ends early, as a crash would, after a checkpoint."""
+    """Train an SAE on `selection.rows` of `cache` on `device`. Returns the SAE (on the CPU, reading raw
+    activations), the training log and a summary. `stop_after_step` ends early, as a crash would,
+    after writing a checkpoint."""
     d_in, batch_size = cache.header["shape"][1], settings["batch_size"]
     if len(selection.rows) < batch_size:
         raise UserError(f"only {len(selection.rows)} training tokens for {cache.header['site']} but "
                         f"sae.batch_size is {batch_size}; lower the batch size or raise tokens.train_tokens.")
     total_steps = max(1, settings["training_tokens"] // batch_size)
     torch.manual_seed(seed)
-    sae = build_sae(d_in, settings)
-    sample = cache.rows(batch_rows(selection.rows, min(batch_size, 16384), seed, 0))
+    sae = build_sae(d_in, settings).to(device)
+    sample = cache.rows(batch_rows(selection.rows, min(batch_size, 16384), seed, 0)).to(device)
     scale = float(np.sqrt(d_in / sample.pow(2).sum(1).mean().item()))
     sae.initialise(sample * scale, torch.Generator().manual_seed(seed))
     optimizer = torch.optim.Adam(sae.parameters(), lr=settings["lr"], betas=(0.9, 0.999), fused=True)
-    since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
+    since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     rows_log: list[dict[str, float]] = []
     start_step, key = 0, fingerprint(settings, seed, cache, selection)
 
@@ -116,7 +117,7 @@ def train_sae(cache: ActivationCache, selection: RowSelection, settings: dict[st
         if state["fingerprint"] == key:
             sae.load_state_dict(state["sae"])
             optimizer.load_state_dict(state["optimizer"])
-            since_fired, rows_log, start_step, scale = state["since_fired"], state["log"], state["step"], state["scale"]
+            since_fired, rows_log, start_step, scale = state["since_fired"].to(device), state["log"], state["step"], state["scale"]
             log.info("resuming %s from step %d of %d", cache.header["site"], start_step, total_steps)
         else:
             log.info("checkpoint %s is from other settings or data; starting afresh", checkpoint)
@@ -124,7 +125,7 @@ def train_sae(cache: ActivationCache, selection: RowSelection, settings: dict[st
     started = time.perf_counter()
     for step in tqdm(range(start_step, total_steps), desc=f"train {settings['architecture']} SAE", unit="step",
                      initial=start_step, total=total_steps):
-        x = cache.rows(batch_rows(selection.rows, batch_size, seed, step)) * scale
+        x = cache.rows(batch_rows(selection.rows, batch_size, seed, step)).to(device) * scale
         for group in optimizer.param_groups:
             group["lr"] = settings["lr"] * lr_multiplier(step, total_steps, settings["warmup_fraction"], settings["decay_fraction"])
         metrics = sae.training_step(x, since_fired >= settings["dead_after_tokens"], progress=step / total_steps)
@@ -148,6 +149,7 @@ def train_sae(cache: ActivationCache, selection: RowSelection, settings: dict[st
     seconds = time.perf_counter() - started
     steps_run = (min(total_steps, stop_after_step or total_steps)) - start_step
     sae.fold_scale(scale)
+    sae.cpu()
     summary = {"scale": scale, "total_steps": total_steps, "train_seconds": seconds,
                "tokens_per_s": steps_run * batch_size / seconds if seconds else float("nan"),
                "n_train_rows": len(selection.rows), "n_excluded_bos": selection.n_bos,

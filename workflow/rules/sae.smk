@@ -41,9 +41,10 @@ rule train_sae:
         checkpoint=lambda wc: f"{RESULTS}/checkpoints/{wc.sae}.pt",
         model_name=config["model"]["name"],
         dataset=dataset_name(),
+        device=config["device"],
     shell:
         "mechinterp train-sae --cache {input.cache} --table {input.table} --spec {params.spec:q}"
-        " --seed {params.seed} --threads {threads} --checkpoint {params.checkpoint}"
+        " --seed {params.seed} --threads {threads} --checkpoint {params.checkpoint} --device {params.device}"
         " --model-name {params.model_name:q} --dataset {params.dataset:q} --out {output} > {log} 2>&1"
 
 

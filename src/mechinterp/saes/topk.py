@@ -24,7 +24,7 @@ def sparse_outer(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor, n_r
     """Z^T @ dense for the sparse Z [n, n_rows] with entries vals[b, j] at (b, idx[b, j]): [n_rows, d]."""
     n, k = idx.shape
     z_t = torch.sparse_coo_tensor(
-        torch.stack([idx.reshape(-1), torch.arange(n).repeat_interleave(k)]), vals.reshape(-1), (n_rows, n), check_invariants=False
+        torch.stack([idx.reshape(-1), torch.arange(n, device=idx.device).repeat_interleave(k)]), vals.reshape(-1), (n_rows, n), check_invariants=False
     )
     return torch.sparse.mm(z_t, dense)
 
@@ -55,10 +55,12 @@ class TopKSAE(SparseAutoencoder):
         Computed in row chunks so each chunk's pre-activations stay in cache for the top-k that follows
         (faster than one large product followed by one large top-k)."""
         n = centred.shape[0]
-        vals, idx = torch.empty(n, self.k), torch.empty(n, self.k, dtype=torch.long)
+        vals = torch.empty(n, self.k, device=centred.device)
+        idx = torch.empty(n, self.k, dtype=torch.long, device=centred.device)
         dead_ids = dead.nonzero().squeeze(1) if dead is not None else None
         k_aux = min(self.auxk_k, len(dead_ids)) if dead_ids is not None else 0
-        aux_vals, aux_idx = torch.empty(n, k_aux), torch.empty(n, k_aux, dtype=torch.long)
+        aux_vals = torch.empty(n, k_aux, device=centred.device)
+        aux_idx = torch.empty(n, k_aux, dtype=torch.long, device=centred.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             pre = torch.addmm(self.b_enc, centred[rows], self.W_enc)
@@ -104,15 +106,15 @@ class TopKSAE(SparseAutoencoder):
             loss.backward()
         # Encoder side by hand: its gradient is non-zero only in the columns of active latents.
         with torch.no_grad():
-            grad_enc_t = torch.zeros(self.d_sae, self.d_in)
-            grad_b_enc = torch.zeros(self.d_sae)
+            grad_enc_t = torch.zeros(self.d_sae, self.d_in, device=x.device)
+            grad_b_enc = torch.zeros(self.d_sae, device=x.device)
             for (ids, v), w in zip(latents, weights):
                 g_pre = w.grad * (v > 0)
                 grad_enc_t += sparse_outer(ids, g_pre, centred, self.d_sae)
                 grad_b_enc.index_add_(0, ids.reshape(-1), g_pre.reshape(-1))
             self.W_enc.grad, self.b_enc.grad = grad_enc_t.T.contiguous(), grad_b_enc
             self.b_dec.grad -= self.W_enc @ grad_b_enc  # b_dec is also subtracted from the encoder's input
-            active = torch.zeros(self.d_sae, dtype=torch.bool)
+            active = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
             active[idx[vals > 0]] = True
             return {"mse": mse.detach(), "auxk": auxk.detach(), "l0": (vals > 0).sum(1).float().mean(),
                     "active": active, "variance": x.sub(x.mean(0)).pow(2).sum(1).mean()}
