@@ -44,7 +44,9 @@ def test_topk_sae_recovers_planted_directions(tmp_path):
     assert np.mean(best_cosine >= 0.9) >= 0.9, np.sort(best_cosine)[:10]
     assert log["fvu"][-1] < 0.1 and log["fvu"][-1] < log["fvu"][0]
     metrics, density = reconstruction_metrics(sae, cache, selection.rows[-5000:])
-    assert metrics["fvu"] < 0.1 and metrics["l0"] <= 3
+    assert metrics["fvu"] < 0.1 and metrics["l0"] <= 3 and metrics["n_excluded_outliers"] == 0
+    quiet, _ = reconstruction_metrics(sae, cache, selection.rows[-5000:], outlier_threshold=np.sqrt(12.0))
+    assert 0 < quiet["n_excluded_outliers"] < 5000 and quiet["n_eval_tokens"] == 5000 - quiet["n_excluded_outliers"]
     assert density.shape == (128,) and summary["n_excluded_bos"] == 0
 
 

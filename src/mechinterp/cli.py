@@ -156,7 +156,6 @@ def evaluate_sae_cmd(args: argparse.Namespace) -> None:
     from mechinterp.evaluate_sae import loss_metrics, reconstruction_metrics
     from mechinterp.model import load_model
     from mechinterp.saes import load_sae
-    from mechinterp.train_sae import select_rows
 
     _set_threads(args.threads)
     spec = json.loads(args.spec)
@@ -165,10 +164,9 @@ def evaluate_sae_cmd(args: argparse.Namespace) -> None:
     cache = ActivationCache.open(args.cache, args.table)
     site = Site(cache.header["kind"], cache.header["layer"])
     rows, positions = _split_rows(args.table, "heldout")
-    selection = select_rows(cache, rows, positions, trained["spec"]["outlier_norm_ratio"], trained["outlier_threshold"])
     bridge = load_model(args.model, args.device)
     sae.to(bridge.cfg.device)
-    metrics, density = reconstruction_metrics(sae, cache, selection.rows)
+    metrics, density = reconstruction_metrics(sae, cache, rows[positions != 0], trained["outlier_threshold"])
     windows = np.load(args.tokens, mmap_mode="r")
     heldout_sequences = np.unique(pl.read_parquet(args.table, columns=["sequence", "split"])
                                   .filter(pl.col("split") == "heldout")["sequence"].to_numpy())
@@ -176,8 +174,7 @@ def evaluate_sae_cmd(args: argparse.Namespace) -> None:
                           trained["outlier_threshold"], spec["batch_sequences"])
     row = {"sae": args.sae_id, "site": site.kind, "layer": site.layer, "architecture": trained["spec"]["architecture"],
            "d_in": sae.d_in, "d_sae": sae.d_sae, "k": cfg.get("k"), **metrics, **losses,
-           "n_excluded_bos": selection.n_bos, "n_excluded_outliers": selection.n_outliers,
-           "outlier_threshold": trained["outlier_threshold"], "train_seconds": trained["train_seconds"],
+           "n_excluded_bos": int((positions == 0).sum()), "outlier_threshold": trained["outlier_threshold"], "train_seconds": trained["train_seconds"],
            "train_tokens_per_s": trained["tokens_per_s"], "training_tokens": trained["spec"]["training_tokens"],
            "excluded": "BOS and tokens with norm > outlier_norm_ratio x median: left out of FVU, kept clean when spliced"}
     write_parquet(pl.DataFrame([row]), args.out)

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from mechinterp.activations import ActivationCache, Site
+from mechinterp.errors import UserError
 from mechinterp.saes import SparseAutoencoder
 
 DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
@@ -22,16 +23,22 @@ DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as de
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, cache: ActivationCache, rows: np.ndarray,
-                           chunk: int = 4096) -> tuple[dict[str, float], np.ndarray]:
-    """Streaming over `rows`: MSE, FVU = SSE / total variance, mean L0, and each latent's density.
+                           outlier_threshold: float = float("inf"), chunk: int = 4096) -> tuple[dict[str, float], np.ndarray]:
+    """One streaming pass over `rows`: tokens with norm above `outlier_threshold` are counted and
+    left out; on the rest, MSE, FVU = SSE / total variance, mean L0 and each latent's density.
     Runs on the SAE's device."""
     device = sae.W_enc.device
-    n, sse, l0 = 0, 0.0, 0.0
+    n, n_outliers, sse, l0, sum_sq = 0, 0, 0.0, 0.0, 0.0
     sum_x = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
-    sum_sq = 0.0
     fires = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     for _, x in tqdm(cache.chunks(rows, chunk), desc="reconstruction", unit="chunk", total=-(-len(rows) // chunk)):
         x = x.to(device)
+        if not torch.isfinite(x).all():
+            raise UserError(f"activation cache {cache.path} holds NaN or infinite values; rerun cache_activations "
+                            "(with activations.dtype: bfloat16 if float16 overflowed).")
+        kept = x.norm(dim=1) <= outlier_threshold
+        n_outliers += int((~kept).sum())
+        x = x[kept]
         z = sae.encode(x)
         x_hat = sae.decode(z)
         sse += float((x_hat - x).double().pow(2).sum())
@@ -43,8 +50,9 @@ def reconstruction_metrics(sae: SparseAutoencoder, cache: ActivationCache, rows:
         n += len(x)
     variance = sum_sq - float(sum_x.pow(2).sum()) / n
     density = (fires.double() / n).cpu().numpy()
-    return {"n_eval_tokens": n, "mse": sse / n, "fvu": sse / variance, "l0": l0 / n,
-            "dead_fraction": float((density == 0).mean()), "dense_fraction": float((density > DENSE_THRESHOLD).mean())}, density
+    return {"n_eval_tokens": n, "n_excluded_outliers": n_outliers, "mse": sse / n, "fvu": sse / variance,
+            "l0": l0 / n, "dead_fraction": float((density == 0).mean()),
+            "dense_fraction": float((density > DENSE_THRESHOLD).mean())}, density
 
 
 def splice_hook(edit: Callable[[torch.Tensor], torch.Tensor], outlier_threshold: float):

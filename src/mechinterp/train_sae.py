@@ -41,17 +41,17 @@ class RowSelection:
     outlier_threshold: float  # raw norm above which a token counts as an attention-sink outlier
 
 
-def select_rows(cache: ActivationCache, candidates: np.ndarray, positions: np.ndarray, outlier_norm_ratio: float,
-                outlier_threshold: float | None = None) -> RowSelection:
-    """Drop BOS (position 0) and tokens whose norm exceeds `outlier_norm_ratio` x the median norm
-    (or a given threshold, so held-out tokens use the training threshold). One pass over the rows."""
+def select_rows(cache: ActivationCache, candidates: np.ndarray, positions: np.ndarray,
+                outlier_norm_ratio: float) -> RowSelection:
+    """Drop BOS (position 0) and tokens whose norm exceeds `outlier_norm_ratio` x the median norm.
+    One pass over the rows."""
     not_bos = candidates[positions != 0]
     norms = np.concatenate([chunk.norm(dim=1).numpy() for _, chunk in cache.chunks(not_bos)]) if len(not_bos) else np.zeros(0)
     if not np.isfinite(norms).all():
         raise UserError(f"activation cache {cache.path} holds NaN or infinite values; rerun cache_activations "
                         "(with activations.dtype: bfloat16 if float16 overflowed).")
     median = float(np.median(norms)) if len(norms) else 0.0
-    threshold = outlier_norm_ratio * median if outlier_threshold is None else outlier_threshold
+    threshold = outlier_norm_ratio * median
     keep = norms <= threshold
     return RowSelection(not_bos[keep], len(candidates) - len(not_bos), int((~keep).sum()), median, threshold)
 
