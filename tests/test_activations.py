@@ -70,8 +70,13 @@ def test_incomplete_truncated_or_foreign_caches_are_refused(tmp_path):
 
 
 def test_nan_activations_are_refused(tmp_path):
-    array = np.ones((10, 4), np.float16)
+    array = np.ones((5000, 4), np.float16)
     array[3, 2] = np.nan
     write_cache(tmp_path / "resid0.npy", array)
     with pytest.raises(UserError, match=r"NaN or infinite"):
         ActivationCache.open(tmp_path / "resid0.npy")
+    array[3, 2], array[4500, 1] = 0, np.inf  # beyond what opening checks: caught when read
+    write_cache(tmp_path / "resid0.npy", array)
+    cache = ActivationCache.open(tmp_path / "resid0.npy")
+    with pytest.raises(UserError, match=r"NaN or infinite"):
+        list(cache.chunks(np.arange(5000), chunk=1000))

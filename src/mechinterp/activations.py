@@ -112,18 +112,21 @@ class ActivationCache:
         if token_table is not None and sha256_file(token_table) != header["token_table_sha256"]:
             raise UserError(f"activation cache {path} was made from another token table than {token_table} "
                             "(sha256 differs); rerun cache_activations after tokenize.")
-        if not np.isfinite(from_storage(np.asarray(array[: min(len(array), 4096)]), header["dtype"]).numpy()).all():
-            raise UserError(f"activation cache {path} holds NaN or infinite values; rerun cache_activations "
-                            "(with activations.dtype: bfloat16 if float16 overflowed).")
-        return cls(path, header, array)
+        cache = cls(path, header, array)
+        cache.rows(slice(0, 4096))  # fail early on a corrupt cache; every later read is checked too
+        return cache
 
     @property
     def dtype(self) -> str:
         return self.header["dtype"]
 
     def rows(self, index: np.ndarray | slice) -> torch.Tensor:
-        """Rows as float32; sorted index arrays read fastest."""
-        return from_storage(np.asarray(self.array[index]), self.dtype)
+        """Rows as float32; sorted index arrays read fastest. Refuses NaN or infinite values."""
+        rows = from_storage(np.asarray(self.array[index]), self.dtype)
+        if not torch.isfinite(rows).all():
+            raise UserError(f"activation cache {self.path} holds NaN or infinite values; rerun cache_activations "
+                            "(with activations.dtype: bfloat16 if float16 overflowed).")
+        return rows
 
     def chunks(self, rows: np.ndarray, chunk: int = 8192) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for start in range(0, len(rows), chunk):

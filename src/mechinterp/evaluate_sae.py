@@ -15,7 +15,6 @@ import torch
 from tqdm import tqdm
 
 from mechinterp.activations import ActivationCache, Site
-from mechinterp.errors import UserError
 from mechinterp.saes import SparseAutoencoder
 
 DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
@@ -33,9 +32,6 @@ def reconstruction_metrics(sae: SparseAutoencoder, cache: ActivationCache, rows:
     fires = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     for _, x in tqdm(cache.chunks(rows, chunk), desc="reconstruction", unit="chunk", total=-(-len(rows) // chunk)):
         x = x.to(device)
-        if not torch.isfinite(x).all():
-            raise UserError(f"activation cache {cache.path} holds NaN or infinite values; rerun cache_activations "
-                            "(with activations.dtype: bfloat16 if float16 overflowed).")
         kept = x.norm(dim=1) <= outlier_threshold
         n_outliers += int((~kept).sum())
         x = x[kept]

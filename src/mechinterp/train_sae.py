@@ -47,9 +47,6 @@ def select_rows(cache: ActivationCache, candidates: np.ndarray, positions: np.nd
     One pass over the rows."""
     not_bos = candidates[positions != 0]
     norms = np.concatenate([chunk.norm(dim=1).numpy() for _, chunk in cache.chunks(not_bos)]) if len(not_bos) else np.zeros(0)
-    if not np.isfinite(norms).all():
-        raise UserError(f"activation cache {cache.path} holds NaN or infinite values; rerun cache_activations "
-                        "(with activations.dtype: bfloat16 if float16 overflowed).")
     median = float(np.median(norms)) if len(norms) else 0.0
     threshold = outlier_norm_ratio * median
     keep = norms <= threshold
