@@ -1,6 +1,7 @@
 # Replication workflow: logit lens, sparse autoencoders, polysemanticity and clamping on a real model.
 # All figures:  snakemake --cores all                                  (config/default.yaml)
 # Smoke run:    snakemake --cores all --configfile config/smoke.yaml   (laid over the default)
+# Audit:        snakemake --cores all audit                           (MANIFEST.json against the reference)
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -27,10 +28,14 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/logit_lens.smk"
 include: "workflow/rules/sae.smk"
+include: "workflow/rules/polysemanticity.smk"
+include: "workflow/rules/clamping.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/audit.smk"
 
 
 rule all:
     default_target: True
     input:
         all_figures(),
+        rules.manifest.output,

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
+import numpy as np
 import pytest
 import torch
+
+from mechinterp.activations import header_path
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = [
@@ -50,3 +55,11 @@ def tiny_bridge(tiny_model_dir):
     from mechinterp.model import load_model
 
     return load_model(tiny_model_dir, "cpu")
+
+
+def write_cache(path: Path, array: np.ndarray, **header) -> Path:
+    """An activation cache (array + header) as cache_activations writes it, from a float16 array."""
+    np.save(path, array)
+    header_path(path).write_text(json.dumps({"shape": list(array.shape), "dtype": "float16", "site": "resid0",
+                                             "token_table_sha256": "0" * 64, **header}))
+    return path

@@ -9,6 +9,8 @@ import torch
 from mechinterp.activations import ActivationCache, Site, cache_activations, header_path
 from mechinterp.errors import UserError
 
+from conftest import write_cache
+
 PROVENANCE = {"model_sha256": "m", "token_table_sha256": "t", "tokens_sha256": "x"}
 
 
@@ -40,12 +42,6 @@ def test_layer_the_model_lacks_is_refused(tiny_bridge, windows, tmp_path):
         cache_activations(tiny_bridge, windows, [Site("resid", 7)], {Site("resid", 7): tmp_path / "r7.npy"},
                           "float16", 4, PROVENANCE)
     assert list(tmp_path.iterdir()) == []
-
-
-def write_cache(path, array, **header):
-    np.save(path, array)
-    header_path(path).write_text(json.dumps({"shape": list(array.shape), "dtype": "float16", "site": "resid0",
-                                             "token_table_sha256": "0" * 64, **header}))
 
 
 def test_incomplete_truncated_or_foreign_caches_are_refused(tmp_path):

@@ -32,6 +32,7 @@ def test_schema_fills_defaults():
     assert config["tokens"]["context_length"] == 128
     assert config["logit_lens"]["top_k"] == 10
     assert config["device"] == "auto"
+    assert config["clamping"]["sae"] == "resid12-topk" and len(config["clamping"]["prompts"]) == 4
 
 
 @pytest.mark.parametrize(
@@ -47,6 +48,13 @@ def test_schema_fills_defaults():
         (lambda c: c["logit_lens"]["prompts"].append(dict(c["logit_lens"]["prompts"][0])), r"used more than once"),
         (lambda c: c["logit_lens"].update(corpus_window_tokens=500), r"corpus_window_tokens must be below"),
         (lambda c: c.update(device="gpu"), r"config key device"),
+        (lambda c: c["clamping"].update(sae="resid99-topk"), r"clamping\.sae is 'resid99-topk', which is not one of"),
+        (lambda c: c["clamping"].update(strengths=[1]), r"config key clamping\.strengths"),
+        (lambda c: c["clamping"].update(concepts=["Negativ"]), r"config key clamping\.concepts\.0"),
+        (lambda c: c["polysemanticity"].update(active_fraction=0), r"config key polysemanticity\.active_fraction"),
+        (lambda c: c["audit"]["tolerances"].update(default={"rel": -1, "abs": 0}),
+         r"config key audit\.tolerances\.default\.rel"),
+        (lambda c: c["sae"]["sites"].append({"site": "resid", "layer": 4}), r"sae\.sites lists resid4-topk twice"),
     ],
 )
 def test_bad_config_names_the_key(default_config, change, message):

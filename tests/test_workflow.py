@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from conftest import REPO
+from mechinterp.files import sha256_file
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -95,10 +96,84 @@ def test_smoke_run_end_to_end(tmp_path):
         assert (figures / "sae" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (results / "checkpoints").exists() or not list((results / "checkpoints").iterdir())
 
+    units = pl.read_parquet(results / "polysemanticity" / "units.parquet")
+    assert units.group_by("site", "dictionary").len().sort("site", "dictionary").rows() == [
+        ("mlp3", "mlp3-relu", 1536), ("mlp3", "neurons", 1536), ("resid3", "neurons", 576),
+        ("resid3", "resid3-topk", 1152)]
+    alive = units.filter(pl.col("status") == "alive")
+    assert alive["monosemanticity"].is_between(0, 1).all() and alive["top_contexts"].list.len().min() >= 1
+    comparison = pl.read_parquet(results / "polysemanticity" / "comparison.parquet")
+    mono = comparison.filter(pl.col("score") == "monosemanticity").row(0, named=True)
+    assert mono["ci_low"] <= mono["difference"] <= mono["ci_high"]
+    for stem in ("score_distributions", "median_differences", "example_neuron", "example_feature",
+                 "../clamping/effect_vs_strength", "../clamping/effect_vs_kl", "../clamping/continuations"):
+        assert (figures / "polysemanticity" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    effects = pl.read_parquet(results / "clamping" / "effects.parquet")
+    assert set(effects["unit_kind"]) == {"feature", "residual_dim"} and set(effects["strength"]) == {-1, 0, 1, 2}
+    assert (effects["kl"] >= 0).all() and effects.filter(pl.col("strength") == 2)["kl"].mean() > 0
+    summary = pl.read_parquet(results / "clamping" / "summary.parquet")
+    assert summary["spearman_relative"].is_between(-1, 1).all()
+    continuations = pl.read_parquet(results / "clamping" / "continuations.parquet")
+    assert set(continuations["mode"]) == {"greedy", "sampled"} and set(continuations["strength"]) == {-1, 0, 1, 2}
+    assert set(continuations["mode"]) == {"greedy", "sampled"} and continuations["continuation"].str.len_chars().min() > 0
+
     for rule in ("fetch_model", "fetch_corpus", "tokenize", "logit_lens", "figures_logit_lens", "cache_activations",
-                 "train_sae/resid3-topk", "evaluate_sae/mlp3-relu", "figures_sae"):
+                 "train_sae/resid3-topk", "evaluate_sae/mlp3-relu", "figures_sae", "polysemanticity/mlp3",
+                 "collect_polysemanticity", "figures_polysemanticity", "clamping", "figures_clamping"):
         assert (results / "logs" / f"{rule}.log").exists()
     assert not list(results.rglob(".*.partial-*"))
 
     dry = snakemake(workdir, "-n", "--configfile", "config/smoke.yaml")
     assert "Nothing to be done" in dry.stdout + dry.stderr
+
+    manifest = json.loads((results / "MANIFEST.json").read_text())
+    assert manifest["files"]["model/model.safetensors"]["sha256"] == source["files_sha256"]["model.safetensors"]
+    assert manifest["config"]["run"] == "smoke" and manifest["seeds"] == {"seed": 0}
+    assert {"train_sae/resid3-topk", "clamping", "polysemanticity/mlp3"} <= set(manifest["jobs"])
+    assert manifest["jobs"]["clamping"]["wall_s"] > 0 and manifest["code"]["commit"] is None  # the copy has no git
+    assert {"sae_eval/metrics.parquet", "clamping/summary.parquet"} <= set(manifest["metrics"])
+
+    # the audit: this run against itself passes; against a reference with another FVU it fails, naming it
+    reference = workdir / "reference.json"
+    shutil.copy(results / "MANIFEST.json", reference)
+    audit_config = workdir / "audit.yaml"
+    audit_config.write_text(f"audit: {{reference: {reference.name}}}\n")
+    audit = ["--cores", "1", "--configfile", "config/smoke.yaml", str(audit_config), "--", "audit"]
+    snakemake(workdir, *audit)
+    assert (results / "audit.txt").read_text().startswith("AUDIT PASSED")
+    altered = json.loads(reference.read_text())
+    altered["metrics"]["sae_eval/metrics.parquet"][0]["fvu"] *= 1.5
+    reference.write_text(json.dumps(altered))
+    failed = snakemake(workdir, *audit, check=False)
+    assert failed.returncode != 0 and not (results / "audit.txt").exists()
+    assert "FAIL   sae_eval/metrics.parquet" in (results / "logs" / "audit.log").read_text()
+
+    # editing one stage's module reruns that stage and what depends on it, nothing upstream
+    def planned_rules() -> set[str]:
+        out = snakemake(workdir, "-n", "--configfile", "config/smoke.yaml").stdout
+        stats = out.split("Job stats:")[1].split("total")[0].splitlines()[3:]
+        return {line.split()[0] for line in stats if line.strip()}
+
+    for module, expected in (
+        ("polysemanticity.py", {"polysemanticity", "collect_polysemanticity", "figures_polysemanticity", "clamping",
+                                "figures_clamping", "manifest", "all"}),
+        ("clamping.py", {"clamping", "figures_clamping", "manifest", "all"}),
+        ("saes/topk.py", {"train_sae", "evaluate_sae", "collect_sae_metrics", "figures_sae", "polysemanticity",
+                          "collect_polysemanticity", "figures_polysemanticity", "clamping", "figures_clamping",
+                          "manifest", "all"}),
+    ):
+        path = workdir / "src" / "mechinterp" / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        assert planned_rules() == expected, module
+        path.write_text(original)
+    dry = snakemake(workdir, "-n", "--configfile", "config/smoke.yaml")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+    # the same stage run twice on the same machine gives byte-identical outputs
+    rerun = ["saes/resid3-topk/sae_weights.safetensors", "polysemanticity/units.parquet", "clamping/effects.parquet",
+             "clamping/summary.parquet", "clamping/continuations.parquet"]
+    before = {name: sha256_file(results / name) for name in rerun}
+    snakemake(workdir, "--cores", "2", "--configfile", "config/smoke.yaml", "--forcerun", "train_sae", "--",
+              "results/smoke/clamping/effects.parquet")
+    assert {name: sha256_file(results / name) for name in rerun} == before

@@ -183,6 +183,94 @@ def evaluate_sae_cmd(args: argparse.Namespace) -> None:
     log.info("%s: %s", args.sae_id, {k: v for k, v in row.items() if isinstance(v, float)})
 
 
+def polysemanticity_cmd(args: argparse.Namespace) -> None:
+    from mechinterp.activations import ActivationCache
+    from mechinterp.polysemanticity import IdentityDictionary, compare, score_site
+    from mechinterp.saes import load_sae
+
+    _set_threads(args.threads)
+    spec = json.loads(args.spec)
+    start = time.perf_counter()
+    cache = ActivationCache.open(args.cache, args.table)
+    kind, layer = cache.header["kind"], cache.header["layer"]
+    dictionaries = {"neurons": IdentityDictionary(cache.header["shape"][1])}
+    unit_kinds = {"neurons": "neuron" if kind == "mlp" else "residual_dim"}
+    thresholds = []
+    for sae_id, folder in zip(args.sae_ids, args.saes, strict=True):
+        dictionaries[sae_id] = load_sae(folder)[0]
+        unit_kinds[sae_id] = "feature"
+        thresholds.append(json.loads((Path(folder) / "training_summary.json").read_text())["outlier_threshold"])
+    table = pl.read_parquet(args.table)
+    selected = table.with_row_index("row").filter(pl.col("position") != 0)
+    if spec["split"] != "all":
+        selected = selected.filter(pl.col("split") == spec["split"])
+    rows = selected["row"].to_numpy().astype(np.int64)
+    units, concepts = score_site(cache, table, rows, dictionaries, unit_kinds, pl.read_parquet(args.lexicons), spec,
+                                 min(thresholds, default=float("inf")))
+    site_columns = [pl.lit(cache.header["site"]).alias("site"), pl.lit(kind).alias("site_kind"),
+                    pl.lit(layer).alias("layer")]
+    units = units.select(*site_columns, pl.all())
+    comparison = compare(units, spec["bootstrap_samples"], args.seed).select(*site_columns, pl.all())
+    write_parquet(units, args.units)
+    write_parquet(concepts.select(*site_columns, pl.all()), args.concepts)
+    write_parquet(comparison, args.comparison)
+    log.info("scored %d units on %d tokens in %.1f s", units.height, units["n_scored_tokens"][0],
+             time.perf_counter() - start)
+    for row in comparison.filter(pl.col("score") == "monosemanticity").iter_rows(named=True):
+        log.info("%s vs neurons: median monosemanticity %.3f vs %.3f, difference %.3f [%.3f, %.3f]", row["sae"],
+                 row["median_features"], row["median_neurons"], row["difference"], row["ci_low"], row["ci_high"])
+
+
+def clamp_cmd(args: argparse.Namespace) -> None:
+    from mechinterp.activations import Site
+    from mechinterp.clamping import run_clamping, summarise
+    from mechinterp.model import load_model
+    from mechinterp.saes import load_sae
+
+    _set_threads(args.threads)
+    spec = json.loads(args.spec)
+    start = time.perf_counter()
+    sae, cfg = load_sae(args.sae)
+    site = Site.parse(json.loads((Path(args.sae) / "training_summary.json").read_text())["site"])
+    bridge = load_model(args.model, args.device)
+    token_ids = pl.read_parquet(args.table, columns=["token_id"])["token_id"].to_numpy()
+    counts = np.bincount(token_ids, minlength=bridge.cfg.d_vocab)
+    targets, effects, continuations = run_clamping(
+        bridge, sae, args.sae_id, site, pl.read_parquet(args.units), pl.read_parquet(args.concepts),
+        pl.read_parquet(args.lexicons), counts, spec, args.seed)
+    summary = summarise(effects, spec["equal_kl"])
+    for table, path in ((targets, args.targets), (effects, args.effects), (summary, args.summary),
+                        (continuations, args.continuations)):
+        write_parquet(table, path)
+    log.info("clamped %d units at %d strengths on %d prompts in %.1f s", targets.height, len(spec["strengths"]),
+             len(spec["prompts"]), time.perf_counter() - start)
+    for row in summary.iter_rows(named=True):
+        log.info("%s %s %d: Spearman %.2f (relative), effect at KL %.2f: %.3f nats", row["concept"], row["unit_kind"],
+                 row["unit"], row["spearman_relative"], row["equal_kl"], row["effect_at_equal_kl"])
+
+
+def manifest_cmd(args: argparse.Namespace) -> None:
+    from mechinterp.audit import build_manifest
+
+    manifest = build_manifest(Path(args.run_dir), json.loads(args.config), Path(args.repo),
+                              [Path(p) for p in args.benchmarks], args.threads)
+    write_json(manifest, args.out)
+    log.info("manifest of %d files, %d jobs, commit %s%s", len(manifest["files"]), len(manifest["jobs"]),
+             manifest["code"]["commit"], " (dirty)" if manifest["code"]["dirty"] else "")
+
+
+def audit_cmd(args: argparse.Namespace) -> int:
+    from mechinterp.audit import audit, load_manifest
+
+    result = audit(load_manifest(args.manifest, "this run's"), load_manifest(args.reference, "the reference"),
+                   json.loads(args.tolerances))
+    print(result.report(), end="")
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(result.report())
+    return 0 if result.passed else 1
+
+
 def concat_tables_cmd(args: argparse.Namespace) -> None:
     write_parquet(pl.concat([pl.read_parquet(p) for p in args.inputs], how="diagonal_relaxed"), args.out)
 
@@ -286,6 +374,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density-out", required=True)
     p.set_defaults(func=evaluate_sae_cmd)
 
+    p = sub.add_parser("polysemanticity", help="score neurons and SAE features of one site the same way")
+    p.add_argument("--cache", required=True, help="the site's activation cache")
+    p.add_argument("--table", required=True)
+    p.add_argument("--lexicons", required=True)
+    p.add_argument("--saes", nargs="*", default=[], help="SAE folders trained on this site")
+    p.add_argument("--sae-ids", nargs="*", default=[])
+    p.add_argument("--spec", required=True, help="the config's `polysemanticity` section as JSON")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--units", required=True, help="output: one row per unit")
+    p.add_argument("--concepts", required=True, help="output: the most specific units per concept")
+    p.add_argument("--comparison", required=True, help="output: neurons against features, medians and CIs")
+    p.set_defaults(func=polysemanticity_cmd)
+
+    p = sub.add_parser("clamp", help="clamp concept features and their best neurons; measure the model's output")
+    p.add_argument("--model", required=True)
+    p.add_argument("--sae", required=True, help="the SAE folder whose features are clamped")
+    p.add_argument("--sae-id", required=True)
+    p.add_argument("--units", required=True, help="the polysemanticity units table")
+    p.add_argument("--concepts", required=True, help="the polysemanticity concepts table")
+    p.add_argument("--lexicons", required=True)
+    p.add_argument("--table", required=True, help="the token table (corpus frequencies for control tokens)")
+    p.add_argument("--spec", required=True, help="the config's `clamping` section as JSON")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--targets", required=True)
+    p.add_argument("--effects", required=True)
+    p.add_argument("--summary", required=True)
+    p.add_argument("--continuations", required=True)
+    p.set_defaults(func=clamp_cmd)
+
+    p = sub.add_parser("manifest", help="write a run's MANIFEST.json: file hashes, config, versions, job times")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--config", required=True, help="the resolved config as JSON")
+    p.add_argument("--repo", required=True, help="the workflow's checkout (for the git commit)")
+    p.add_argument("--benchmarks", nargs="*", default=[], help="Snakemake benchmark files of the run's jobs")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=manifest_cmd)
+
+    p = sub.add_parser("audit", help="compare a run's manifest with a reference; exit 1 when outside tolerance")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--reference", required=True)
+    p.add_argument("--tolerances", required=True, help="the config's audit.tolerances as JSON")
+    p.add_argument("--out", help="also write the report to this file")
+    p.set_defaults(func=audit_cmd)
+
     p = sub.add_parser("concat-tables", help="stack Parquet tables into one")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--out", required=True)
@@ -305,11 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -93,7 +93,12 @@ def check_config(config: dict[str, Any]) -> None:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise UserError(f"logit_lens.prompts: ids {duplicates} are used more than once; give every prompt its own id.")
-    sae_specs(config)
+    saes = sae_specs(config)
+    mlp_saes = [sae_id for sae_id, spec in saes.items() if spec["site"] == "mlp"]
+    config["clamping"].setdefault("sae", (mlp_saes or list(saes))[0])
+    if config["clamping"]["sae"] not in saes:
+        raise UserError(f"clamping.sae is {config['clamping']['sae']!r}, which is not one of the SAEs of sae.sites "
+                        f"{sorted(saes)}; name one of them.")
     if config["logit_lens"]["corpus_window_tokens"] >= config["tokens"]["context_length"]:
         raise UserError(f"logit_lens.corpus_window_tokens must be below tokens.context_length "
                         f"({config['tokens']['context_length']}); the token after the window is the target.")

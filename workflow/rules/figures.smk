@@ -33,10 +33,13 @@ rule figures_logit_lens:
         ],
     log:
         f"{RESULTS}/logs/figures_logit_lens.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures_logit_lens.tsv"
     conda:
         ENV
     threads: 1
     params:
+        code=stage_code("mechinterp.plotting"),
         figure_dir=lambda wc, output: Path(output.curves[0]).parent,
         model_name=config["model"]["name"],
     shell:
@@ -67,10 +70,13 @@ rule figures_sae:
         ],
     log:
         f"{RESULTS}/logs/figures_sae.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures_sae.tsv"
     conda:
         ENV
     threads: 1
     params:
+        code=stage_code("mechinterp.plotting"),
         figure_dir=lambda wc, output: Path(output.figures[0]).parent,
         saes=lambda wc, input: json.dumps(list(input.saes)),
         model_name=config["model"]["name"],
@@ -78,3 +84,79 @@ rule figures_sae:
         "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
         " -p metrics {input.metrics} -p density {input.density} -p sae_dirs {params.saes:q}"
         " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"
+
+
+rule figures_polysemanticity:
+    input:
+        notebook="workflow/notebooks/polysemanticity.ipynb",
+        units=rules.collect_polysemanticity.output.units,
+        comparison=rules.collect_polysemanticity.output.comparison,
+        lexicons=rules.fetch_corpus.output.lexicons,
+    output:
+        notebook=f"{RESULTS}/figures/polysemanticity.ipynb",
+        html=report(
+            f"{RESULTS}/figures/polysemanticity.html",
+            caption="../report/polysemanticity_notebook.rst",
+            category="Polysemanticity",
+        ),
+        figures=[
+            report(
+                f,
+                caption=f"../report/polysemanticity_{stem}.rst",
+                category="Polysemanticity",
+            )
+            for stem in POLYSEMANTICITY_FIGURES
+            for f in figure_files(f"polysemanticity/{stem}")
+        ],
+    log:
+        f"{RESULTS}/logs/figures_polysemanticity.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures_polysemanticity.tsv"
+    conda:
+        ENV
+    threads: 1
+    params:
+        code=stage_code("mechinterp.plotting"),
+        figure_dir=lambda wc, output: Path(output.figures[0]).parent,
+        model_name=config["model"]["name"],
+    shell:
+        "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
+        " -p units {input.units} -p comparison {input.comparison} -p lexicons {input.lexicons}"
+        " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"
+
+
+rule figures_clamping:
+    input:
+        notebook="workflow/notebooks/clamping.ipynb",
+        targets=rules.clamping.output.targets,
+        effects=rules.clamping.output.effects,
+        summary=rules.clamping.output.summary,
+        continuations=rules.clamping.output.continuations,
+    output:
+        notebook=f"{RESULTS}/figures/clamping.ipynb",
+        html=report(
+            f"{RESULTS}/figures/clamping.html",
+            caption="../report/clamping_notebook.rst",
+            category="Clamping",
+        ),
+        figures=[
+            report(f, caption=f"../report/clamping_{stem}.rst", category="Clamping")
+            for stem in CLAMPING_FIGURES
+            for f in figure_files(f"clamping/{stem}")
+        ],
+    log:
+        f"{RESULTS}/logs/figures_clamping.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures_clamping.tsv"
+    conda:
+        ENV
+    threads: 1
+    params:
+        code=stage_code("mechinterp.plotting"),
+        figure_dir=lambda wc, output: Path(output.figures[0]).parent,
+        model_name=config["model"]["name"],
+    shell:
+        "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
+        " -p targets {input.targets} -p effects {input.effects} -p summary {input.summary}"
+        " -p continuations {input.continuations} -p figure_dir {params.figure_dir}"
+        " -p model_name {params.model_name:q} > {log} 2>&1"

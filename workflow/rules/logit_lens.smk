@@ -10,10 +10,13 @@ rule logit_lens:
         summary=f"{RESULTS}/logit_lens/summary.json",
     log:
         f"{RESULTS}/logs/logit_lens.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/logit_lens.tsv"
     conda:
         ENV
     threads: workflow.cores
     params:
+        code=stage_code("mechinterp.logit_lens", "mechinterp.model"),
         spec=spec("logit_lens"),
         seed=config["seed"],
         device=config["device"],

@@ -8,10 +8,13 @@ rule cache_activations:
         headers=[f"{RESULTS}/activations/{site}.json" for site in cache_sites()],
     log:
         f"{RESULTS}/logs/cache_activations.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/cache_activations.tsv"
     conda:
         ENV
     threads: workflow.cores
     params:
+        code=stage_code("mechinterp.activations", "mechinterp.model"),
         sites=" ".join(cache_sites()),
         dtype=config["activations"]["dtype"],
         batch_sequences=config["activations"]["batch_sequences"],
@@ -32,10 +35,13 @@ rule train_sae:
         directory(f"{RESULTS}/saes/{{sae}}"),
     log:
         f"{RESULTS}/logs/train_sae/{{sae}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_sae/{{sae}}.tsv"
     conda:
         ENV
     threads: workflow.cores
     params:
+        code=stage_code("mechinterp.train_sae", "mechinterp.saes"),
         spec=lambda wc: json.dumps(SAES[wc.sae], sort_keys=True),
         seed=config["seed"],
         checkpoint=lambda wc: f"{RESULTS}/checkpoints/{wc.sae}.pt",
@@ -60,10 +66,15 @@ rule evaluate_sae:
         density=f"{RESULTS}/sae_eval/{{sae}}.density.parquet",
     log:
         f"{RESULTS}/logs/evaluate_sae/{{sae}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_sae/{{sae}}.tsv"
     conda:
         ENV
     threads: workflow.cores
     params:
+        code=stage_code(
+            "mechinterp.evaluate_sae", "mechinterp.saes", "mechinterp.model"
+        ),
         spec=spec("sae_eval"),
         device=config["device"],
     shell:
@@ -82,9 +93,13 @@ rule collect_sae_metrics:
         density=f"{RESULTS}/sae_eval/density.parquet",
     log:
         f"{RESULTS}/logs/collect_sae_metrics.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/collect_sae_metrics.tsv"
     conda:
         ENV
     threads: 1
+    params:
+        code=stage_code(),
     shell:
         "(mechinterp concat-tables {input.metrics} --out {output.metrics}"
         " && mechinterp concat-tables {input.density} --out {output.density}) > {log} 2>&1"

@@ -1,0 +1,384 @@
+"""Score how monosemantic every unit of a site is, neurons and SAE features by the same code.
+
+A *dictionary* turns a site's activations [n, d_in] into unit activations [n, n_units]: an SAE's
+encoder (its features), or `IdentityDictionary` (the site's own neurons or residual dimensions).
+All dictionaries of a site are scored together, streaming over the cached rows in chunks: one read
+finds each unit's maximum (which defines "active"), a second accumulates the activation mass per
+distinct token and per document label, the top-activating rows, and the feature-neuron
+correlations. Memory is [distinct tokens x units], flat in the number of tokens.
+
+Scores per unit, all on positive activation mass (SAE features are non-negative; for signed
+neurons and residual dimensions the positive side is the unit):
+- density: share of tokens on which the unit is active;
+- effective tokens exp(H) of the token distribution of its mass, and token focus 1 - H / ln(V),
+  V = distinct tokens scored (1: one token, 0: spread like the corpus's vocabulary);
+- concept specificity (Bricken et al. 2023): share of its mass on one concept, corrected for the
+  concept's base rate, (share - base) / (1 - base), best over lexicon categories and labels;
+- monosemanticity = max(token focus, concept specificity): a unit is monosemantic when one token
+  family or one concept explains its activation mass.
+Each is computed for two views of "active", the same for every unit: activations at or above
+`active_fraction` of the unit's maximum (the headline), and every positive activation (suffix
+`_positive`). Units that never fire are `dead`; units active on fewer than `min_active` tokens are
+`rare`; neither gets a monosemanticity score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from mechinterp.activations import ActivationCache
+
+VIEWS = ("active", "positive")
+
+
+class IdentityDictionary(torch.nn.Module):
+    """The site's own units (MLP neurons or residual dimensions) as a dictionary."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.d_sae = width
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@dataclass
+class Concepts:
+    """Token-level concepts (lexicon categories) and row-level concepts (document source, label)."""
+
+    token_names: list[str]
+    token_members: torch.Tensor  # [n distinct tokens, n token concepts] 0/1
+    token_word: torch.Tensor  # [n distinct tokens] index of the token's word (" On", "on" -> "on")
+    row_names: list[str]
+    row_index: np.ndarray  # [n rows, 2] index into row_names for source and label, -1 when none
+
+
+def token_concepts(token_strings: list[str], token_counts: np.ndarray, lexicons: pl.DataFrame, min_words: int,
+                   exclude_frequent: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Membership of each distinct token in each lexicon category (a token belongs when its word, its
+    text stripped and lower-cased, is a term of the category), and each token's word index.
+    The `exclude_frequent` most frequent words belong to no category: lexicons list function words
+    ("on", "a", "in") under many categories, which would make every function-word unit look
+    conceptual. Categories matching fewer than `min_words` distinct words are dropped: with one or
+    two words a category is a word, not a concept."""
+    words = [t.strip().lower() for t in token_strings]
+    word_ids = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    word_counts = pl.DataFrame({"term": words, "count": token_counts}).group_by("term").agg(pl.col("count").sum())
+    frequent = word_counts.sort(["count", "term"], descending=[True, False])["term"][:exclude_frequent]
+    normalised = pl.DataFrame({"token_index": np.arange(len(words)), "term": words}).filter(
+        ~pl.col("term").is_in(frequent.implode()))
+    pairs = (lexicons.select(pl.concat_str("lexicon", pl.lit(":"), "category").alias("concept"), "term")
+             .unique().join(normalised, on="term").select("concept", "token_index", "term").unique())
+    kept = (pairs.group_by("concept").agg(pl.col("term").n_unique())
+            .filter(pl.col("term") >= min_words)["concept"].sort().to_list())
+    pairs = pairs.filter(pl.col("concept").is_in(kept))
+    members = torch.zeros(len(words), len(kept))
+    column = {name: i for i, name in enumerate(kept)}
+    members[pairs["token_index"].to_list(), [column[c] for c in pairs["concept"]]] = 1.0
+    return kept, members, torch.tensor([word_ids[w] for w in words], dtype=torch.long)
+
+
+def concept_word_variety(concepts: Concepts, token_mass: torch.Tensor) -> torch.Tensor:
+    """[token concepts, units]: how many distinct words of each concept each unit is active on."""
+    n_words = int(concepts.token_word.max()) + 1 if len(concepts.token_word) else 0
+    active = torch.zeros(n_words, token_mass.shape[1]).index_add_(0, concepts.token_word, (token_mass > 0).float())
+    members = torch.zeros(n_words, concepts.token_members.shape[1]).index_add_(0, concepts.token_word,
+                                                                             concepts.token_members)
+    return (members > 0).float().T @ (active > 0).float()
+
+
+def row_concepts(sources: list[str | None], labels: list[str | None]) -> tuple[list[str], np.ndarray]:
+    """Each row's document source and label as concepts `source:<name>` and `label:<name>`."""
+    names = sorted({f"source:{s}" for s in sources if s} | {f"label:{x}" for x in labels if x})
+    lookup = {name: i for i, name in enumerate(names)}
+    index = np.array([[lookup.get(f"source:{s}", -1), lookup.get(f"label:{x}", -1)]
+                      for s, x in zip(sources, labels, strict=True)], dtype=np.int64).reshape(-1, 2)
+    return names, index
+
+
+def _chunks(cache: ActivationCache, rows: np.ndarray, chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    for start in range(0, len(rows), chunk):
+        yield slice(start, start + chunk), cache.rows(rows[start : start + chunk])
+
+
+@torch.no_grad()
+def unit_maxima(dictionaries: dict[str, torch.nn.Module], cache: ActivationCache, rows: np.ndarray,
+                outlier_threshold: float = float("inf"), chunk: int = 4096) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """First read: which rows to score (norm at most `outlier_threshold`, as in SAE training) and each
+    unit's largest activation over them."""
+    maxima = {name: torch.full((d.d_sae,), -torch.inf) for name, d in dictionaries.items()}
+    kept = np.zeros(len(rows), dtype=bool)
+    for part, x in tqdm(_chunks(cache, rows, chunk), desc="unit maxima", unit="chunk", total=-(-len(rows) // chunk)):
+        keep = x.norm(dim=1) <= outlier_threshold
+        kept[part] = keep.numpy()
+        for name, dictionary in dictionaries.items():
+            if keep.any():
+                maxima[name] = torch.maximum(maxima[name], dictionary.encode(x[keep]).amax(0))
+    return maxima, kept
+
+
+@dataclass
+class Accumulated:
+    """What the second read gathers for one dictionary, per view where it differs."""
+
+    count: dict[str, torch.Tensor]  # [units] tokens active
+    token_mass: dict[str, torch.Tensor]  # [distinct tokens, units]
+    row_concept_mass: dict[str, torch.Tensor]  # [row concepts, units]
+    top_values: torch.Tensor  # [top_n, units], descending
+    top_rows: torch.Tensor  # [top_n, units] positions in `rows`
+    correlation: torch.Tensor | None  # [units, neurons] Pearson, for SAE features
+
+
+@torch.no_grad()
+def accumulate(dictionaries: dict[str, torch.nn.Module], cache: ActivationCache, rows: np.ndarray,
+               token_index: np.ndarray, n_tokens: int, row_concept_index: np.ndarray, n_row_concepts: int,
+               maxima: dict[str, torch.Tensor], active_fraction: float, top_n: int,
+               neurons: str | None = None, chunk: int = 4096) -> dict[str, Accumulated]:
+    """Second read over `rows`. `token_index` [n] maps each row to its distinct-token index;
+    `row_concept_index` [n, 2] to row concepts (-1: none). When `neurons` names the identity
+    dictionary, every other dictionary's units are correlated (Pearson) with its units."""
+    acc = {}
+    for name, d in dictionaries.items():
+        acc[name] = Accumulated(
+            count={v: torch.zeros(d.d_sae, dtype=torch.long) for v in VIEWS},
+            token_mass={v: torch.zeros(n_tokens, d.d_sae) for v in VIEWS},
+            row_concept_mass={v: torch.zeros(n_row_concepts + 1, d.d_sae) for v in VIEWS},  # last row: none
+            top_values=torch.full((top_n, d.d_sae), -torch.inf), top_rows=torch.zeros(top_n, d.d_sae, dtype=torch.long),
+            correlation=None)
+    moments = {name: [torch.zeros(d.d_sae, dtype=torch.float64) for _ in range(2)] for name, d in dictionaries.items()}
+    cross = {name: torch.zeros(d.d_sae, dictionaries[neurons].d_sae, dtype=torch.float64)
+             for name, d in dictionaries.items() if neurons is not None and name != neurons}
+    thresholds = {name: (active_fraction * m).clamp_min(torch.finfo(torch.float32).tiny) for name, m in maxima.items()}
+    for part, x in tqdm(_chunks(cache, rows, chunk), desc="unit scores", unit="chunk", total=-(-len(rows) // chunk)):
+        tokens = torch.from_numpy(token_index[part])
+        concepts = torch.from_numpy(row_concept_index[part]).clone()
+        concepts[concepts < 0] = n_row_concepts
+        positions = torch.arange(part.start, part.start + len(x))
+        encoded = {name: d.encode(x) for name, d in dictionaries.items()}
+        for name, a in encoded.items():
+            acc_d = acc[name]
+            for view, mass in (("positive", a.clamp_min(0)), ("active", a * (a >= thresholds[name]))):
+                acc_d.count[view] += (mass > 0).sum(0)
+                acc_d.token_mass[view].index_add_(0, tokens, mass)
+                for column in range(concepts.shape[1]):
+                    acc_d.row_concept_mass[view].index_add_(0, concepts[:, column], mass)
+            values = torch.cat([acc_d.top_values, a])
+            where = torch.cat([acc_d.top_rows, positions[:, None].expand_as(a)])
+            acc_d.top_values, order = values.topk(min(top_n, len(values)), dim=0)
+            acc_d.top_rows = where.gather(0, order)
+            moments[name][0] += a.double().sum(0)
+            moments[name][1] += a.double().pow(2).sum(0)
+            if name in cross:
+                cross[name] += (a.T @ encoded[neurons]).double()
+    n = len(rows)
+
+    def std(name: str) -> torch.Tensor:
+        """Standard deviation per unit; infinite for a constant unit, so its correlations are 0."""
+        mean_sq, sq_mean = moments[name][1] / n, (moments[name][0] / n).pow(2)
+        variance = mean_sq - sq_mean
+        return torch.where(variance > 1e-9 * mean_sq, variance.clamp_min(0).sqrt(), torch.inf)
+
+    for name, products in cross.items():
+        covariance = products / n - (moments[name][0] / n)[:, None] * (moments[neurons][0] / n)[None, :]
+        acc[name].correlation = (covariance / (std(name)[:, None] * std(neurons)[None, :])).float()
+    for a in acc.values():
+        for view in VIEWS:
+            a.row_concept_mass[view] = a.row_concept_mass[view][:n_row_concepts]
+    return acc
+
+
+def entropy_scores(token_mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Effective number of tokens exp(H) and token focus 1 - H / ln(V) per unit, from the mass per
+    distinct token [V, units]; NaN for a unit with no mass."""
+    total = token_mass.sum(0)
+    p = token_mass / total
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(0)
+    entropy[total == 0] = torch.nan
+    n_tokens = token_mass.shape[0]
+    # clamped: float32 sums leave a few ulps outside [0, 1]
+    focus = (1 - entropy / np.log(n_tokens)).clamp(0, 1) if n_tokens > 1 else torch.ones_like(entropy)
+    return entropy.exp(), focus
+
+
+def concept_specificity(concept_mass: torch.Tensor, total_mass: torch.Tensor, base_rate: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best concept per unit from its mass per concept [concepts, units]: the index, the raw share,
+    and the specificity (share - base) / (1 - base), which is 0 for a unit that ignores the concept
+    and 1 for a unit whose whole mass falls on it."""
+    share = concept_mass / total_mass.clamp_min(torch.finfo(torch.float32).tiny)
+    specificity = (share - base_rate[:, None]) / (1 - base_rate[:, None]).clamp_min(1e-9)
+    best_specificity, best = specificity.clamp_max(1).max(0)
+    return best, share.gather(0, best[None])[0], best_specificity
+
+
+def concept_table(share: torch.Tensor, specificity: torch.Tensor, variety: torch.Tensor, concept_names: list[str],
+                  base_rate: torch.Tensor, eligible: torch.Tensor, min_variety: int, top_n: int) -> pl.DataFrame:
+    """For each concept, the `top_n` eligible units with the highest specificity for it, among units
+    active on at least `min_variety` distinct words of the concept (`variety` [concepts, units]):
+    a unit that fires on a single word is that word's unit, not the concept's."""
+    ranked = specificity.masked_fill(~eligible[None, :] | (variety < min_variety), -torch.inf)
+    n = min(top_n, int(eligible.sum()))
+    values, units = ranked.topk(n, dim=1)
+    found = torch.isfinite(values).flatten().numpy()
+    return pl.DataFrame({
+        "concept": np.repeat(concept_names, n), "rank": np.tile(np.arange(n), len(concept_names)),
+        "unit": units.flatten().numpy().astype(np.int64), "share": share.gather(1, units).flatten().double().numpy(),
+        "base_rate": np.repeat(base_rate.double().numpy(), n), "specificity": values.flatten().double().numpy(),
+        "concept_words_active": variety.gather(1, units).flatten().numpy().astype(np.int64),
+    }, schema_overrides={"concept": pl.Utf8}).filter(pl.Series(found))
+
+
+def score_dictionary(acc: Accumulated, maxima: torch.Tensor, concepts: Concepts, token_counts: torch.Tensor,
+                     row_concept_counts: torch.Tensor, n_rows: int, min_active: int, min_concept_words: int,
+                     top_concepts: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per-unit scores (without contexts) and the per-concept ranking of units, from one dictionary's
+    accumulated sums. `token_counts` [distinct tokens] and `row_concept_counts` [row concepts] give
+    the base rates."""
+    names = concepts.token_names + concepts.row_names
+    base_rate = torch.cat([token_counts @ concepts.token_members, row_concept_counts]).float() / n_rows
+    columns: dict[str, np.ndarray] = {"max_activation": maxima.double().numpy()}
+    status = np.where(acc.count["positive"].numpy() == 0, "dead",
+                      np.where(acc.count["active"].numpy() < min_active, "rare", "alive"))
+    eligible = torch.from_numpy(status == "alive")
+    concept_rows = None
+    for view in VIEWS:
+        suffix = "" if view == "active" else "_positive"
+        mass = acc.token_mass[view]
+        total = mass.sum(0)
+        concept_mass = torch.cat([concepts.token_members.T @ mass, acc.row_concept_mass[view]])
+        effective, focus = entropy_scores(mass)
+        best, share, specificity = concept_specificity(concept_mass, total, base_rate)
+        mono = torch.maximum(focus, specificity)
+        scored = eligible.numpy()
+        columns[f"density{suffix}"] = acc.count[view].double().numpy() / n_rows
+        columns[f"effective_tokens{suffix}"] = np.where(scored, effective.double().numpy(), np.nan)
+        columns[f"token_focus{suffix}"] = np.where(scored, focus.double().numpy(), np.nan)
+        columns[f"best_concept{suffix}"] = pl.Series([names[b] if ok else None for b, ok in zip(best.tolist(), scored)],
+                                                     dtype=pl.Utf8)
+        columns[f"concept_share{suffix}"] = np.where(scored, share.double().numpy(), np.nan)
+        columns[f"concept_base_rate{suffix}"] = np.where(scored, base_rate[best].double().numpy(), np.nan)
+        columns[f"concept_specificity{suffix}"] = np.where(scored, specificity.double().numpy(), np.nan)
+        columns[f"monosemanticity{suffix}"] = np.where(scored, mono.double().numpy(), np.nan)
+        if view == "active":
+            all_share = concept_mass / total.clamp_min(torch.finfo(torch.float32).tiny)
+            all_spec = (all_share - base_rate[:, None]) / (1 - base_rate[:, None]).clamp_min(1e-9)
+            variety = torch.cat([concept_word_variety(concepts, mass),  # a row concept spans any token
+                                 (mass > 0).sum(0, keepdim=True).float().expand(len(concepts.row_names), -1)])
+            concept_rows = concept_table(all_share, all_spec, variety, names, base_rate, eligible, min_concept_words,
+                                         top_concepts)
+    columns["n_active"] = acc.count["active"].numpy()
+    units = pl.DataFrame({"unit": np.arange(len(maxima)), "status": status, **columns}).with_columns(
+        pl.col(pl.Float64).fill_nan(None))
+    if acc.correlation is not None:
+        best_r, best_neuron = acc.correlation.max(1)
+        units = units.with_columns(best_neuron=pl.Series(best_neuron.numpy().astype(np.int64)),
+                                   best_neuron_correlation=pl.Series(best_r.double().numpy()))
+    return units, concept_rows
+
+
+def top_contexts(top_rows: torch.Tensor, top_values: torch.Tensor, rows: np.ndarray, table: pl.DataFrame,
+                 before: int, after: int) -> list[list[dict]]:
+    """Each unit's top-activating rows as contexts: the token, the surrounding text of its window
+    with the token marked [[like this]], its activation, document source and label."""
+    tokens = table["token"].to_numpy()
+    sequence, position = table["sequence"].to_numpy(), table["position"].to_numpy()
+    source, label = table["source"].to_list(), table["label"].to_list()
+    per_unit = []
+    for unit in range(top_rows.shape[1]):
+        contexts = []
+        for value, index in zip(top_values[:, unit].tolist(), top_rows[:, unit].tolist(), strict=True):
+            if not value > 0:
+                break
+            row = int(rows[index])
+            start = row - min(before, int(position[row]))
+            stop = row + 1
+            while stop < len(tokens) and stop <= row + after and sequence[stop] == sequence[row]:
+                stop += 1
+            text = "".join(tokens[start:row]) + "[[" + tokens[row] + "]]" + "".join(tokens[row + 1 : stop])
+            contexts.append({"activation": float(value), "token": tokens[row], "context": text,
+                             "source": source[row], "label": label[row]})
+        per_unit.append(contexts)
+    return per_unit
+
+
+def bootstrap_median_difference(features: np.ndarray, neurons: np.ndarray, n_boot: int, seed: int
+                                ) -> tuple[float, float, float]:
+    """median(features) - median(neurons) and its bootstrap 95% percentile interval."""
+    features, neurons = features[~np.isnan(features)], neurons[~np.isnan(neurons)]
+    if len(features) == 0 or len(neurons) == 0:
+        return np.nan, np.nan, np.nan
+    rng = np.random.default_rng(seed)
+    diffs = (np.median(rng.choice(features, (n_boot, len(features))), axis=1)
+             - np.median(rng.choice(neurons, (n_boot, len(neurons))), axis=1))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(np.median(features) - np.median(neurons)), float(low), float(high)
+
+
+COMPARED_SCORES = ("monosemanticity", "concept_specificity", "token_focus", "effective_tokens", "density",
+                   "monosemanticity_positive", "effective_tokens_positive", "density_positive")
+
+
+def compare(units: pl.DataFrame, n_boot: int, seed: int) -> pl.DataFrame:
+    """For each SAE against the neurons of its site: medians of every score over alive units, the
+    difference (features - neurons) and its bootstrap 95% interval."""
+    neurons = units.filter(pl.col("dictionary") == "neurons")
+    rows = []
+    for sae in sorted(set(units["dictionary"]) - {"neurons"}):
+        features = units.filter(pl.col("dictionary") == sae)
+        for score in COMPARED_SCORES:
+            f = features.filter(pl.col("status") == "alive")[score].cast(pl.Float64).fill_null(np.nan).to_numpy()
+            n = neurons.filter(pl.col("status") == "alive")[score].cast(pl.Float64).fill_null(np.nan).to_numpy()
+            diff, low, high = bootstrap_median_difference(f, n, n_boot, seed)
+            rows.append({"sae": sae, "score": score, "median_features": float(np.nanmedian(f)) if len(f) else None,
+                         "median_neurons": float(np.nanmedian(n)) if len(n) else None, "difference": diff,
+                         "ci_low": low, "ci_high": high, "n_features": len(f), "n_neurons": len(n),
+                         "n_dead_features": int((features["status"] == "dead").sum()),
+                         "n_dead_neurons": int((neurons["status"] == "dead").sum())})
+    return pl.DataFrame(rows)
+
+
+def score_site(cache: ActivationCache, table: pl.DataFrame, rows: np.ndarray, dictionaries: dict[str, torch.nn.Module],
+               unit_kinds: dict[str, str], lexicons: pl.DataFrame, settings: dict, outlier_threshold: float = float("inf")
+               ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Score every unit of every dictionary of one site over cache `rows` (indices into the token
+    table `table`). The identity dictionary must be named "neurons"; SAE features are correlated
+    with it. Returns the units table (one row per unit, with top contexts) and the concept ranking."""
+    maxima, kept = unit_maxima(dictionaries, cache, rows, outlier_threshold)
+    rows = rows[kept]
+    scored = table[rows]
+    distinct, token_index = np.unique(scored["token_id"].to_numpy(), return_inverse=True)
+    first = np.unique(token_index, return_index=True)[1]
+    token_strings = scored["token"].gather(first).to_list()
+    counts = np.bincount(token_index, minlength=len(distinct))
+    token_names, members, token_word = token_concepts(token_strings, counts, lexicons, settings["min_concept_words"],
+                                                      settings["exclude_frequent_words"])
+    row_names, row_index = row_concepts(scored["source"].to_list(), scored["label"].to_list())
+    concepts = Concepts(token_names, members, token_word, row_names, row_index)
+    token_counts = torch.from_numpy(counts).float()
+    valid = row_index[row_index >= 0]
+    row_counts = torch.from_numpy(np.bincount(valid, minlength=len(row_names))).float()
+    acc = accumulate(dictionaries, cache, rows, token_index, len(distinct), row_index, len(row_names), maxima,
+                     settings["active_fraction"], settings["top_contexts"],
+                     neurons="neurons" if "neurons" in dictionaries else None)
+    unit_tables, concept_tables = [], []
+    for name, accumulated in acc.items():
+        units, ranking = score_dictionary(accumulated, maxima[name], concepts, token_counts, row_counts, len(rows),
+                                          settings["min_active"], settings["concept_unit_min_words"],
+                                          settings["concept_units"])
+        contexts = top_contexts(accumulated.top_rows, accumulated.top_values, rows, table,
+                                settings["context_before"], settings["context_after"])
+        units = units.with_columns(pl.Series("top_contexts", contexts, dtype=CONTEXTS_TYPE))
+        front = {"dictionary": name, "unit_kind": unit_kinds[name], "n_scored_tokens": len(rows)}
+        unit_tables.append(units.select(*[pl.lit(v).alias(k) for k, v in front.items()], pl.all()))
+        concept_tables.append(ranking.select(pl.lit(name).alias("dictionary"), pl.all()))
+    return (pl.concat(unit_tables, how="diagonal_relaxed"), pl.concat(concept_tables))
+
+
+CONTEXTS_TYPE = pl.List(pl.Struct({"activation": pl.Float64, "token": pl.Utf8, "context": pl.Utf8,
+                                   "source": pl.Utf8, "label": pl.Utf8}))

@@ -1,0 +1,142 @@
+"""The catalogue of bad inputs at run time, through each stage's command line as the workflow runs
+it: each gives exit status 2 and an error naming the problem and the fix, and leaves no output; a
+stage killed in the middle leaves nothing under its final name and reruns cleanly. (Config errors
+are in test_config.py, download and model-folder errors in test_fetch.py.)"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mechinterp.cli import main
+from mechinterp.files import sha256_file, write_json
+from mechinterp.saes.topk import TopKSAE
+
+from conftest import write_cache
+from test_polysemanticity import lexicons, planted_neurons, planted_table
+
+SPEC = {"split": "all", "active_fraction": 0.2, "min_active": 10, "min_concept_words": 3,
+        "exclude_frequent_words": 0, "concept_unit_min_words": 3, "top_contexts": 4, "context_before": 3,
+        "context_after": 2, "concept_units": 3, "bootstrap_samples": 100}
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A consistent site: token table, lexicons, cache and an SAE trained (here: initialised) on it."""
+    table = planted_table()
+    table.write_parquet(tmp_path / "table.parquet")
+    lexicons().write_parquet(tmp_path / "lexicons.parquet")
+    write_cache(tmp_path / "mlp0.npy", planted_neurons(table).astype(np.float16), kind="mlp", layer=0,
+                token_table_sha256=sha256_file(tmp_path / "table.parquet"))
+    sae = TopKSAE(6, 12, k=2)
+    sae.initialise(torch.randn(64, 6, generator=torch.Generator().manual_seed(1)), torch.Generator().manual_seed(0))
+    sae.save(tmp_path / "sae", {"hook_name": "blocks.0.mlp.hook_post"})
+    write_json({"outlier_threshold": 1e9, "site": "mlp0"}, tmp_path / "sae" / "training_summary.json")
+    return tmp_path
+
+
+def polysemanticity(site, **override) -> tuple[int, list[str]]:
+    args = {"--cache": site / "mlp0.npy", "--table": site / "table.parquet", "--lexicons": site / "lexicons.parquet",
+            "--spec": json.dumps(SPEC), "--seed": "0", "--units": site / "out" / "units.parquet",
+            "--concepts": site / "out" / "concepts.parquet", "--comparison": site / "out" / "comparison.parquet",
+            **override}
+    argv = ["polysemanticity", "--saes", str(site / "sae"), "--sae-ids", "mlp0-topk"]
+    for key, value in args.items():
+        argv += [key, str(value)]
+    return main(argv), sorted(p.name for p in (site / "out").glob("*")) if (site / "out").exists() else []
+
+
+def test_the_consistent_site_scores(site):
+    assert polysemanticity(site) == (0, ["comparison.parquet", "concepts.parquet", "units.parquet"])
+
+
+def truncate(site):
+    path = site / "mlp0.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def drop_header(site):
+    (site / "mlp0.json").unlink()
+
+
+def other_table(site):
+    table = planted_table(seed=9)
+    table.write_parquet(site / "table.parquet")
+
+
+def nan_values(site):
+    array = np.load(site / "mlp0.npy")
+    array[7, 1] = np.nan
+    np.save(site / "mlp0.npy", array)
+
+
+def no_sae_weights(site):
+    (site / "sae" / "sae_weights.safetensors").unlink()
+
+
+def header_shape(site):
+    header = json.loads((site / "mlp0.json").read_text())
+    header["shape"] = [header["shape"][0] + 10, header["shape"][1]]
+    (site / "mlp0.json").write_text(json.dumps(header))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (truncate, r"cannot be read|truncated or corrupt; rerun cache_activations"),
+    (drop_header, r"incomplete \(array or header mlp0\.json missing\); rerun the cache_activations stage"),
+    (other_table, r"made from another token table .* rerun cache_activations after tokenize"),
+    (nan_values, r"holds NaN or infinite values; rerun cache_activations"),
+    (no_sae_weights, r"is not a saved SAE \(needs cfg\.json and sae_weights\.safetensors\); rerun train_sae"),
+    (header_shape, r"header says \[4010, 6\] / float16: truncated or corrupt"),
+])
+def test_damaged_inputs_are_refused_with_the_fix(site, capsys, damage, message):
+    damage(site)
+    code, outputs = polysemanticity(site)
+    assert code == 2 and outputs == []
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bad_manifests_are_refused(tmp_path, capsys):
+    (tmp_path / "run.json").write_text(json.dumps({"files": {}, "metrics": {}, "environment": {}}))
+    (tmp_path / "broken.json").write_text('{"files": ')
+    (tmp_path / "other.json").write_text(json.dumps({"some": "json"}))
+    base = ["audit", "--manifest", str(tmp_path / "run.json"), "--tolerances", '{"default": {"rel": 0, "abs": 0}}']
+    for reference, message in (("absent.json", "does not exist"), ("broken.json", "is not valid JSON"),
+                               ("other.json", "has no 'files' section")):
+        assert main([*base, "--reference", str(tmp_path / reference), "--out", str(tmp_path / "audit.txt")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "audit.txt").exists()
+
+
+def test_a_stage_killed_midway_leaves_nothing_and_reruns(tiny_model_dir, tmp_path):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    write_json({"files_sha256": {"model.safetensors": sha256_file(model / "model.safetensors")}}, model / "SOURCE.json")
+    tokens = np.random.default_rng(0).integers(3, 300, (300, 32)).astype(np.int32)
+    tokens[:, 0] = 1
+    np.save(tmp_path / "tokens.npy", tokens)
+    (tmp_path / "table.parquet").write_bytes(b"a token table")
+    out = tmp_path / "activations"
+    command = [sys.executable, "-m", "mechinterp", "cache-activations", "--model", str(model),
+               "--tokens", str(tmp_path / "tokens.npy"), "--table", str(tmp_path / "table.parquet"),
+               "--sites", "resid0", "mlp1", "--batch-sequences", "1", "--device", "cpu", "--out-dir", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".*.partial-*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # well into writing
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the stage finished before it could be killed"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []  # no final output
+    subprocess.run(command, check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == ["mlp1.json", "mlp1.npy", "resid0.json", "resid0.npy"]
+    assert np.load(out / "resid0.npy", mmap_mode="r").shape == (300 * 32, 32)

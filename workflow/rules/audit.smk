@@ -1,0 +1,39 @@
+rule manifest:
+    input:
+        figures=all_figures(),
+        benchmarks=all_benchmarks(),
+    output:
+        f"{RESULTS}/MANIFEST.json",
+    log:
+        f"{RESULTS}/logs/manifest.log",
+    conda:
+        ENV
+    threads: 1
+    params:
+        code=stage_code("mechinterp.audit"),
+        config=json.dumps(config, sort_keys=True),
+        run_dir=lambda wc, output: Path(output[0]).parent,
+        repo=workflow.basedir,
+        threads=workflow.cores,
+    shell:
+        "mechinterp manifest --run-dir {params.run_dir} --config {params.config:q} --repo {params.repo:q}"
+        " --benchmarks {input.benchmarks} --threads {params.threads} --out {output} > {log} 2>&1"
+
+
+rule audit:
+    input:
+        manifest=rules.manifest.output[0],
+        reference=audit_reference,
+    output:
+        f"{RESULTS}/audit.txt",
+    log:
+        f"{RESULTS}/logs/audit.log",
+    conda:
+        ENV
+    threads: 1
+    params:
+        code=stage_code("mechinterp.audit"),
+        tolerances=json.dumps(config["audit"]["tolerances"], sort_keys=True),
+    shell:
+        "mechinterp audit --manifest {input.manifest} --reference {input.reference}"
+        " --tolerances {params.tolerances:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,52 @@
+rule polysemanticity:
+    input:
+        cache=f"{RESULTS}/activations/{{site}}.npy",
+        header=f"{RESULTS}/activations/{{site}}.json",
+        table=rules.tokenize.output.table,
+        lexicons=rules.fetch_corpus.output.lexicons,
+        saes=lambda wc: expand(rules.train_sae.output[0], sae=saes_at(wc.site)),
+    output:
+        units=f"{RESULTS}/polysemanticity/{{site}}.units.parquet",
+        concepts=f"{RESULTS}/polysemanticity/{{site}}.concepts.parquet",
+        comparison=f"{RESULTS}/polysemanticity/{{site}}.comparison.parquet",
+    log:
+        f"{RESULTS}/logs/polysemanticity/{{site}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/polysemanticity/{{site}}.tsv"
+    conda:
+        ENV
+    threads: workflow.cores
+    params:
+        code=stage_code("mechinterp.polysemanticity", "mechinterp.saes"),
+        spec=spec("polysemanticity"),
+        sae_ids=lambda wc: " ".join(saes_at(wc.site)),
+        seed=config["seed"],
+    shell:
+        "mechinterp polysemanticity --cache {input.cache} --table {input.table} --lexicons {input.lexicons}"
+        " --saes {input.saes} --sae-ids {params.sae_ids} --spec {params.spec:q} --seed {params.seed}"
+        " --threads {threads} --units {output.units} --concepts {output.concepts}"
+        " --comparison {output.comparison} > {log} 2>&1"
+
+
+rule collect_polysemanticity:
+    input:
+        units=expand(rules.polysemanticity.output.units, site=cache_sites()),
+        concepts=expand(rules.polysemanticity.output.concepts, site=cache_sites()),
+        comparison=expand(rules.polysemanticity.output.comparison, site=cache_sites()),
+    output:
+        units=f"{RESULTS}/polysemanticity/units.parquet",
+        concepts=f"{RESULTS}/polysemanticity/concepts.parquet",
+        comparison=f"{RESULTS}/polysemanticity/comparison.parquet",
+    log:
+        f"{RESULTS}/logs/collect_polysemanticity.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/collect_polysemanticity.tsv"
+    conda:
+        ENV
+    threads: 1
+    params:
+        code=stage_code(),
+    shell:
+        "(mechinterp concat-tables {input.units} --out {output.units}"
+        " && mechinterp concat-tables {input.concepts} --out {output.concepts}"
+        " && mechinterp concat-tables {input.comparison} --out {output.comparison}) > {log} 2>&1"
