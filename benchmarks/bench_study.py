@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_study.py [--run results/default]
 
 Polysemanticity: wall time and peak memory (max RSS) of scoring one site's neurons and SAE features
-over the held-out tokens and over the training tokens (8x as many): memory should stay flat, time
-grow linearly. Clamping: wall time of the stage and its share per clamped unit, from the rule's log.
+(default: mlp10, the largest) over the held-out tokens and over the training tokens (8x as many):
+memory should stay flat, time grow linearly. Clamping: wall time of the stage and its share per clamped unit, from the rule's log.
 Writes results/benchmarks/study.json and prints it."""
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ def clamping_from_log(run: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", type=Path, default=REPO / "results" / "default")
+    parser.add_argument("--sites", nargs="+", default=["mlp10"], help="sites to score (each with its <site>-topk SAE)")
     args = parser.parse_args()
     out: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}}
     with tempfile.TemporaryDirectory() as tmp:
-        out["polysemanticity"] = [score_site(args.run, site, sae, split, Path(tmp))
-                                  for site, sae in (("resid10", "resid10-topk"), ("mlp10", "mlp10-topk"))
-                                  for split in ("heldout", "train")]
+        out["polysemanticity"] = [score_site(args.run, site, f"{site}-topk", split, Path(tmp))
+                                  for site in args.sites for split in ("heldout", "train")]
     out["clamping"] = clamping_from_log(args.run)
     path = REPO / "results" / "benchmarks" / "study.json"
     path.parent.mkdir(parents=True, exist_ok=True)

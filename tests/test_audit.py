@@ -19,7 +19,7 @@ TOLERANCES = {"default": {"rel": 0.05, "abs": 0.001},
 
 def manifest() -> dict:
     return {"files": {"model/model.safetensors": {"sha256": "a" * 64}, "saes/x/sae_weights.safetensors": {"sha256": "b" * 64},
-                      "figures/x.png": {"sha256": "c" * 64}},
+                      "figures/x.png": {"sha256": "c" * 64}, "logs/clamping.log": {"sha256": "f" * 64}},
             "metrics": {"sae_eval/metrics.parquet": [{"sae": "resid1-topk", "fvu": 0.2, "l0": 32.0, "dead_fraction": 0.0}],
                         "clamping/summary.parquet": [{"concept": "c", "unit_kind": "feature", "unit": 3,
                                                       "spearman_relative": float("nan")}]},
@@ -36,6 +36,7 @@ def test_metric_outside_tolerance_and_changed_model_fail_other_files_are_notes()
     run = copy.deepcopy(manifest())
     run["metrics"]["sae_eval/metrics.parquet"][0].update(fvu=0.205, l0=32.4)  # within tolerance
     run["files"]["saes/x/sae_weights.safetensors"]["sha256"] = "d" * 64  # another machine's training: a note
+    run["files"]["logs/clamping.log"]["sha256"] = "0" * 64  # logs always differ: not compared
     result = audit(run, manifest(), TOLERANCES)
     assert result.passed and len(result.notes) == 1
     run["metrics"]["sae_eval/metrics.parquet"][0]["fvu"] = 0.22

@@ -133,6 +133,10 @@ def test_smoke_run_end_to_end(tmp_path):
     assert manifest["jobs"]["clamping"]["wall_s"] > 0 and manifest["code"]["commit"] is None  # the copy has no git
     assert {"sae_eval/metrics.parquet", "clamping/summary.parquet"} <= set(manifest["metrics"])
 
+    report = workdir / "report.html"
+    snakemake(workdir, "--configfile", "config/smoke.yaml", "--report", str(report))
+    assert report.stat().st_size > 100_000
+
     # the audit: this run against itself passes; against a reference with another FVU it fails, naming it
     reference = workdir / "reference.json"
     shutil.copy(results / "MANIFEST.json", reference)

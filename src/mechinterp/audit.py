@@ -30,6 +30,7 @@ from mechinterp.files import sha256_file
 PACKAGES = ("torch", "transformer-lens", "transformers", "safetensors", "numpy", "polars", "datasets", "seaborn",
             "papermill", "snakemake", "mechinterp")
 EXACT_PREFIXES = ("downloads/", "model/", "corpus/", "tokens/")  # inputs and models: identical or the audit fails
+UNCOMPARED_PREFIXES = ("logs/", "benchmarks/")  # differ on every run by nature; hashed, never compared
 # The metric tables a manifest carries, with the columns that identify a row.
 METRIC_TABLES = {
     "logit_lens/first_layer.parquet": ["prompt_id", "target"],
@@ -149,6 +150,8 @@ def audit(manifest: dict[str, Any], reference: dict[str, Any], tolerances: dict[
     """Compare a run's manifest with a reference manifest."""
     result = AuditResult()
     for name, ref in sorted(reference["files"].items()):
+        if name.startswith(UNCOMPARED_PREFIXES):
+            continue
         mine = manifest["files"].get(name)
         exact = name.startswith(EXACT_PREFIXES)
         if mine is None:
