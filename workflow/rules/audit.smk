@@ -11,7 +11,9 @@ rule manifest:
     threads: 1
     params:
         code=stage_code("mechinterp.audit"),
-        config=json.dumps(config, sort_keys=True),
+        config=json.dumps(
+            {k: v for k, v in config.items() if k != "audit"}, sort_keys=True
+        ),
         run_dir=lambda wc, output: Path(output[0]).parent,
         repo=workflow.basedir,
         threads=workflow.cores,
