@@ -23,6 +23,13 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     return result
 
 
+def assert_up_to_date(workdir: Path, *args: str) -> None:
+    out = snakemake(workdir, "-n", *args)
+    text = out.stdout + out.stderr
+    reasons = [line.strip() for line in text.splitlines() if "reason:" in line or "changed" in line]
+    assert "Nothing to be done" in text, "\n".join(reasons)
+
+
 def copy_workflow(dest: Path) -> Path:
     """A clean copy of the tracked workflow files, as a fresh clone has them."""
     listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
@@ -123,8 +130,7 @@ def test_smoke_run_end_to_end(tmp_path):
         assert (results / "logs" / f"{rule}.log").exists()
     assert not list(results.rglob(".*.partial-*"))
 
-    dry = snakemake(workdir, "-n", "--configfile", "config/smoke.yaml")
-    assert "Nothing to be done" in dry.stdout + dry.stderr
+    assert_up_to_date(workdir, "--configfile", "config/smoke.yaml")
 
     manifest = json.loads((results / "MANIFEST.json").read_text())
     assert manifest["files"]["model/model.safetensors"]["sha256"] == source["files_sha256"]["model.safetensors"]
@@ -171,8 +177,7 @@ def test_smoke_run_end_to_end(tmp_path):
         path.write_text(original + "\n# an edit\n")
         assert planned_rules() == expected, module
         path.write_text(original)
-    dry = snakemake(workdir, "-n", "--configfile", "config/smoke.yaml")
-    assert "Nothing to be done" in dry.stdout + dry.stderr
+    assert_up_to_date(workdir, "--configfile", "config/smoke.yaml")
 
     # the same stage run twice on the same machine gives byte-identical outputs
     rerun = ["saes/resid3-topk/sae_weights.safetensors", "polysemanticity/units.parquet", "clamping/effects.parquet",

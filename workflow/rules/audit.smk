@@ -8,7 +8,8 @@ rule manifest:
         f"{RESULTS}/logs/manifest.log",
     conda:
         ENV
-    threads: 1
+    # the run's thread count, recorded in the manifest (the last job: it blocks nothing)
+    threads: workflow.cores
     params:
         code=stage_code("mechinterp.audit"),
         config=json.dumps(
@@ -16,10 +17,9 @@ rule manifest:
         ),
         run_dir=lambda wc, output: Path(output[0]).parent,
         repo=workflow.basedir,
-        threads=workflow.cores,
     shell:
         "mechinterp manifest --run-dir {params.run_dir} --config {params.config:q} --repo {params.repo:q}"
-        " --benchmarks {input.benchmarks} --threads {params.threads} --out {output} > {log} 2>&1"
+        " --benchmarks {input.benchmarks} --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule audit:
