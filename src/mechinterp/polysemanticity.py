@@ -5,7 +5,8 @@ encoder (its features), or `IdentityDictionary` (the site's own neurons or resid
 All dictionaries of a site are scored together, streaming over the cached rows in chunks: one read
 finds each unit's maximum (which defines "active"), a second accumulates the activation mass per
 distinct token and per document label, the top-activating rows, and the feature-neuron
-correlations. Memory is [distinct tokens x units], flat in the number of tokens.
+correlations. Memory is [distinct tokens x units]: it grows with the distinct tokens (bounded by
+the vocabulary), not with the number of tokens.
 
 Scores per unit, all on positive activation mass (SAE features are non-negative; for signed
 neurons and residual dimensions the positive side is the unit):
