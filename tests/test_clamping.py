@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mechinterp.activations import Site
-from mechinterp.clamping import (Target, choose_targets, clamp_effects, clamped, continuations, effect_at_kl,
+from mechinterp.clamping import (Target, choose_targets, concept_tokens, clamp_effects, clamped, continuations, effect_at_kl,
                                  feature_clamp_hook, frequency_matched, neuron_clamp_hook, next_token_log_probs,
                                  pad_prompts, spearman, summarise, word_tokens)
 from mechinterp.errors import UserError
@@ -128,6 +128,13 @@ def test_word_tokens_group_case_and_leave_out_frequent_words():
     counts = np.array([3, 1, 9, 500, 2, 0, 1])
     assert word_tokens(vocabulary, counts, exclude_frequent=1) == {"scam": [0, 1], "fraud": [4], "lie": [6]}
     assert "the" in word_tokens(vocabulary, counts, exclude_frequent=0)
+
+
+def test_concept_tokens_collect_every_case_of_each_term():
+    lexicons = pl.DataFrame({"lexicon": "t", "category": ["fraud", "fraud", "fraud", "calm"],
+                             "term": ["scam", "Fraud", "lie", "peace"]})
+    words = {"scam": [0, 1], "fraud": [4], "calm": [7]}
+    assert concept_tokens(lexicons, words) == {"t:fraud": [0, 1, 4]}
 
 
 def test_spearman_and_effect_at_equal_kl():

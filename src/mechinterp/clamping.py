@@ -195,11 +195,15 @@ def word_tokens(vocabulary: list[str], counts: np.ndarray, exclude_frequent: int
     return {w: words[w] for w in by_count[exclude_frequent:]}
 
 
-def concept_tokens(concept: str, lexicons: pl.DataFrame, words: dict[str, list[int]]) -> list[int]:
-    """Whole-word tokens whose word is a term of `concept` (`<lexicon>:<category>`)."""
-    lexicon, _, category = concept.partition(":")
-    terms = lexicons.filter((pl.col("lexicon") == lexicon) & (pl.col("category") == category))["term"]
-    return sorted(t for term in set(terms.str.to_lowercase()) for t in words.get(term, []))
+def concept_tokens(lexicons: pl.DataFrame, words: dict[str, list[int]]) -> dict[str, list[int]]:
+    """For every lexicon concept (`<lexicon>:<category>`), the whole-word tokens whose word is one of its terms."""
+    word_ids = pl.DataFrame({"term": list(words), "token": list(words.values())},
+                            schema={"term": pl.Utf8, "token": pl.List(pl.Int64)})
+    grouped = (lexicons.select(pl.concat_str("lexicon", pl.lit(":"), "category").alias("concept"),
+                               pl.col("term").str.to_lowercase())
+               .unique().join(word_ids, on="term").explode("token")
+               .group_by("concept").agg(pl.col("token").unique().sort()))
+    return dict(zip(grouped["concept"].to_list(), grouped["token"].to_list(), strict=True))
 
 
 def frequency_matched(concept_ids: list[int], candidate_ids: list[int], counts: np.ndarray, seed: int) -> list[int]:
@@ -275,8 +279,7 @@ def run_clamping(bridge, sae: SparseAutoencoder, sae_id: str, site: Site, units:
     vocabulary = vocabulary_strings(tokenizer)
     words = word_tokens(vocabulary, token_counts, settings["exclude_frequent_words"])
     all_words = sorted(t for ids in words.values() for t in ids)
-    token_sets = {c: concept_tokens(c, lexicons, words) for c in concepts["concept"].unique().to_list() if ":" in c
-                  and not c.startswith(("source:", "label:"))}
+    token_sets = concept_tokens(lexicons, words)
     usable = {c for c, ids in token_sets.items() if len(ids) >= settings["min_concept_tokens"]}
     site_units = units.filter(pl.col("site") == site.id)
     features = site_units.filter(pl.col("dictionary") == sae_id).sort("unit")

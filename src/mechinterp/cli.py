@@ -230,7 +230,7 @@ def clamp_cmd(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     spec = json.loads(args.spec)
     start = time.perf_counter()
-    sae, cfg = load_sae(args.sae)
+    sae = load_sae(args.sae)[0]
     site = Site.parse(json.loads((Path(args.sae) / "training_summary.json").read_text())["site"])
     bridge = load_model(args.model, args.device)
     token_ids = pl.read_parquet(args.table, columns=["token_id"])["token_id"].to_numpy()
