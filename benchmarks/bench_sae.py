@@ -46,6 +46,8 @@ def naive_topk_step(params: dict[str, torch.Tensor], optimizer, x: torch.Tensor,
 
 def bench_steps(repeats: int) -> dict[str, float]:
     from mechinterp.saes import ReluSAE, TopKSAE
+    from mechinterp.saes.relu import ReluSettings
+    from mechinterp.saes.topk import TopKSettings
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -60,7 +62,8 @@ def bench_steps(repeats: int) -> dict[str, float]:
     naive = per_call_seconds(lambda: naive_topk_step(params, naive_opt, x, k), repeats)
 
     results = {}
-    for name, sae in (("topk", TopKSAE(d_in, d_sae, k=k)), ("relu", ReluSAE(d_in, d_sae))):
+    for name, sae in (("topk", TopKSAE(d_in, TopKSettings(d_sae, k, auxk_coefficient=1 / 32, auxk_k=64))),
+                      ("relu", ReluSAE(d_in, ReluSettings(d_sae, l1_coefficient=5.0, l1_warmup_fraction=0.02)))):
         sae.initialise(x[:1024], torch.Generator().manual_seed(0))
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
         dead = torch.zeros(d_sae, dtype=torch.bool)
@@ -80,7 +83,8 @@ def bench_steps(repeats: int) -> dict[str, float]:
 
 
 def bench_caching(run: Path, n_windows: int) -> dict[str, float]:
-    from mechinterp.activations import Site, cache_activations
+    from mechinterp.activations import cache_activations
+    from mechinterp.sites import Site
     from mechinterp.model import load_model
 
     torch.set_num_threads(2)
@@ -135,18 +139,18 @@ def bench_memory(run: Path, windows: tuple[int, int]) -> dict[str, dict]:
             np.save(part / "tokens.npy", tokens[:n])
             table.filter(pl.col("sequence") < n).with_columns(pl.lit("train").alias("split")).write_parquet(
                 part / "table.parquet")
-            cli = [sys.executable, "-m", "mechinterp"]
-            cache = peak_memory([*cli, "cache-activations", "--model", str(run / "model"), "--tokens",
-                                 str(part / "tokens.npy"), "--table", str(part / "table.parquet"), "--sites", "resid10",
-                                 "--threads", "2", "--out-dir", str(part / "acts")])
-            spec = {"architecture": "topk", "d_sae": 4608, "k": 32, "l1_coefficient": 5, "lr": 1e-3, "batch_size": 4096,
-                    "training_tokens": 4096 * 20, "warmup_fraction": 0.02, "decay_fraction": 0.2,
-                    "auxk_coefficient": 1 / 32, "auxk_k": 64, "dead_after_tokens": 10**9, "outlier_norm_ratio": 10,
-                    "log_every": 5, "checkpoint_every": 1000, "site": "resid", "layer": 10}
-            train = peak_memory([*cli, "train-sae", "--cache", str(part / "acts" / "resid10.npy"), "--table",
-                                 str(part / "table.parquet"), "--spec", json.dumps(spec), "--seed", "0", "--threads", "2",
-                                 "--checkpoint", str(part / "ckpt.pt"), "--model-name", "m", "--dataset", "d",
-                                 "--out", str(part / "sae")])
+            cache = peak_memory([sys.executable, "-m", "mechinterp.activations", "--model", str(run / "model"),
+                                 "--tokens", str(part / "tokens.npy"), "--table", str(part / "table.parquet"),
+                                 "--sites", "resid10", "--settings", '{"dtype": "float16", "batch_sequences": 8}',
+                                 "--device", "cpu", "--threads", "2", "--out-dir", str(part / "acts")])
+            spec = {"architecture": "topk", "d_sae": 4608, "k": 32, "l1_coefficient": 5, "l1_warmup_fraction": 0.02,
+                    "lr": 1e-3, "batch_size": 4096, "training_tokens": 4096 * 20, "warmup_fraction": 0.02,
+                    "decay_fraction": 0.2, "auxk_coefficient": 1 / 32, "auxk_k": 64, "dead_after_tokens": 10**9,
+                    "outlier_norm_ratio": 10, "log_every": 5, "checkpoint_every": 1000}
+            train = peak_memory([sys.executable, "-m", "mechinterp.train_sae", "--cache", str(part / "acts" / "resid10.npy"),
+                                 "--table", str(part / "table.parquet"), "--spec", json.dumps(spec), "--seed", "0",
+                                 "--threads", "2", "--checkpoint", str(part / "ckpt.pt"), "--device", "cpu",
+                                 "--model-name", "m", "--dataset", "d", "--out", str(part / "sae")])
             out[f"{n * tokens.shape[1]}_tokens"] = {"caching": cache, "training": train}
     return out
 

@@ -31,10 +31,10 @@ def score_site(run: Path, site: str, sae: str, split: str, out: Path) -> dict:
     config = validate_config(yaml.safe_load((REPO / "config" / "default.yaml").read_text()),
                              REPO / "workflow" / "schemas" / "config.schema.yaml")
     spec = {**config["polysemanticity"], "split": split}
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "mechinterp", "polysemanticity",
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "mechinterp.polysemanticity",
            "--cache", str(run / "activations" / f"{site}.npy"), "--table", str(run / "tokens" / "token_table.parquet"),
            "--lexicons", str(run / "corpus" / "lexicons.parquet"), "--saes", str(run / "saes" / sae), "--sae-ids", sae,
-           "--spec", json.dumps(spec), "--seed", "0", "--threads", "2", "--units", str(out / "units.parquet"),
+           "--settings", json.dumps(spec), "--seed", "0", "--threads", "2", "--units", str(out / "units.parquet"),
            "--concepts", str(out / "concepts.parquet"), "--comparison", str(out / "comparison.parquet")]
     start = time.perf_counter()
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)

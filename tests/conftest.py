@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from mechinterp.activations import header_path
+from mechinterp.saes import ReluSAE, TopKSAE
+from mechinterp.saes.relu import ReluSettings
+from mechinterp.saes.topk import TopKSettings
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = [
@@ -63,3 +66,13 @@ def write_cache(path: Path, array: np.ndarray, **header) -> Path:
     header_path(path).write_text(json.dumps({"shape": list(array.shape), "dtype": "float16", "site": "resid0",
                                              "token_table_sha256": "0" * 64, **header}))
     return path
+
+
+def topk_sae(d_in: int, d_sae: int, k: int, auxk_k: int = 64, auxk_coefficient: float = 1 / 32) -> TopKSAE:
+    """A fresh (all-zero) TopK SAE."""
+    return TopKSAE(d_in, TopKSettings(d_sae=d_sae, k=k, auxk_coefficient=auxk_coefficient, auxk_k=auxk_k))
+
+
+def relu_sae(d_in: int, d_sae: int, l1_coefficient: float = 5.0, l1_warmup_fraction: float = 0.02) -> ReluSAE:
+    """A fresh (all-zero) ReLU SAE."""
+    return ReluSAE(d_in, ReluSettings(d_sae=d_sae, l1_coefficient=l1_coefficient, l1_warmup_fraction=l1_warmup_fraction))

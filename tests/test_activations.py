@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mechinterp.activations import ActivationCache, Site, cache_activations, header_path
+from mechinterp.activations import ActivationCache, cache_activations, header_path
+from mechinterp.sites import Site
 from mechinterp.errors import UserError
 
 from conftest import write_cache

@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from mechinterp.audit import audit, build_manifest, load_manifest, tolerance_for
-from mechinterp.cli import main
-from mechinterp.errors import UserError
+from mechinterp.audit import audit, load_manifest, tolerance_for
+from mechinterp.audit import main as audit_main
+from mechinterp.errors import UserError, exit_status
+from mechinterp.manifest import build_manifest
 
 TOLERANCES = {"default": {"rel": 0.05, "abs": 0.001},
               "tables": {"sae_eval/metrics.parquet": {"default": {"rel": 0.0, "abs": 0.01},
@@ -82,14 +83,14 @@ def test_audit_command_exit_status(tmp_path, capsys):
     ref, run = tmp_path / "ref.json", tmp_path / "run.json"
     ref.write_text(json.dumps(manifest()))
     run.write_text(json.dumps(manifest()))
-    args = ["audit", "--manifest", str(run), "--reference", str(ref), "--tolerances", json.dumps(TOLERANCES)]
-    assert main(args) == 0
+    args = ["--manifest", str(run), "--reference", str(ref), "--settings", json.dumps({"reference": str(ref), "tolerances": TOLERANCES})]
+    assert exit_status(audit_main, args) == 0
     changed = manifest()
     changed["metrics"]["sae_eval/metrics.parquet"][0]["fvu"] = 0.5
     run.write_text(json.dumps(changed))
-    assert main(args) == 1
+    assert exit_status(audit_main, args) == 1
     assert "FAIL   sae_eval/metrics.parquet" in capsys.readouterr().out
     run.write_text("{not json")
-    assert main(args) == 2
+    assert exit_status(audit_main, args) == 2
     with pytest.raises(UserError, match="does not exist"):
         load_manifest(tmp_path / "none.json", "the reference")

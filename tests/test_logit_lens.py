@@ -96,4 +96,4 @@ def test_corpus_inputs_take_the_true_next_token(tiny_bridge):
     for item in inputs:
         row = windows[windows[:, 0] == item.token_ids[0]][0]
         assert list(item.targets.values()) == [int(row[6])]
-    assert isinstance(inputs[0], LensInput) and inputs[0].kind == "corpus"
+    assert isinstance(inputs[0], LensInput) and inputs[0].origin == "corpus"

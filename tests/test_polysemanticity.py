@@ -4,13 +4,16 @@ must give what a direct computation on the raw neurons gives."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
 from mechinterp.activations import ActivationCache
-from mechinterp.polysemanticity import IdentityDictionary, accumulate, compare, score_site, token_concepts, unit_maxima
+from mechinterp.polysemanticity import (IdentityDictionary, ScoringSettings, accumulate, compare, score_site,
+                                        token_concepts, unit_maxima)
 
 from conftest import write_cache
 
@@ -18,10 +21,9 @@ CONCEPTS = {"fruit": [" apple", " pear", " plum", " fig"], "colour": [" red", " 
             "motion": [" run", " jump", " swim", " walk"]}
 FILLER = [" the", " of", " and", " a", " to", " in", " is", " it"]
 WORDS = [w for words in CONCEPTS.values() for w in words] + FILLER
-SETTINGS = {"active_fraction": 0.2, "min_active": 10, "min_concept_words": 3, "concept_unit_min_words": 3,
-            "exclude_frequent_words": 0,
-            "top_contexts": 4,
-            "context_before": 3, "context_after": 2, "concept_units": 3}
+SETTINGS = ScoringSettings(split="all", active_fraction=0.2, min_active=10, min_concept_words=3,
+                           concept_unit_min_words=3, exclude_frequent_words=0, top_contexts=4, context_before=3,
+                           context_after=2, concept_units=3, bootstrap_samples=100)
 
 
 def planted_table(n_sequences: int = 200, length: int = 20, seed: int = 0) -> pl.DataFrame:
@@ -125,8 +127,8 @@ def test_identity_dictionary_scores_equal_direct_computation_on_raw_neurons(tmp_
     rows = np.flatnonzero(table["position"].to_numpy() != 0)
     cache = ActivationCache.open(write_cache(tmp_path / "mlp0.npy", acts))
     units, _ = score_site(cache, table, rows, {"neurons": IdentityDictionary(5)}, {"neurons": "neuron"}, lexicons(),
-                          {**SETTINGS, "min_active": 1})
-    expected = reference_scores(acts.astype(np.float32), table, rows, SETTINGS["active_fraction"])
+                          dataclasses.replace(SETTINGS, min_active=1))
+    expected = reference_scores(acts.astype(np.float32), table, rows, SETTINGS.active_fraction)
     for row in units.iter_rows(named=True):
         want = expected[row["unit"]]
         assert row["best_concept"] == want["best_concept"]
@@ -140,7 +142,7 @@ def test_feature_neuron_correlation_is_pearson(planted):
     weights = torch.randn(6, 7)
 
     class ReluDictionary(torch.nn.Module):
-        d_sae = 7
+        n_units = 7
 
         def encode(self, x):
             return torch.relu(x @ weights)

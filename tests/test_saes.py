@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from mechinterp.saes import ReluSAE, TopKSAE, load_sae
+from conftest import relu_sae, topk_sae
+from mechinterp.saes import TopKSAE, load_sae
 from mechinterp.saes.base import geometric_median
 
 
@@ -19,10 +20,10 @@ def dense_topk_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor) -> torch.
     loss = (x_hat - x).pow(2).sum(1).mean()
     if dead.any():
         target = (x - x_hat).detach()
-        aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(min(sae.auxk_k, int(dead.sum())), dim=1)
+        aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(min(sae.settings.auxk_k, int(dead.sum())), dim=1)
         z_aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_vals.clamp_min(0))
         scale = (target - target.mean(0)).pow(2).sum(1).mean()
-        loss = loss + sae.auxk_coefficient * (z_aux @ sae.W_dec - target).pow(2).sum(1).mean() / scale
+        loss = loss + sae.settings.auxk_coefficient * (z_aux @ sae.W_dec - target).pow(2).sum(1).mean() / scale
     return loss
 
 
@@ -30,7 +31,7 @@ def dense_topk_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor) -> torch.
 def test_topk_sparse_gradients_match_autograd(with_dead):
     torch.manual_seed(0)
     d_in, d_sae = 24, 96
-    sae = TopKSAE(d_in, d_sae, k=4, auxk_k=8)
+    sae = topk_sae(d_in, d_sae, k=4, auxk_k=8)
     x = torch.randn(64, d_in) * 3
     sae.initialise(x, torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -53,10 +54,11 @@ def test_geometric_median_resists_outliers():
     assert (points.mean(0) - 5).abs().max() > 100
 
 
-@pytest.mark.parametrize("cls", [TopKSAE, ReluSAE])
-def test_saved_sae_round_trips_in_saelens_format(cls, tmp_path):
+@pytest.mark.parametrize("make", [lambda: topk_sae(16, 64, k=32), lambda: relu_sae(16, 64)])
+def test_saved_sae_round_trips_in_saelens_format(make, tmp_path):
     torch.manual_seed(0)
-    sae = cls(16, 64)
+    sae = make()
+    cls = type(sae)
     x = torch.randn(32, 16) * 2 + 1
     sae.initialise(x, torch.Generator().manual_seed(0))
     with torch.no_grad():

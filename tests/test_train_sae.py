@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from mechinterp.activations import ActivationCache, Site, header_path
+from conftest import relu_sae
+from mechinterp.activations import ActivationCache, header_path
+from mechinterp.sites import Site
 from mechinterp.errors import UserError
 from mechinterp.evaluate_sae import loss_metrics, reconstruction_metrics
-from mechinterp.saes import ReluSAE
-from mechinterp.train_sae import batch_rows, lr_multiplier, select_rows, train_sae
+from mechinterp.train_sae import SaeSpec, batch_rows, lr_multiplier, select_rows, train_sae
 
 SETTINGS = {"architecture": "topk", "d_sae": 128, "k": 3, "l1_coefficient": 1.0, "lr": 3e-3, "batch_size": 512,
             "training_tokens": 512 * 400, "warmup_fraction": 0.02, "decay_fraction": 0.2, "auxk_coefficient": 1 / 32,
             "auxk_k": 16, "dead_after_tokens": 20_000, "outlier_norm_ratio": 10, "log_every": 10,
-            "checkpoint_every": 1000}
+            "checkpoint_every": 1000, "l1_warmup_fraction": 0.02}
 
 
 def planted_cache(tmp_path, n=40_000, d_in=32, n_atoms=64, active=3, seed=0):
@@ -37,7 +38,7 @@ def planted_cache(tmp_path, n=40_000, d_in=32, n_atoms=64, active=3, seed=0):
 
 def test_topk_sae_recovers_planted_directions(tmp_path):
     cache, atoms, selection = planted_cache(tmp_path)
-    sae, log, summary = train_sae(cache, selection, SETTINGS, seed=0)
+    sae, log, summary = train_sae(cache, selection, SaeSpec.from_config(SETTINGS), seed=0)
     decoder = sae.W_dec.detach().numpy().copy()
     decoder /= np.linalg.norm(decoder, axis=1, keepdims=True)
     best_cosine = (atoms @ decoder.T).max(axis=1)
@@ -53,23 +54,23 @@ def test_topk_sae_recovers_planted_directions(tmp_path):
 def test_resuming_from_a_checkpoint_gives_the_same_sae(tmp_path):
     cache, _, selection = planted_cache(tmp_path, n=8000)
     settings = {**SETTINGS, "training_tokens": 512 * 40, "checkpoint_every": 7, "dead_after_tokens": 2048}
-    straight, straight_log, _ = train_sae(cache, selection, settings, seed=1)
+    straight, straight_log, _ = train_sae(cache, selection, SaeSpec.from_config(settings), seed=1)
     checkpoint = tmp_path / "ckpt.pt"
-    train_sae(cache, selection, settings, seed=1, checkpoint=checkpoint, stop_after_step=23)
+    train_sae(cache, selection, SaeSpec.from_config(settings), seed=1, checkpoint=checkpoint, stop_after_step=23)
     assert checkpoint.is_file()
-    resumed, resumed_log, _ = train_sae(cache, selection, settings, seed=1, checkpoint=checkpoint)
+    resumed, resumed_log, _ = train_sae(cache, selection, SaeSpec.from_config(settings), seed=1, checkpoint=checkpoint)
     for name, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
     assert straight_log.equals(resumed_log)
     # a checkpoint from other settings is not resumed
-    other, _, _ = train_sae(cache, selection, {**settings, "lr": 1e-3}, seed=1, checkpoint=checkpoint)
+    other, _, _ = train_sae(cache, selection, SaeSpec.from_config({**settings, "lr": 1e-3}), seed=1, checkpoint=checkpoint)
     assert not torch.equal(other.W_dec, straight.W_dec)
 
 
 def test_too_few_training_tokens_is_a_clear_error(tmp_path):
     cache, _, selection = planted_cache(tmp_path, n=300)
     with pytest.raises(UserError, match=r"only 300 training tokens .* sae\.batch_size is 512"):
-        train_sae(cache, selection, SETTINGS, seed=0)
+        train_sae(cache, selection, SaeSpec.from_config(SETTINGS), seed=0)
 
 
 def test_outliers_and_bos_are_left_out(tmp_path):
@@ -98,9 +99,9 @@ def test_lr_schedule_warms_up_and_decays():
     assert values[80] == 1.0 and values[99] == pytest.approx(0.05) and values == sorted(values[:10]) + values[10:]
 
 
-def identity_sae(d: int) -> ReluSAE:
+def identity_sae(d: int):
     """relu(x) - relu(-x) = x: an SAE whose reconstruction is exactly its input."""
-    sae = ReluSAE(d, 2 * d)
+    sae = relu_sae(d, 2 * d)
     with torch.no_grad():
         eye = torch.eye(d)
         sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
@@ -110,7 +111,7 @@ def identity_sae(d: int) -> ReluSAE:
 
 @pytest.mark.parametrize("site", [Site("resid", 0), Site("mlp", 1)])
 def test_splicing_an_identity_sae_leaves_the_loss_unchanged(tiny_bridge, site):
-    width = tiny_bridge.cfg.d_model if site.kind == "resid" else tiny_bridge.cfg.d_mlp
+    width = site.width(tiny_bridge.cfg)
     windows = np.random.default_rng(0).integers(2, 300, size=(4, 16))
     metrics = loss_metrics(tiny_bridge, identity_sae(width), site, windows, outlier_threshold=1e9, batch_sequences=3)
     assert abs(metrics["ce_sae"] - metrics["ce_clean"]) < 1e-5

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO
 from mechinterp.files import sha256_file
+from mechinterp.plotting import embedded_pngs
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -130,7 +131,26 @@ def test_smoke_run_end_to_end(tmp_path):
         assert (results / "logs" / f"{rule}.log").exists()
     assert not list(results.rglob(".*.partial-*"))
 
+    # every executed notebook's HTML shows each figure file of its notebook, byte for byte
+    for notebook in ("logit_lens", "sae", "polysemanticity", "clamping"):
+        html = "sae_quality" if notebook == "sae" else notebook
+        shown = embedded_pngs((figures / f"{html}.html").read_text(encoding="utf-8"))
+        pngs = sorted((figures / notebook).glob("*.png"))
+        assert pngs and all(png.read_bytes() in shown for png in pngs), notebook
+
     assert_up_to_date(workdir, "--configfile", "config/smoke.yaml")
+
+    # a finished run moved elsewhere has nothing to do: the whole checkout copied, and a fresh copy of
+    # the workflow's files (new mtimes, as a clone has them) with the results and Snakemake's records
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved, symlinks=True)
+    assert_up_to_date(moved, "--configfile", "config/smoke.yaml")
+    shutil.rmtree(moved)
+    cloned = copy_workflow(tmp_path / "cloned")
+    for kept in ("results", ".snakemake"):
+        shutil.copytree(workdir / kept, cloned / kept, symlinks=True, dirs_exist_ok=True)
+    assert_up_to_date(cloned, "--configfile", "config/smoke.yaml")
+    shutil.rmtree(cloned)
 
     manifest = json.loads((results / "MANIFEST.json").read_text())
     assert manifest["files"]["model/model.safetensors"]["sha256"] == source["files_sha256"]["model.safetensors"]
@@ -164,18 +184,27 @@ def test_smoke_run_end_to_end(tmp_path):
         stats = out.split("Job stats:")[1].split("total")[0].splitlines()[3:]
         return {line.split()[0] for line in stats if line.strip()}
 
-    for module, expected in (
-        ("polysemanticity.py", {"polysemanticity", "collect_polysemanticity", "figures_polysemanticity", "clamping",
-                                "figures_clamping", "manifest", "all"}),
-        ("clamping.py", {"clamping", "figures_clamping", "manifest", "all"}),
-        ("saes/topk.py", {"train_sae", "evaluate_sae", "collect_sae_metrics", "figures_sae", "polysemanticity",
-                          "collect_polysemanticity", "figures_polysemanticity", "clamping", "figures_clamping",
-                          "manifest", "all"}),
+    downstream_of_training = {"train_sae", "evaluate_sae", "collect_sae_metrics", "figures_sae", "polysemanticity",
+                              "collect_polysemanticity", "figures_polysemanticity", "clamping", "figures_clamping",
+                              "manifest", "all"}
+    for edited, expected in (
+        ("src/mechinterp/polysemanticity.py", {"polysemanticity", "collect_polysemanticity",
+                                               "figures_polysemanticity", "clamping", "figures_clamping", "manifest",
+                                               "all"}),
+        ("src/mechinterp/clamping.py", {"clamping", "figures_clamping", "manifest", "all"}),
+        ("src/mechinterp/saes/topk.py", downstream_of_training),
+        # a stage's entry point lives beside its functions: editing train_sae's main() reruns training and
+        # what depends on it, not caching; the stacking entry point reruns the collect rules and after
+        ("src/mechinterp/train_sae.py", downstream_of_training),
+        ("src/mechinterp/collect.py", {"collect_sae_metrics", "figures_sae", "collect_polysemanticity",
+                                       "figures_polysemanticity", "clamping", "figures_clamping", "manifest", "all"}),
+        ("workflow/notebooks/clamping.ipynb", {"figures_clamping", "manifest", "all"}),
     ):
-        path = workdir / "src" / "mechinterp" / module
+        path = workdir / edited
         original = path.read_text()
-        path.write_text(original + "\n# an edit\n")
-        assert planned_rules() == expected, module
+        path.write_text(original.replace('"cells": [', '"cells": [ ', 1) if edited.endswith(".ipynb")
+                        else original + "\n# an edit\n")
+        assert planned_rules() == expected, edited
         path.write_text(original)
     assert_up_to_date(workdir, "--configfile", "config/smoke.yaml")
 

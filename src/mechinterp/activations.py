@@ -9,7 +9,9 @@ header against the token table, so a cache that is incomplete or from other toke
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -21,49 +23,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mechinterp.errors import UserError
+from mechinterp.errors import UserError, run_stage
 from mechinterp.files import atomic_path, sha256_file, write_json
+from mechinterp.sites import Site, check_layers
 
-SITE_HOOKS = {"resid": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.mlp.hook_post"}
+log = logging.getLogger(__name__)
+
 # bfloat16 has no numpy dtype: its raw 16 bits are stored as uint16 and reinterpreted on read.
 STORAGE = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 
 
-@dataclass(frozen=True, order=True)
-class Site:
-    """A place in the model whose activations are cached: `resid` (residual stream after block
-    `layer`) or `mlp` (the MLP's hidden activations in block `layer`, its "neurons")."""
+@dataclass(frozen=True)
+class CacheSettings:
+    """The config's `activations` section (defaults and ranges: workflow/schemas/config.schema.yaml)."""
 
-    kind: str
-    layer: int
-
-    @property
-    def hook_name(self) -> str:
-        return SITE_HOOKS[self.kind].format(layer=self.layer)
-
-    @property
-    def id(self) -> str:
-        return f"{self.kind}{self.layer}"
-
-    @classmethod
-    def parse(cls, site_id: str) -> Site:
-        for kind in SITE_HOOKS:
-            if site_id.startswith(kind) and site_id[len(kind):].isdigit():
-                return cls(kind, int(site_id[len(kind):]))
-        raise UserError(f"{site_id!r} is not a site id; use resid<layer> or mlp<layer>, e.g. resid12.")
-
-
-def site_width(cfg, site: Site) -> int:
-    return cfg.d_model if site.kind == "resid" else cfg.d_mlp
-
-
-def check_sites(cfg, sites: list[Site], config_key: str) -> None:
-    for site in sites:
-        if site.kind not in SITE_HOOKS:
-            raise UserError(f"{config_key}: unknown site kind {site.kind!r}; use one of {sorted(SITE_HOOKS)}.")
-        if not 0 <= site.layer < cfg.n_layers:
-            raise UserError(f"{config_key}: layer {site.layer} does not exist; the model has layers "
-                            f"0..{cfg.n_layers - 1}.")
+    dtype: str
+    """storage type of the cache: float16 or bfloat16"""
+    batch_sequences: int
+    """windows per forward pass"""
 
 
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
@@ -120,6 +97,10 @@ class ActivationCache:
     def dtype(self) -> str:
         return self.header["dtype"]
 
+    @property
+    def site(self) -> Site:
+        return Site.parse(self.header["site"])
+
     def rows(self, index: np.ndarray | slice) -> torch.Tensor:
         """Rows as float32; sorted index arrays read fastest. Refuses NaN or infinite values."""
         rows = from_storage(np.asarray(self.array[index]), self.dtype)
@@ -155,7 +136,7 @@ def cache_activations(bridge, tokens: np.ndarray, sites: list[Site], out_paths: 
                       batch_sequences: int, provenance: dict[str, str]) -> dict[str, float]:
     """Run the model over all windows in `tokens` once, writing each site's activations to its path.
     Returns timing figures. `provenance` (model and token-table hashes) goes into every header."""
-    check_sites(bridge.cfg, sites, "sae.sites")
+    check_layers(bridge.cfg, sites, "sae.sites")
     n_seq, ctx = tokens.shape
     stop_at_layer = max(site.layer for site in sites) + 1
     captured: dict[Site, torch.Tensor] = {}
@@ -169,7 +150,7 @@ def cache_activations(bridge, tokens: np.ndarray, sites: list[Site], out_paths: 
     hooks = [(site.hook_name, capture(site)) for site in sites]
     with _open_all({s: out_paths[s] for s in sites}) as handles:
         for site, handle in handles.items():
-            _write_npy_header(handle, (n_seq * ctx, site_width(bridge.cfg, site)), STORAGE[dtype])
+            _write_npy_header(handle, (n_seq * ctx, site.width(bridge.cfg)), STORAGE[dtype])
         forward_s = 0.0
         for start in tqdm(range(0, n_seq, batch_sequences), desc="caching activations", unit="batch"):
             batch = torch.from_numpy(np.asarray(tokens[start : start + batch_sequences], dtype=np.int64))
@@ -177,10 +158,45 @@ def cache_activations(bridge, tokens: np.ndarray, sites: list[Site], out_paths: 
             bridge.run_with_hooks(batch.to(bridge.cfg.device), fwd_hooks=hooks, stop_at_layer=stop_at_layer)
             forward_s += time.perf_counter() - t0
             for site, handle in handles.items():
-                acts = captured.pop(site).reshape(-1, site_width(bridge.cfg, site)).float().cpu()
+                acts = captured.pop(site).reshape(-1, site.width(bridge.cfg)).float().cpu()
                 handle.write(to_storage(acts, dtype).tobytes())
     for site in sites:
-        write_json({"site": site.id, "kind": site.kind, "layer": site.layer, "hook": site.hook_name,
-                    "shape": [n_seq * ctx, site_width(bridge.cfg, site)], "dtype": dtype,
+        write_json({"site": site.id, "hook": site.hook_name,
+                    "shape": [n_seq * ctx, site.width(bridge.cfg)], "dtype": dtype,
                     "context_length": ctx, **provenance}, header_path(out_paths[site]))
     return {"forward_s": forward_s, "tokens": n_seq * ctx, "stop_at_layer": stop_at_layer}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `cache_activations`: `python -m mechinterp.activations --help`."""
+    parser = argparse.ArgumentParser(description="One forward pass per batch; every site to its own array.")
+    parser.add_argument("--model", required=True, help="the fetched model folder")
+    parser.add_argument("--tokens", required=True)
+    parser.add_argument("--table", required=True)
+    parser.add_argument("--sites", nargs="+", required=True, help="site ids such as resid12 mlp12")
+    parser.add_argument("--settings", required=True, help="the config's `activations` section as JSON")
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args(argv)
+    from mechinterp.model import load_model
+
+    torch.set_num_threads(args.threads)
+    settings = CacheSettings(**json.loads(args.settings))
+    bridge = load_model(args.model, args.device)
+    sites = sorted({Site.parse(site_id) for site_id in args.sites})
+    tokens = np.load(args.tokens, mmap_mode="r")
+    source = json.loads((Path(args.model) / "SOURCE.json").read_text())
+    provenance = {"model_sha256": source["files_sha256"].get("model.safetensors", ""),
+                  "token_table_sha256": sha256_file(args.table), "tokens_sha256": sha256_file(args.tokens)}
+    out = Path(args.out_dir)
+    start = time.perf_counter()
+    timing = cache_activations(bridge, tokens, sites, {s: out / f"{s.id}.npy" for s in sites}, settings.dtype,
+                               settings.batch_sequences, provenance)
+    seconds = time.perf_counter() - start
+    log.info("cached %d tokens at %s in %.1f s (%.0f tokens/s; forward passes %.1f s)", timing["tokens"],
+             [s.id for s in sites], seconds, timing["tokens"] / seconds, timing["forward_s"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,114 +1,34 @@
-"""A run's manifest, and the audit of a run against a reference manifest.
-
-The manifest (`results/<run>/MANIFEST.json`) records what a run is: the sha256 of every result
-file, the resolved config, the code version (git commit, dirty or not), Python and package
-versions, device and threads, seeds, each job's wall time and peak memory (Snakemake's
-`benchmark:` files), and the headline metric tables.
-
-The audit compares two manifests: inputs and models exactly (sha256 of the downloads, the model
-folder, the corpus and the tokens), metrics within the config's tolerances; everything else is
-listed as information. It passes only when nothing is outside tolerance.
-"""
+"""The audit of a run against a reference: compares two manifests (mechinterp.manifest). Inputs and
+models exactly (sha256 of the downloads, the model folder, the corpus and the tokens), metrics
+within the config's tolerances; everything else is listed as information. It passes only when
+nothing is outside tolerance."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import os
-import platform
-import subprocess
+import sys
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import polars as pl
+from mechinterp.errors import UserError, run_stage
+from mechinterp.files import atomic_path
+from mechinterp.manifest import METRIC_TABLES
 
-from mechinterp.errors import UserError
-from mechinterp.files import sha256_file
-
-PACKAGES = ("torch", "transformer-lens", "transformers", "safetensors", "numpy", "polars", "datasets", "seaborn",
-            "papermill", "snakemake", "mechinterp")
 EXACT_PREFIXES = ("downloads/", "model/", "corpus/", "tokens/")  # inputs and models: identical or the audit fails
 UNCOMPARED_PREFIXES = ("logs/", "benchmarks/")  # differ on every run by nature; hashed, never compared
-# The metric tables a manifest carries, with the columns that identify a row.
-METRIC_TABLES = {
-    "logit_lens/first_layer.parquet": ["prompt_id", "target"],
-    "sae_eval/metrics.parquet": ["sae"],
-    "polysemanticity/comparison.parquet": ["site", "sae", "score"],
-    "clamping/summary.parquet": ["concept", "unit_kind", "unit"],
-}
-NOT_HASHED = ("MANIFEST.json", "audit.txt")
-TIMING_SUFFIXES = ("seconds", "_per_s")  # run times are recorded under `jobs`, not audited as metrics
 
 
-def git_state(repo: Path) -> dict[str, Any]:
-    """Commit and dirtiness of the workflow's checkout; nulls outside a git repository."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+@dataclass(frozen=True)
+class AuditSettings:
+    """The config's `audit` section (defaults: workflow/schemas/config.schema.yaml)."""
 
-
-def environment(threads: int) -> dict[str, Any]:
-    import torch
-
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-            "packages": versions, "device": device, "cpu_count": os.cpu_count(), "threads": threads}
-
-
-def read_benchmarks(paths: list[Path], benchmark_dir: Path) -> dict[str, dict[str, float]]:
-    """Wall time and peak memory of each job, from Snakemake's benchmark TSV files."""
-    jobs = {}
-    for path in sorted(paths):
-        row = pl.read_csv(path, separator="\t").row(0, named=True)
-        name = str(path.relative_to(benchmark_dir).with_suffix(""))
-        jobs[name] = {"wall_s": float(row["s"]), "max_rss_mib": _number(row["max_rss"])}
-    return jobs
-
-
-def _number(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None  # "-" where the platform could not measure it
-
-
-def hash_files(run_dir: Path) -> dict[str, dict[str, Any]]:
-    files = {}
-    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
-        name = path.relative_to(run_dir).as_posix()
-        if name in NOT_HASHED or ".partial-" in name:
-            continue
-        files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return files
-
-
-def metric_rows(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    tables = {}
-    for name in METRIC_TABLES:
-        if (run_dir / name).is_file():
-            frame = pl.read_parquet(run_dir / name)
-            tables[name] = frame.select([c for c in frame.columns if c in METRIC_TABLES[name] or (
-                frame[c].dtype.is_numeric() and not c.endswith(TIMING_SUFFIXES))]).to_dicts()
-    return tables
-
-
-def build_manifest(run_dir: Path, config: dict[str, Any], repo: Path, benchmarks: list[Path], threads: int
-                   ) -> dict[str, Any]:
-    return {"run": config["run"], "config": config, "code": git_state(repo), "environment": environment(threads),
-            "seeds": {"seed": config["seed"]}, "jobs": read_benchmarks(benchmarks, run_dir / "benchmarks"),
-            "files": hash_files(run_dir), "metrics": metric_rows(run_dir)}
+    reference: str | None
+    """path of the reference MANIFEST.json (relative to the repository root); None for none"""
+    tolerances: dict[str, Any]
+    """`default` {rel, abs}, and per table a `default` and per-column {rel, abs}"""
 
 
 @dataclass
@@ -181,9 +101,8 @@ def audit(manifest: dict[str, Any], reference: dict[str, Any], tolerances: dict[
                 value = mine[row_id].get(column)
                 line = f"{label} {column}: {value!r} vs reference {ref_value!r} (tolerance rel {rel:g}, abs {absolute:g})"
                 (result.matches if _close(value, ref_value, rel, absolute) else result.failures).append(line)
-    for key in ("seeds",):
-        if manifest.get(key) != reference.get(key):
-            result.notes.append(f"{key}: {manifest.get(key)} vs reference {reference.get(key)}")
+    if manifest.get("seeds") != reference.get("seeds"):
+        result.notes.append(f"seeds: {manifest.get('seeds')} vs reference {reference.get('seeds')}")
     for name, version in reference["environment"]["packages"].items():
         if manifest["environment"]["packages"].get(name) != version:
             result.notes.append(f"package {name}: {manifest['environment']['packages'].get(name)} vs reference {version}")
@@ -205,3 +124,25 @@ def load_manifest(path: str | Path, role: str) -> dict[str, Any]:
         if key not in manifest:
             raise UserError(f"{role} manifest {path} has no {key!r} section; it is not a MANIFEST.json of this workflow.")
     return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of rule `audit`: `python -m mechinterp.audit --help`. Exit status 1 when anything is
+    outside tolerance."""
+    parser = argparse.ArgumentParser(description="Compare a run's manifest with a reference; exit 1 when outside tolerance.")
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--reference", required=True)
+    parser.add_argument("--settings", required=True, help="the config's `audit` section as JSON")
+    parser.add_argument("--out", help="also write the report to this file")
+    args = parser.parse_args(argv)
+    result = audit(load_manifest(args.manifest, "this run's"), load_manifest(args.reference, "the reference"),
+                   AuditSettings(**json.loads(args.settings)).tolerances)
+    sys.stdout.write(result.report())
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(result.report())
+    return 0 if result.passed else 1
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -13,18 +13,53 @@ unclamped distribution (the off-target damage).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import argparse
+import json
+import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 from tqdm import tqdm
 
-from mechinterp.activations import Site
-from mechinterp.errors import UserError
-from mechinterp.saes import SparseAutoencoder
+from mechinterp.errors import UserError, run_stage
+from mechinterp.files import write_parquet
+from mechinterp.saes import SparseAutoencoder, load_sae
+from mechinterp.sites import Site
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClampingSettings:
+    """The config's `clamping` section (defaults and ranges: workflow/schemas/config.schema.yaml)."""
+
+    sae: str
+    """id of the SAE whose features are clamped"""
+    concepts: list[str]
+    """lexicon concepts (<lexicon>:<category>) whose most specific feature is always clamped"""
+    top_concepts: int
+    """also clamp the best features of this many other concepts, the most specific first"""
+    features: list[dict[str, Any]]
+    """features named by index: {feature, concept}"""
+    min_concept_tokens: int
+    """a concept needs this many whole-word tokens in the vocabulary to be measured"""
+    exclude_frequent_words: int
+    """the most frequent words of the corpus are left out of concept and control tokens"""
+    strengths: list[float]
+    """clamp values as multiples of the unit's maximum activation on the corpus (0 ablates)"""
+    equal_kl: float
+    """KL (nats) at which features and neurons are compared at equal damage"""
+    prompts: list[str]
+    """held-out prompts; effects are read at the next token after each"""
+    continuation_prompts: int
+    """the first this many prompts are continued at every strength"""
+    new_tokens: int
+    """tokens generated per continuation"""
 
 
 @dataclass(frozen=True)
@@ -61,13 +96,6 @@ def neuron_clamp_hook(neuron: int, values: torch.Tensor):
         return edited
 
     return hook
-
-
-@contextmanager
-def clamped(bridge, hook_name: str, hook) -> Iterator[None]:
-    """Run the enclosed code with `hook` on `hook_name`; the hook is removed on exit, even after an error."""
-    with bridge.hooks(fwd_hooks=[(hook_name, hook)]):
-        yield
 
 
 def clamp_hook(target: Target, sae: SparseAutoencoder | None, values: torch.Tensor):
@@ -109,7 +137,8 @@ def clamp_effects(bridge, target: Target, sae: SparseAutoencoder | None, strengt
     n = len(prompts)
     batch_ids, batch_last = ids.repeat(len(strengths), 1), last.repeat(len(strengths))
     values = torch.tensor(strengths, dtype=torch.float32).repeat_interleave(n) * target.max_activation
-    with clamped(bridge, target.site.hook_name, clamp_hook(target, sae, values.to(bridge.cfg.device))):
+    # the bridge's hook context removes the hook on exit, even after an error
+    with bridge.hooks(fwd_hooks=[(target.site.hook_name, clamp_hook(target, sae, values.to(bridge.cfg.device)))]):
         clamped_lp = next_token_log_probs(bridge, batch_ids, batch_last)
     clean_rep = clean.repeat(len(strengths), 1)
     concept_change = log_mass(clamped_lp, concept_ids) - log_mass(clean_rep, concept_ids)
@@ -133,7 +162,8 @@ def continuations(bridge, target: Target, sae: SparseAutoencoder | None, strengt
     values = torch.tensor(strengths, dtype=torch.float32) * target.max_activation
     ids = torch.tensor([prompt] * len(strengths), device=bridge.cfg.device)
     out = {}
-    with clamped(bridge, target.site.hook_name, clamp_hook(target, sae, values.to(bridge.cfg.device))):
+    # the bridge's hook context removes the hook on exit, even after an error
+    with bridge.hooks(fwd_hooks=[(target.site.hook_name, clamp_hook(target, sae, values.to(bridge.cfg.device)))]):
         for mode in ("greedy", "sampled"):
             torch.manual_seed(seed)
             generated = bridge.generate(ids, max_new_tokens=new_tokens, do_sample=mode == "sampled", stop_at_eos=False,
@@ -141,14 +171,6 @@ def continuations(bridge, target: Target, sae: SparseAutoencoder | None, strengt
                                         return_type="tokens")
             out[mode] = generated[:, len(prompt):].tolist()
     return out
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
-    rx, ry = (pl.Series(v).rank("average").to_numpy() for v in (x, y))
-    if np.std(rx) == 0 or np.std(ry) == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def effect_at_kl(kl: np.ndarray, effect: np.ndarray, level: float) -> float:
@@ -163,18 +185,16 @@ def effect_at_kl(kl: np.ndarray, effect: np.ndarray, level: float) -> float:
 
 def summarise(effects: pl.DataFrame, equal_kl: float) -> pl.DataFrame:
     """Per target: mean effects over prompts at each strength, the Spearman correlation of the
-    effect with strength, and the effect at KL = `equal_kl` (comparing units at equal damage),
-    over non-negative strengths in the direction of raising the unit."""
-    means = (effects.group_by("concept", "unit_kind", "unit", "strength")
-             .agg(pl.col("concept_logprob_change", "control_logprob_change", "relative_effect", "kl").mean())
-             .sort("concept", "unit_kind", "strength"))
+    effect with strength (NaN when either is constant), and the effect at KL = `equal_kl`
+    (comparing units at equal damage), over non-negative strengths in the direction of raising the unit."""
+    means = mean_effects(effects)
     rows = []
     for (concept, kind, unit), group in means.group_by("concept", "unit_kind", "unit", maintain_order=True):
         raised = group.filter(pl.col("strength") >= 0)
+        rho = group.select(relative=pl.corr("strength", "relative_effect", method="spearman"),
+                           concept=pl.corr("strength", "concept_logprob_change", method="spearman")).row(0, named=True)
         rows.append({"concept": concept, "unit_kind": kind, "unit": unit,
-                     "spearman_relative": spearman(group["strength"].to_numpy(), group["relative_effect"].to_numpy()),
-                     "spearman_concept": spearman(group["strength"].to_numpy(),
-                                                  group["concept_logprob_change"].to_numpy()),
+                     "spearman_relative": rho["relative"], "spearman_concept": rho["concept"],
                      "effect_at_equal_kl": effect_at_kl(raised["kl"].to_numpy(), raised["relative_effect"].to_numpy(),
                                                         equal_kl),
                      "equal_kl": equal_kl, "max_relative_effect": float(group["relative_effect"].max()),
@@ -232,7 +252,7 @@ def frequency_matched(concept_ids: list[int], candidate_ids: list[int], counts: 
     return matched
 
 
-def choose_targets(concepts: pl.DataFrame, units: pl.DataFrame, sae_id: str, site: Site, settings: dict,
+def choose_targets(concepts: pl.DataFrame, units: pl.DataFrame, sae_id: str, site: Site, settings: ClampingSettings,
                    usable: set[str]) -> list[tuple[str, int]]:
     """(concept, feature) pairs to clamp: for each concept named in the config, its most specific
     feature of SAE `sae_id`; then the `top_concepts` other concepts whose best feature is most
@@ -241,23 +261,23 @@ def choose_targets(concepts: pl.DataFrame, units: pl.DataFrame, sae_id: str, sit
     ranked = concepts.filter((pl.col("dictionary") == sae_id) & (pl.col("site") == site.id) & (pl.col("rank") == 0))
     known = set(ranked["concept"])
     chosen: list[tuple[str, int]] = []
-    for concept in settings["concepts"]:
+    for concept in settings.concepts:
         if concept not in known:
             close = sorted(c for c in known if concept.split(":")[-1].lower() in c.lower())[:5]
             raise UserError(f"clamping.concepts: {concept!r} is not a concept of the polysemanticity table for "
                             f"{sae_id} (concepts are <lexicon>:<category>; similar: {close}).")
         if concept not in usable:
             raise UserError(f"clamping.concepts: {concept!r} has too few whole-word tokens in the vocabulary to "
-                            f"measure (needs clamping.min_concept_tokens = {settings['min_concept_tokens']}).")
+                            f"measure (needs clamping.min_concept_tokens = {settings.min_concept_tokens}).")
         chosen.append((concept, int(ranked.filter(pl.col("concept") == concept)["unit"][0])))
     lexical = ranked.filter(pl.col("concept").is_in(sorted(usable)) & ~pl.col("concept").is_in([c for c, _ in chosen]))
     for row in lexical.sort(["specificity", "concept"], descending=[True, False]).iter_rows(named=True):
-        if sum(1 for c, _ in chosen if c not in settings["concepts"]) >= settings["top_concepts"]:
+        if sum(1 for c, _ in chosen if c not in settings.concepts) >= settings.top_concepts:
             break
         if row["unit"] not in {u for _, u in chosen}:
             chosen.append((row["concept"], int(row["unit"])))
     n_features = int(units.filter(pl.col("dictionary") == sae_id).height)
-    for entry in settings["features"]:
+    for entry in settings.features:
         if not 0 <= entry["feature"] < n_features:
             raise UserError(f"clamping.features: feature {entry['feature']} does not exist in {sae_id} "
                             f"(it has {n_features} features).")
@@ -268,7 +288,7 @@ def choose_targets(concepts: pl.DataFrame, units: pl.DataFrame, sae_id: str, sit
 
 
 def run_clamping(bridge, sae: SparseAutoencoder, sae_id: str, site: Site, units: pl.DataFrame, concepts: pl.DataFrame,
-                 lexicons: pl.DataFrame, token_counts: np.ndarray, settings: dict, seed: int
+                 lexicons: pl.DataFrame, token_counts: np.ndarray, settings: ClampingSettings, seed: int
                  ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """The whole experiment for one SAE: choose targets, then for each target feature and its
     best-correlated neuron measure effects at every strength on every prompt, and continue a few
@@ -277,15 +297,15 @@ def run_clamping(bridge, sae: SparseAutoencoder, sae_id: str, site: Site, units:
 
     tokenizer = bridge.tokenizer
     vocabulary = vocabulary_strings(tokenizer)
-    words = word_tokens(vocabulary, token_counts, settings["exclude_frequent_words"])
+    words = word_tokens(vocabulary, token_counts, settings.exclude_frequent_words)
     all_words = sorted(t for ids in words.values() for t in ids)
     token_sets = concept_tokens(lexicons, words)
-    usable = {c for c, ids in token_sets.items() if len(ids) >= settings["min_concept_tokens"]}
+    usable = {c for c, ids in token_sets.items() if len(ids) >= settings.min_concept_tokens}
     site_units = units.filter(pl.col("site") == site.id)
     features = site_units.filter(pl.col("dictionary") == sae_id).sort("unit")
     neurons = site_units.filter(pl.col("dictionary") == "neurons").sort("unit")
     neuron_kind = neurons["unit_kind"][0]
-    prompts = [encode(tokenizer, p) for p in settings["prompts"]]
+    prompts = [encode(tokenizer, p) for p in settings.prompts]
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     ids, last = pad_prompts(prompts, pad_id)
     clean = next_token_log_probs(bridge, ids, last)
@@ -296,7 +316,7 @@ def run_clamping(bridge, sae: SparseAutoencoder, sae_id: str, site: Site, units:
         raise UserError(f"clamping: no targets for {sae_id}; no lexicon concept has a ranked feature with enough "
                         "whole-word tokens. Name concepts in clamping.concepts or features in clamping.features.")
     # continuations for the concepts the config names (the first target's when it names none)
-    continued = set(settings["concepts"]) | {entry["concept"] for entry in settings["features"]} or {chosen[0][0]}
+    continued = set(settings.concepts) | {entry["concept"] for entry in settings.features} or {chosen[0][0]}
     for concept, feature in tqdm(chosen, desc="clamping", unit="target"):
         feature_row = features.row(feature, named=True)
         neuron = int(feature_row["best_neuron"])
@@ -305,7 +325,7 @@ def run_clamping(bridge, sae: SparseAutoencoder, sae_id: str, site: Site, units:
         pair = [Target(concept, "feature", feature, float(feature_row["max_activation"]), site),
                 Target(concept, neuron_kind, neuron, float(neurons.row(neuron, named=True)["max_activation"]), site)]
         for target in pair:
-            table = clamp_effects(bridge, target, sae, settings["strengths"], prompts, torch.tensor(concept_ids),
+            table = clamp_effects(bridge, target, sae, settings.strengths, prompts, torch.tensor(concept_ids),
                                   torch.tensor(control_ids), clean, pad_id)
             effect_tables.append(table.select(pl.lit(concept).alias("concept"), pl.lit(target.unit_kind).alias("unit_kind"),
                                               pl.lit(target.unit).alias("unit"), pl.all()))
@@ -316,16 +336,90 @@ def run_clamping(bridge, sae: SparseAutoencoder, sae_id: str, site: Site, units:
                                 "n_concept_tokens": len(concept_ids), "concept_tokens": [vocabulary[t] for t in concept_ids],
                                 "control_tokens": [vocabulary[t] for t in control_ids]})
         target = pair[0]
-        for prompt_index in range(min(settings["continuation_prompts"], len(prompts)) if concept in continued else 0):
-            generated = continuations(bridge, target, sae, settings["strengths"], prompts[prompt_index],
-                                      settings["new_tokens"], seed)
+        for prompt_index in range(min(settings.continuation_prompts, len(prompts)) if concept in continued else 0):
+            generated = continuations(bridge, target, sae, settings.strengths, prompts[prompt_index],
+                                      settings.new_tokens, seed)
             for mode, sequences in generated.items():
-                for strength, sequence in zip(settings["strengths"], sequences, strict=True):
+                for strength, sequence in zip(settings.strengths, sequences, strict=True):
                     continuation_rows.append({"concept": concept, "unit_kind": "feature", "unit": feature,
-                                              "prompt": prompt_index, "prompt_text": settings["prompts"][prompt_index],
+                                              "prompt": prompt_index, "prompt_text": settings.prompts[prompt_index],
                                               "mode": mode, "strength": float(strength),
                                               "continuation": tokenizer.decode(sequence)})
     effects = pl.concat(effect_tables).with_columns(
-        prompt_text=pl.col("prompt").replace_strict(dict(enumerate(settings["prompts"]))),
+        prompt_text=pl.col("prompt").replace_strict(dict(enumerate(settings.prompts))),
         top_token=pl.col("top_token").replace_strict(dict(enumerate(vocabulary)), return_dtype=pl.Utf8))
     return pl.DataFrame(target_rows), effects, pl.DataFrame(continuation_rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables for the clamping notebook (and `summarise`): the notebook only plots what these return.
+# ---------------------------------------------------------------------------------------------------
+
+def mean_effects(effects: pl.DataFrame) -> pl.DataFrame:
+    """Mean effects over prompts, one row per (concept, unit_kind, unit, strength), sorted by those keys.
+
+    `effects` is the effects table of `run_clamping` (one row per target and strength and prompt, with
+    at least the columns concept, unit_kind, unit, strength, concept_logprob_change,
+    control_logprob_change, relative_effect and kl). Returns the four key columns followed by the means
+    of concept_logprob_change, control_logprob_change, relative_effect and kl."""
+    return (effects.group_by("concept", "unit_kind", "unit", "strength")
+            .agg(pl.col("concept_logprob_change", "control_logprob_change", "relative_effect", "kl").mean())
+            .sort("concept", "unit_kind", "unit", "strength"))
+
+
+def continuation_table(continuations: pl.DataFrame) -> pl.DataFrame:
+    """The continuations side by side: one row per (concept, prompt_text, strength), sorted by those,
+    with columns concept, prompt_text, strength, greedy and sampled (the continuation text of each mode).
+
+    `continuations`: the continuations table of `run_clamping` (columns concept, prompt_text, mode,
+    strength, continuation, ...), with one continuation per (concept, prompt_text, strength, mode)."""
+    return (continuations.pivot(on="mode", index=["concept", "prompt_text", "strength"], values="continuation")
+            .select("concept", "prompt_text", "strength", "greedy", "sampled")
+            .sort("concept", "prompt_text", "strength"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `clamping`: `python -m mechinterp.clamping --help`."""
+    parser = argparse.ArgumentParser(description="Clamp concept features and their best neurons; measure the output.")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--sae", required=True, help="the SAE folder whose features are clamped")
+    parser.add_argument("--sae-id", required=True)
+    parser.add_argument("--units", required=True, help="the polysemanticity units table")
+    parser.add_argument("--concepts", required=True, help="the polysemanticity concepts table")
+    parser.add_argument("--lexicons", required=True)
+    parser.add_argument("--table", required=True, help="the token table (corpus frequencies for control tokens)")
+    parser.add_argument("--settings", required=True, help="the config's `clamping` section as JSON")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--targets", required=True)
+    parser.add_argument("--effects", required=True)
+    parser.add_argument("--summary", required=True)
+    parser.add_argument("--continuations", required=True)
+    args = parser.parse_args(argv)
+    from mechinterp.model import load_model
+
+    torch.set_num_threads(args.threads)
+    settings = ClampingSettings(**json.loads(args.settings))
+    start = time.perf_counter()
+    sae = load_sae(args.sae)[0]
+    site = Site.parse(json.loads((Path(args.sae) / "training_summary.json").read_text())["site"])
+    bridge = load_model(args.model, args.device)
+    token_ids = pl.read_parquet(args.table, columns=["token_id"])["token_id"].to_numpy()
+    counts = np.bincount(token_ids, minlength=bridge.cfg.d_vocab)
+    targets, effects, continued = run_clamping(
+        bridge, sae, args.sae_id, site, pl.read_parquet(args.units), pl.read_parquet(args.concepts),
+        pl.read_parquet(args.lexicons), counts, settings, args.seed)
+    summary = summarise(effects, settings.equal_kl)
+    for table, path in ((targets, args.targets), (effects, args.effects), (summary, args.summary),
+                        (continued, args.continuations)):
+        write_parquet(table, path)
+    log.info("clamped %d units at %d strengths on %d prompts in %.1f s", targets.height, len(settings.strengths),
+             len(settings.prompts), time.perf_counter() - start)
+    for row in summary.iter_rows(named=True):
+        log.info("%s %s %d: Spearman %.2f (relative), effect at KL %.2f: %.3f nats", row["concept"], row["unit_kind"],
+                 row["unit"], row["spearman_relative"], row["equal_kl"], row["effect_at_equal_kl"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -3,6 +3,7 @@ that a schema cannot say clearly (which source needs which keys)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import jsonschema
 import yaml
 
 from mechinterp.errors import UserError
+from mechinterp.sites import Site
 
 
 def _with_defaults(validator_class):
@@ -26,16 +28,30 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": properties})
 
 
-def validate_config(config: dict[str, Any], schema_path: str | Path) -> dict[str, Any]:
-    """Fill in defaults and check `config` in place; raise UserError naming the first bad key."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    validator = _with_defaults(jsonschema.validators.validator_for(schema))(schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+def _raise_first(validator, instance: Any, prefix: list[str | int], schema_path: str | Path) -> None:
+    error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
     if error is not None:
-        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        key = ".".join(str(p) for p in [*prefix, *error.absolute_path]) or "(top level)"
         hint = error.schema.get("description")
         raise UserError(f"config key {key}: {error.message}." + (f" ({key}: {hint})" if hint else "")
                         + f" Fix it in your config file; the schema is {schema_path}.")
+
+
+def validate_config(config: dict[str, Any], schema_path: str | Path) -> dict[str, Any]:
+    """Fill in defaults and check `config` in place; raise UserError naming the first bad key."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator_class = _with_defaults(jsonschema.validators.validator_for(schema))
+    _raise_first(validator_class(schema), config, [], schema_path)
+    # An entry of sae.sites may override any setting of `sae`; each override is checked by that setting's schema.
+    settings = schema["properties"]["sae"]["properties"]
+    for index, entry in enumerate(config["sae"]["sites"]):
+        for key, value in entry.items():
+            if key in ("site", "layer"):
+                continue
+            if key not in settings or key == "sites":
+                raise UserError(f"config key sae.sites.{index}.{key}: not a setting of `sae` (an entry may override "
+                                f"{sorted(set(settings) - {'sites'})}). Fix it in your config file.")
+            _raise_first(validator_class(settings[key]), value, ["sae", "sites", index, key], schema_path)
     check_config(config)
     return config
 
@@ -46,22 +62,27 @@ def _wheel(config: dict[str, Any], key: str, name: str) -> None:
                         "add it with its version and sha256.")
 
 
-SAE_SETTINGS = ("architecture", "d_sae", "k", "l1_coefficient", "lr", "batch_size", "training_tokens",
-                "warmup_fraction", "decay_fraction", "auxk_coefficient", "auxk_k", "dead_after_tokens",
-                "outlier_norm_ratio", "log_every", "checkpoint_every")
+@dataclass(frozen=True)
+class SaeEntry:
+    """One SAE of the config: its id `<site>-<architecture>` (e.g. resid12-topk), its site, and the
+    `sae` section's settings with the entry's overrides applied (read by train_sae.SaeSpec)."""
+
+    id: str
+    site: Site
+    settings: dict[str, Any]
 
 
-def sae_specs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """One entry per SAE to train, keyed by its id `<site><layer>-<architecture>` (e.g. resid12-topk):
-    the `sae` section's settings with the entry's own overrides applied."""
+def sae_specs(config: dict[str, Any]) -> dict[str, SaeEntry]:
+    """Every SAE the (validated) config trains, by id, in config order."""
+    defaults = {key: value for key, value in config["sae"].items() if key != "sites"}
     specs = {}
     for entry in config["sae"]["sites"]:
-        spec = {key: entry.get(key, config["sae"][key]) for key in SAE_SETTINGS}
-        spec.update(site=entry["site"], layer=entry["layer"])
-        sae_id = f"{entry['site']}{entry['layer']}-{spec['architecture']}"
+        site = Site(entry["site"], entry["layer"])
+        settings = {**defaults, **{k: v for k, v in entry.items() if k not in ("site", "layer")}}
+        sae_id = f"{site.id}-{settings['architecture']}"
         if sae_id in specs:
             raise UserError(f"sae.sites lists {sae_id} twice; give each site, layer and architecture once.")
-        specs[sae_id] = spec
+        specs[sae_id] = SaeEntry(sae_id, site, settings)
     return specs
 
 
@@ -69,7 +90,7 @@ def check_config(config: dict[str, Any]) -> None:
     """Raise UserError naming the key and the fix for the first inconsistent setting."""
     model, corpus = config["model"], config["corpus"]
     if model["source"] == "bundled":
-        if "bundled" not in model:
+        if model["bundled"] is None:
             raise UserError("model.source is 'bundled' but model.bundled is missing (wheel, gguf_file, gguf_sha256).")
         _wheel(config, "model.bundled.wheel", model["bundled"]["wheel"])
     elif model["source"] == "hub":
@@ -80,7 +101,7 @@ def check_config(config: dict[str, Any]) -> None:
     elif model["source"] == "local" and not model.get("local", {}).get("path"):
         raise UserError("model.source is 'local': set model.local.path to a Hugging Face model folder.")
     if corpus["source"] == "bundled":
-        if "bundled" not in corpus:
+        if corpus["bundled"] is None:
             raise UserError("corpus.source is 'bundled' but corpus.bundled is missing (wheel, sources).")
         _wheel(config, "corpus.bundled.wheel", corpus["bundled"]["wheel"])
     elif corpus["source"] == "hub" and not corpus.get("hub", {}).get("path"):
@@ -94,7 +115,7 @@ def check_config(config: dict[str, Any]) -> None:
     if duplicates:
         raise UserError(f"logit_lens.prompts: ids {duplicates} are used more than once; give every prompt its own id.")
     saes = sae_specs(config)
-    mlp_saes = [sae_id for sae_id, spec in saes.items() if spec["site"] == "mlp"]
+    mlp_saes = [sae_id for sae_id, entry in saes.items() if entry.site.kind == "mlp"]
     config["clamping"].setdefault("sae", (mlp_saes or list(saes))[0])
     if config["clamping"]["sae"] not in saes:
         raise UserError(f"clamping.sae is {config['clamping']['sae']!r}, which is not one of the SAEs of sae.sites "

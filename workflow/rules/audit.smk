@@ -11,14 +11,13 @@ rule manifest:
     # the run's thread count, recorded in the manifest (the last job: it blocks nothing)
     threads: workflow.cores
     params:
-        code=stage_code("mechinterp.audit"),
+        code=stage_code("mechinterp.manifest"),
         config=json.dumps(
             {k: v for k, v in config.items() if k != "audit"}, sort_keys=True
         ),
         run_dir=lambda wc, output: Path(output[0]).parent,
-        repo=workflow.basedir,
     shell:
-        "mechinterp manifest --run-dir {params.run_dir} --config {params.config:q} --repo {params.repo:q}"
+        "python -m mechinterp.manifest --run-dir {params.run_dir} --config {params.config:q}"
         " --benchmarks {input.benchmarks} --threads {threads} --out {output} > {log} 2>&1"
 
 
@@ -35,7 +34,7 @@ rule audit:
     threads: 1
     params:
         code=stage_code("mechinterp.audit"),
-        tolerances=json.dumps(config["audit"]["tolerances"], sort_keys=True),
+        settings=settings("audit"),
     shell:
-        "mechinterp audit --manifest {input.manifest} --reference {input.reference}"
-        " --tolerances {params.tolerances:q} --out {output} > {log} 2>&1"
+        "python -m mechinterp.audit --manifest {input.manifest} --reference {input.reference}"
+        " --settings {params.settings:q} --out {output} > {log} 2>&1"

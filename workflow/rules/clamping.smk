@@ -19,14 +19,14 @@ rule clamping:
         ENV
     threads: workflow.cores
     params:
-        code=stage_code("mechinterp.clamping", "mechinterp.model", "mechinterp.saes"),
-        spec=spec("clamping"),
+        code=stage_code("mechinterp.clamping"),
+        settings=settings("clamping"),
         sae_id=config["clamping"]["sae"],
         seed=config["seed"],
         device=config["device"],
     shell:
-        "mechinterp clamp --model {input.model} --sae {input.sae} --sae-id {params.sae_id}"
+        "python -m mechinterp.clamping --model {input.model} --sae {input.sae} --sae-id {params.sae_id}"
         " --units {input.units} --concepts {input.concepts} --lexicons {input.lexicons} --table {input.table}"
-        " --spec {params.spec:q} --seed {params.seed} --device {params.device} --threads {threads}"
+        " --settings {params.settings:q} --seed {params.seed} --device {params.device} --threads {threads}"
         " --targets {output.targets} --effects {output.effects} --summary {output.summary}"
         " --continuations {output.continuations} > {log} 2>&1"

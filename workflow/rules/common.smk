@@ -10,13 +10,16 @@ from snakemake.settings.types import DeploymentMethod
 
 from mechinterp.config import sae_specs
 
-# Rules call the `mechinterp` entry point: find it beside the Python running Snakemake even when its
-# virtual environment is not activated; with --use-conda the rule's own environment provides it.
+# Rules run each stage's entry point as `python -m mechinterp.<stage>`: use the Python running Snakemake
+# even when its virtual environment is not activated; with --use-conda the rule's own environment provides it.
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     shell.prefix(f'PATH="{Path(sys.executable).parent}:$PATH"; ')
 
 RESULTS = f"results/{config['run']}"
-SAES = sae_specs(config)
+SAES = sae_specs(config)  # id -> config.SaeEntry (id, Site, resolved settings)
+SITES = {
+    entry.site.id: entry.site for entry in SAES.values()
+}  # every SAE's site, cached once
 ENV = "../../envs/mechinterp.yaml"
 
 
@@ -34,10 +37,25 @@ def module_file(name):
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
+def python_source(path):
+    """A Python file's text, or a notebook's code cells (IPython magics left out)."""
+    if path.suffix != ".ipynb":
+        return path.read_text()
+    cells = json.loads(path.read_text())["cells"]
+    lines = [
+        line
+        for cell in cells
+        if cell["cell_type"] == "code"
+        for line in "".join(cell["source"]).splitlines()
+        if not line.lstrip().startswith(("%", "!"))
+    ]
+    return "\n".join(lines)
+
+
 def package_imports(path):
-    """Modules of the package that a source file imports, at any depth of the file."""
+    """Modules of the package that a source file (or notebook) imports, at any depth of the file."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(python_source(path))):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
             "mechinterp"
         ):
@@ -52,25 +70,39 @@ def package_imports(path):
     return {n for n in names if module_file(n).exists()}
 
 
-def stage_code(*modules):
-    """sha256 of the code a stage runs: its modules, every package module they import (transitively)
-    and the CLI file (not what the CLI imports: that is every stage). A rule carries it as a
-    parameter, so editing a stage's code reruns that stage and what depends on it; Snakemake itself
-    tracks only a rule's own script and shell command."""
-    seen, todo = set(), list(modules)
+def stage_code(entry, *files):
+    """sha256 of the code a stage runs: its `entry` module (run as `python -m <entry>`), the package's
+    `__init__`, every package module they import (transitively), and `files` (a notebook). A rule
+    carries it as a parameter, so editing a stage's code reruns that stage and what depends on it;
+    Snakemake itself tracks only a rule's own script and shell command. Content hashes, not paths or
+    times: a run copied to another checkout stays up to date."""
+    paths = [Path(workflow.basedir) / name for name in files]
+    seen, todo = set(), [
+        entry,
+        "mechinterp",
+        *(n for p in paths for n in package_imports(p)),
+    ]
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
             todo.extend(package_imports(module_file(name)))
     digest = hashlib.sha256()
-    for name in sorted(seen | {"mechinterp.cli"}):
+    for name in sorted(seen):
         digest.update(name.encode())
         digest.update(module_file(name).read_bytes())
+    for name, path in zip(files, paths):
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def spec(section):
+def notebook(name):
+    """A figure notebook of the workflow, relative to the repository root."""
+    return f"workflow/notebooks/{name}.ipynb"
+
+
+def settings(section):
     """A config section as JSON, passed to a stage and tracked by Snakemake as a parameter."""
     return json.dumps(config[section], sort_keys=True)
 
@@ -93,27 +125,22 @@ def lens_ids():
     ]
 
 
-def site_of(sae_id):
-    """The site id (e.g. resid12, mlp12) an SAE is trained on."""
-    return f"{SAES[sae_id]['site']}{SAES[sae_id]['layer']}"
-
-
 def cache_sites():
-    """Site ids whose activations are cached: every SAE's site."""
-    return sorted({site_of(sae_id) for sae_id in SAES})
+    """Ids of the cached sites (e.g. mlp10, resid4), sorted."""
+    return sorted(SITES)
 
 
 def saes_at(site_id):
     """Ids of the SAEs trained on one site."""
-    return [sae_id for sae_id in SAES if site_of(sae_id) == site_id]
+    return [sae_id for sae_id, entry in SAES.items() if entry.site.id == site_id]
 
 
 wildcard_constraints:
-    site="|".join(cache_sites()),
+    site="|".join(re.escape(site_id) for site_id in cache_sites()),
 
 
 def activation_file(sae_id, ext):
-    return f"{RESULTS}/activations/{site_of(sae_id)}.{ext}"
+    return f"{RESULTS}/activations/{SAES[sae_id].site.id}.{ext}"
 
 
 def dataset_name():

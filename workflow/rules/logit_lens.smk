@@ -16,12 +16,12 @@ rule logit_lens:
         ENV
     threads: workflow.cores
     params:
-        code=stage_code("mechinterp.logit_lens", "mechinterp.model"),
-        spec=spec("logit_lens"),
+        code=stage_code("mechinterp.logit_lens"),
+        settings=settings("logit_lens"),
         seed=config["seed"],
         device=config["device"],
         out_dir=lambda wc, output: Path(output.summary).parent,
     shell:
-        "mechinterp logit-lens --model {input.model} --tokens {input.tokens} --table {input.table}"
-        " --spec {params.spec:q} --seed {params.seed} --device {params.device} --threads {threads}"
+        "python -m mechinterp.logit_lens --model {input.model} --tokens {input.tokens} --table {input.table}"
+        " --settings {params.settings:q} --seed {params.seed} --device {params.device} --threads {threads}"
         " --out-dir {params.out_dir} > {log} 2>&1"

@@ -17,13 +17,14 @@ rule polysemanticity:
         ENV
     threads: workflow.cores
     params:
-        code=stage_code("mechinterp.polysemanticity", "mechinterp.saes"),
-        spec=spec("polysemanticity"),
+        code=stage_code("mechinterp.polysemanticity"),
+        settings=settings("polysemanticity"),
         sae_ids=lambda wc: " ".join(saes_at(wc.site)),
         seed=config["seed"],
     shell:
-        "mechinterp polysemanticity --cache {input.cache} --table {input.table} --lexicons {input.lexicons}"
-        " --saes {input.saes} --sae-ids {params.sae_ids} --spec {params.spec:q} --seed {params.seed}"
+        "python -m mechinterp.polysemanticity --cache {input.cache} --table {input.table}"
+        " --lexicons {input.lexicons} --saes {input.saes} --sae-ids {params.sae_ids}"
+        " --settings {params.settings:q} --seed {params.seed}"
         " --threads {threads} --units {output.units} --concepts {output.concepts}"
         " --comparison {output.comparison} > {log} 2>&1"
 
@@ -45,8 +46,8 @@ rule collect_polysemanticity:
         ENV
     threads: 1
     params:
-        code=stage_code(),
+        code=stage_code("mechinterp.collect"),
     shell:
-        "(mechinterp concat-tables {input.units} --out {output.units}"
-        " && mechinterp concat-tables {input.concepts} --out {output.concepts}"
-        " && mechinterp concat-tables {input.comparison} --out {output.comparison}) > {log} 2>&1"
+        "(python -m mechinterp.collect {input.units} --out {output.units}"
+        " && python -m mechinterp.collect {input.concepts} --out {output.concepts}"
+        " && python -m mechinterp.collect {input.comparison} --out {output.comparison}) > {log} 2>&1"

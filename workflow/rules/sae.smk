@@ -14,15 +14,14 @@ rule cache_activations:
         ENV
     threads: workflow.cores
     params:
-        code=stage_code("mechinterp.activations", "mechinterp.model"),
+        code=stage_code("mechinterp.activations"),
+        settings=settings("activations"),
         sites=" ".join(cache_sites()),
-        dtype=config["activations"]["dtype"],
-        batch_sequences=config["activations"]["batch_sequences"],
         device=config["device"],
         out_dir=lambda wc, output: Path(output.arrays[0]).parent,
     shell:
-        "mechinterp cache-activations --model {input.model} --tokens {input.tokens} --table {input.table}"
-        " --sites {params.sites} --dtype {params.dtype} --batch-sequences {params.batch_sequences}"
+        "python -m mechinterp.activations --model {input.model} --tokens {input.tokens} --table {input.table}"
+        " --sites {params.sites} --settings {params.settings:q}"
         " --device {params.device} --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -41,15 +40,15 @@ rule train_sae:
         ENV
     threads: workflow.cores
     params:
-        code=stage_code("mechinterp.train_sae", "mechinterp.saes"),
-        spec=lambda wc: json.dumps(SAES[wc.sae], sort_keys=True),
+        code=stage_code("mechinterp.train_sae"),
+        spec=lambda wc: json.dumps(SAES[wc.sae].settings, sort_keys=True),
         seed=config["seed"],
         checkpoint=lambda wc: f"{RESULTS}/checkpoints/{wc.sae}.pt",
         model_name=config["model"]["name"],
         dataset=dataset_name(),
         device=config["device"],
     shell:
-        "mechinterp train-sae --cache {input.cache} --table {input.table} --spec {params.spec:q}"
+        "python -m mechinterp.train_sae --cache {input.cache} --table {input.table} --spec {params.spec:q}"
         " --seed {params.seed} --threads {threads} --checkpoint {params.checkpoint} --device {params.device}"
         " --model-name {params.model_name:q} --dataset {params.dataset:q} --out {output} > {log} 2>&1"
 
@@ -72,14 +71,12 @@ rule evaluate_sae:
         ENV
     threads: workflow.cores
     params:
-        code=stage_code(
-            "mechinterp.evaluate_sae", "mechinterp.saes", "mechinterp.model"
-        ),
-        spec=spec("sae_eval"),
+        code=stage_code("mechinterp.evaluate_sae"),
+        settings=settings("sae_eval"),
         device=config["device"],
     shell:
-        "mechinterp evaluate-sae --model {input.model} --sae {input.sae} --sae-id {wildcards.sae}"
-        " --cache {input.cache} --table {input.table} --tokens {input.tokens} --spec {params.spec:q}"
+        "python -m mechinterp.evaluate_sae --model {input.model} --sae {input.sae} --sae-id {wildcards.sae}"
+        " --cache {input.cache} --table {input.table} --tokens {input.tokens} --settings {params.settings:q}"
         " --device {params.device} --threads {threads} --out {output.metrics}"
         " --density-out {output.density} > {log} 2>&1"
 
@@ -99,7 +96,7 @@ rule collect_sae_metrics:
         ENV
     threads: 1
     params:
-        code=stage_code(),
+        code=stage_code("mechinterp.collect"),
     shell:
-        "(mechinterp concat-tables {input.metrics} --out {output.metrics}"
-        " && mechinterp concat-tables {input.density} --out {output.density}) > {log} 2>&1"
+        "(python -m mechinterp.collect {input.metrics} --out {output.metrics}"
+        " && python -m mechinterp.collect {input.density} --out {output.density}) > {log} 2>&1"

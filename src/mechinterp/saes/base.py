@@ -9,6 +9,7 @@ reads and writes raw activations, which is what SAELens expects."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,22 +34,20 @@ def geometric_median(points: torch.Tensor, iterations: int = 30, eps: float = 1e
 class SparseAutoencoder(torch.nn.Module):
     architecture: ClassVar[str]  # the name in this project's config
     saelens_architecture: ClassVar[str]  # the name in SAELens's cfg.json
-    HYPERPARAMETERS: ClassVar[tuple[str, ...]]  # cfg.json keys passed back to __init__ on load
+    Settings: ClassVar[type]  # the architecture's settings dataclass; its fields are keys of config `sae`
+    saelens_fields: ClassVar[dict[str, Any]] = {}  # fixed cfg.json entries SAELens reads for this architecture
 
-    def __init__(self, d_in: int, d_sae: int) -> None:
+    def __init__(self, d_in: int, settings: Any) -> None:
         super().__init__()
-        self.d_in, self.d_sae = d_in, d_sae
+        self.settings = settings
+        self.d_in, self.d_sae = d_in, settings.d_sae
+        d_sae = settings.d_sae
         self.W_enc = torch.nn.Parameter(torch.zeros(d_in, d_sae))
         self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
         self.W_dec = torch.nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
 
     # --- to implement per architecture ---
-    @classmethod
-    def from_settings(cls, d_in: int, settings: dict[str, Any]) -> SparseAutoencoder:
-        """A fresh SAE from the resolved `sae` settings of the config."""
-        raise NotImplementedError
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations [n, d_sae] of inputs [n, d_in]."""
         raise NotImplementedError
@@ -59,14 +58,15 @@ class SparseAutoencoder(torch.nn.Module):
         `progress` in [0, 1] is the share of training done (for schedules such as L1 warm-up)."""
         raise NotImplementedError
 
-    def hyperparameters(self) -> dict[str, Any]:
-        """Architecture settings that go into cfg.json besides d_in and d_sae."""
-        return {}
-
     def after_step(self) -> None:
         """Called after each optimizer step (e.g. to keep decoder rows at unit norm)."""
 
     # --- shared ---
+    @property
+    def n_units(self) -> int:
+        """Latents, under the name every dictionary of the polysemanticity stage shares."""
+        return self.d_sae
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.W_dec + self.b_dec
 
@@ -95,7 +95,7 @@ class SparseAutoencoder(torch.nn.Module):
         write the folder under a temporary name (files.atomic_path) and rename it when complete."""
         cfg = {"architecture": self.saelens_architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
                "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-               "reshape_activations": "none", **self.hyperparameters(),
+               "reshape_activations": "none", **asdict(self.settings), **self.saelens_fields,
                "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION,
                             "sae_lens_training_version": SAELENS_FORMAT_VERSION, **metadata},
                **(extra or {})}
@@ -117,6 +117,6 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     if cfg["architecture"] not in by_saelens_name:
         raise UserError(f"{folder}: SAE architecture {cfg['architecture']!r} is not one of {sorted(by_saelens_name)}.")
     cls = by_saelens_name[cfg["architecture"]]
-    sae = cls(cfg["d_in"], cfg["d_sae"], **{k: cfg[k] for k in cls.HYPERPARAMETERS if k in cfg})
+    sae = cls(cfg["d_in"], cls.Settings(**{f.name: cfg[f.name] for f in fields(cls.Settings)}))
     sae.load_state_dict(load_file(folder / WEIGHTS_FILE))
     return sae.eval(), cfg

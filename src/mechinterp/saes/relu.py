@@ -4,26 +4,38 @@ Dense by nature (any latent may fire), so it trains through autograd."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from mechinterp.saes.base import SparseAutoencoder
 
 
+@dataclass(frozen=True)
+class ReluSettings:
+    """A ReLU SAE's settings: keys of the config's `sae` section (defaults in the schema)."""
+
+    d_sae: int
+    """number of latents"""
+    l1_coefficient: float
+    """weight of the decoder-norm-weighted L1 penalty"""
+    l1_warmup_fraction: float
+    """share of training over which the L1 penalty ramps up from zero"""
+
+
 class ReluSAE(SparseAutoencoder):
+    """ReLU + L1 SAE on activations [n, d_in].
+
+    >>> sae = ReluSAE(576, ReluSettings(d_sae=1536, l1_coefficient=5.0, l1_warmup_fraction=0.02))
+    >>> sae(torch.randn(8, 576)).shape
+    torch.Size([8, 576])
+    """
+
     architecture: ClassVar[str] = "relu"
     saelens_architecture: ClassVar[str] = "standard"
-    HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, d_in: int, d_sae: int, l1_coefficient: float = 5.0, l1_warmup_fraction: float = 0.05) -> None:
-        super().__init__(d_in, d_sae)
-        self.l1_coefficient, self.l1_warmup_fraction = l1_coefficient, l1_warmup_fraction
-
-    @classmethod
-    def from_settings(cls, d_in: int, settings: dict[str, Any]) -> ReluSAE:
-        return cls(d_in, settings["d_sae"], l1_coefficient=settings["l1_coefficient"],
-                   l1_warmup_fraction=settings["warmup_fraction"])
+    Settings: ClassVar[type] = ReluSettings
+    settings: ReluSettings
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
@@ -35,8 +47,9 @@ class ReluSAE(SparseAutoencoder):
             mse = (x_hat - x).pow(2).sum(1).mean()
             l1 = (z * self.W_dec.norm(dim=1)).sum(1).mean()
             # the penalty ramps up over the first steps so latents can settle before they are pushed to zero
-            ramp = min(1.0, progress / self.l1_warmup_fraction) if self.l1_warmup_fraction > 0 else 1.0
-            (mse + ramp * self.l1_coefficient * l1).backward()
+            warmup = self.settings.l1_warmup_fraction
+            ramp = min(1.0, progress / warmup) if warmup > 0 else 1.0
+            (mse + ramp * self.settings.l1_coefficient * l1).backward()
         with torch.no_grad():
             active = (z > 0).any(0)
             return {"mse": mse.detach(), "l1": l1.detach(), "l0": (z > 0).sum(1).float().mean(), "active": active,

@@ -7,7 +7,8 @@ k chosen rows) and every gradient touch only k latents per token."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,24 +30,37 @@ def sparse_outer(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor, n_r
     return torch.sparse.mm(z_t, dense)
 
 
+@dataclass(frozen=True)
+class TopKSettings:
+    """A TopK SAE's settings: keys of the config's `sae` section (defaults in the schema)."""
+
+    d_sae: int
+    """number of latents"""
+    k: int
+    """active latents per token"""
+    auxk_coefficient: float
+    """weight of the auxiliary-k loss on dead latents (Gao et al. suggest 1/32)"""
+    auxk_k: int
+    """dead latents that reconstruct the residual error in the auxiliary-k loss"""
+
+
 class TopKSAE(SparseAutoencoder):
+    """TopK SAE on activations [n, d_in].
+
+    >>> sae = TopKSAE(576, TopKSettings(d_sae=4608, k=32, auxk_coefficient=1 / 32, auxk_k=64))
+    >>> sae.encode(torch.randn(8, 576)).shape
+    torch.Size([8, 4608])
+    """
+
     architecture: ClassVar[str] = "topk"
     saelens_architecture: ClassVar[str] = "topk"
-    HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("k",)
+    Settings: ClassVar[type] = TopKSettings
+    saelens_fields: ClassVar[dict] = {"rescale_acts_by_decoder_norm": False}
+    settings: TopKSettings
 
-    def __init__(self, d_in: int, d_sae: int, k: int = 32, auxk_coefficient: float = 1 / 32,
-                 auxk_k: int = 64) -> None:
-        super().__init__(d_in, d_sae)
-        self.k, self.auxk_coefficient = k, auxk_coefficient
-        self.auxk_k = auxk_k
-
-    @classmethod
-    def from_settings(cls, d_in: int, settings: dict[str, Any]) -> TopKSAE:
-        return cls(d_in, settings["d_sae"], k=settings["k"], auxk_coefficient=settings["auxk_coefficient"],
-                   auxk_k=settings["auxk_k"])
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
+    @property
+    def k(self) -> int:
+        return self.settings.k
 
     @torch.no_grad()
     def _top_latents(self, centred: torch.Tensor, dead: torch.Tensor | None = None,
@@ -58,7 +72,7 @@ class TopKSAE(SparseAutoencoder):
         vals = torch.empty(n, self.k, device=centred.device)
         idx = torch.empty(n, self.k, dtype=torch.long, device=centred.device)
         dead_ids = dead.nonzero().squeeze(1) if dead is not None else None
-        k_aux = min(self.auxk_k, len(dead_ids)) if dead_ids is not None else 0
+        k_aux = min(self.settings.auxk_k, len(dead_ids)) if dead_ids is not None else 0
         aux_vals = torch.empty(n, k_aux, device=centred.device)
         aux_idx = torch.empty(n, k_aux, dtype=torch.long, device=centred.device)
         for start in range(0, n, chunk):
@@ -87,7 +101,7 @@ class TopKSAE(SparseAutoencoder):
     def training_step(self, x: torch.Tensor, dead: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             centred = x - self.b_dec
-            use_aux = bool(dead.any()) and self.auxk_coefficient > 0
+            use_aux = bool(dead.any()) and self.settings.auxk_coefficient > 0
             vals, idx, aux_vals, aux_idx = self._top_latents(centred, dead if use_aux else None)
             latents = [(idx, vals)] + ([(aux_idx, aux_vals)] if use_aux else [])
         # Decoder side through autograd: embedding_bag's backward gives the decoder gradient and the
@@ -102,7 +116,7 @@ class TopKSAE(SparseAutoencoder):
                 target = (x - x_hat).detach()
                 scale = target.sub(target.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
                 auxk = (sparse_decode(latents[1][0], weights[1], self.W_dec) - target).pow(2).sum(1).mean() / scale
-                loss = loss + self.auxk_coefficient * auxk
+                loss = loss + self.settings.auxk_coefficient * auxk
             loss.backward()
         # Encoder side by hand: its gradient is non-zero only in the columns of active latents.
         with torch.no_grad():

@@ -1,5 +1,0 @@
-import sys
-
-from mechinterp.cli import main
-
-sys.exit(main())

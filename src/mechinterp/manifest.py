@@ -1,0 +1,135 @@
+"""A run's manifest (`results/<run>/MANIFEST.json`): what a run is. The sha256 of every result
+file, the resolved config, the code version (git commit, dirty or not), Python and package
+versions and the lock file they were installed from, device and threads, seeds, each job's wall
+time and peak memory (Snakemake's `benchmark:` files), and the headline metric tables.
+`mechinterp.audit` compares two manifests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from mechinterp.errors import run_stage
+from mechinterp.files import sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformer-lens", "transformers", "safetensors", "numpy", "polars", "datasets", "seaborn",
+            "papermill", "snakemake", "mechinterp")
+# The metric tables a manifest carries, with the columns that identify a row.
+METRIC_TABLES = {
+    "logit_lens/first_layer.parquet": ["prompt_id", "target"],
+    "sae_eval/metrics.parquet": ["sae"],
+    "polysemanticity/comparison.parquet": ["site", "sae", "score"],
+    "clamping/summary.parquet": ["concept", "unit_kind", "unit"],
+}
+NOT_HASHED = ("MANIFEST.json", "audit.txt")
+TIMING_SUFFIXES = ("seconds", "_per_s")  # run times are recorded under `jobs`, not audited as metrics
+
+
+def git_state(repo: Path) -> dict[str, Any]:
+    """Commit and dirtiness of the workflow's checkout; nulls outside a git repository."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def environment(threads: int) -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+            "packages": versions, "device": device, "cpu_count": os.cpu_count(), "threads": threads}
+
+
+def read_benchmarks(paths: list[Path], benchmark_dir: Path) -> dict[str, dict[str, float]]:
+    """Wall time and peak memory of each job, from Snakemake's benchmark TSV files."""
+    jobs = {}
+    for path in sorted(paths):
+        row = pl.read_csv(path, separator="\t").row(0, named=True)
+        name = str(path.relative_to(benchmark_dir).with_suffix(""))
+        jobs[name] = {"wall_s": float(row["s"]), "max_rss_mib": _number(row["max_rss"])}
+    return jobs
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None  # "-" where the platform could not measure it
+
+
+def hash_files(run_dir: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        name = path.relative_to(run_dir).as_posix()
+        if name in NOT_HASHED or ".partial-" in name:
+            continue
+        files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return files
+
+
+def metric_rows(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    tables = {}
+    for name in METRIC_TABLES:
+        if (run_dir / name).is_file():
+            frame = pl.read_parquet(run_dir / name)
+            tables[name] = frame.select([c for c in frame.columns if c in METRIC_TABLES[name] or (
+                frame[c].dtype.is_numeric() and not c.endswith(TIMING_SUFFIXES))]).to_dicts()
+    return tables
+
+
+LOCK_FILE = "requirements/cpu.lock"  # the exact versions scripts/setup.sh installs
+
+
+def build_manifest(run_dir: Path, config: dict[str, Any], repo: Path, benchmarks: list[Path], threads: int
+                   ) -> dict[str, Any]:
+    """The manifest of the finished run in `run_dir`, made from the checkout `repo`."""
+    software = environment(threads)
+    lock = repo / LOCK_FILE
+    software["lock"] = {"path": LOCK_FILE, "sha256": sha256_file(lock) if lock.is_file() else None}
+    return {"run": config["run"], "config": config, "code": git_state(repo), "environment": software,
+            "seeds": {"seed": config["seed"]}, "jobs": read_benchmarks(benchmarks, run_dir / "benchmarks"),
+            "files": hash_files(run_dir), "metrics": metric_rows(run_dir)}
+
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of rule `manifest`: `python -m mechinterp.manifest --help`."""
+    parser = argparse.ArgumentParser(description="Write a run's MANIFEST.json: file hashes, config, versions, job times.")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--config", required=True, help="the resolved config as JSON")
+    parser.add_argument("--benchmarks", nargs="*", default=[], help="Snakemake benchmark files of the run's jobs")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    # Jobs run in the workflow's checkout (Snakemake's working directory): its git state is the code version.
+    manifest = build_manifest(Path(args.run_dir), json.loads(args.config), Path.cwd(),
+                              [Path(p) for p in args.benchmarks], args.threads)
+    write_json(manifest, args.out)
+    log.info("manifest of %d files, %d jobs, commit %s%s", len(manifest["files"]), len(manifest["jobs"]),
+             manifest["code"]["commit"], " (dirty)" if manifest["code"]["dirty"] else "")
+
+
+if __name__ == "__main__":
+    run_stage(main)
