@@ -22,7 +22,8 @@ def manifest() -> dict:
     return {"files": {"model/model.safetensors": {"sha256": "a" * 64}, "saes/x/sae_weights.safetensors": {"sha256": "b" * 64},
                       "figures/x.png": {"sha256": "c" * 64}, "logs/clamping.log": {"sha256": "f" * 64}},
             "metrics": {"sae_eval/metrics.parquet": [{"sae": "resid1-topk", "fvu": 0.2, "l0": 32.0, "dead_fraction": 0.0}],
-                        "clamping/summary.parquet": [{"concept": "c", "unit_kind": "feature", "unit": 3,
+                        "clamping/summary.parquet": [{"concept": "c", "site": "mlp3", "unit_kind": "feature",
+                                                      "selection": "input", "unit": 3,
                                                       "spearman_relative": float("nan")}]},
             "environment": {"packages": {"torch": "2.13.0"}, "device": "cpu"}, "seeds": {"seed": 0}}
 

@@ -34,7 +34,7 @@ def test_schema_fills_defaults():
     assert config["tokens"]["context_length"] == 128
     assert config["logit_lens"]["top_k"] == 10
     assert config["device"] == "auto"
-    assert config["clamping"]["sae"] == "resid12-topk" and len(config["clamping"]["prompts"]) == 4
+    assert config["clamping"]["sae"] == "resid12-topk" and len(config["clamping"]["prompts"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The tables and choices the figure notebooks plot, on small hand-built tables with known answers:
-the example units of the polysemanticity cards, the concept of each context token, per-strength mean
-clamping effects (which `summarise` uses too), the side-by-side continuations, and unit counts."""
+the example units of the polysemanticity cards, the concept of each context token, and unit counts
+(the clamping notebook's tables are tested in test_clamping_stats.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mechinterp.clamping import continuation_table, mean_effects, summarise
 from mechinterp.polysemanticity import (compared_units, context_concepts, example_units, token_concept_labels,
                                         unit_status_counts)
 
@@ -90,65 +89,6 @@ def test_token_concept_is_the_smallest_category_listing_it_else_the_document_sou
                 {"token": " the", "source": "news"}]
     assert context_concepts(contexts, labels) == ["emo:place", "geo:city", "source:news (no lexicon)"]
     assert context_concepts([], labels) == []
-
-
-def effects_table(seed: int = 0) -> pl.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for concept, kind, unit in [("emo:joy", "feature", 11), ("emo:joy", "neuron", 3), ("geo:city", "feature", 2),
-                                ("geo:city", "neuron", 40)]:
-        for strength in (-1.0, 0.0, 1.0, 2.0):
-            for prompt in range(3):
-                concept_change, control_change = rng.normal(strength, 1.0), rng.normal(0.0, 0.5)
-                rows.append({"concept": concept, "unit_kind": kind, "unit": unit, "strength": strength,
-                             "prompt": prompt, "concept_logprob_change": concept_change,
-                             "control_logprob_change": control_change,
-                             "relative_effect": concept_change - control_change, "kl": float(rng.gamma(1.0 + strength))})
-    return pl.DataFrame(rows).sample(fraction=1.0, shuffle=True, seed=seed)  # the input's order must not matter
-
-
-def test_mean_effects_equal_direct_means_over_prompts():
-    effects = effects_table()
-    means = mean_effects(effects)
-    keys = ["concept", "unit_kind", "unit", "strength"]
-    values = ["concept_logprob_change", "control_logprob_change", "relative_effect", "kl"]
-    assert means.columns == keys + values
-    expected_keys = sorted(set(effects.select(keys).iter_rows()))
-    assert means.select(keys).rows() == expected_keys  # one row per key, sorted
-    for row in means.iter_rows(named=True):
-        mask = np.ones(effects.height, dtype=bool)
-        for key in keys:
-            mask &= effects[key].to_numpy() == row[key]
-        assert mask.sum() == 3
-        for value in values:
-            assert row[value] == pytest.approx(np.mean(effects[value].to_numpy()[mask]), rel=1e-12, abs=1e-12)
-
-
-def test_summarise_is_built_on_the_mean_effects():
-    effects = effects_table(seed=1)
-    means = mean_effects(effects)
-    summary = summarise(effects, equal_kl=0.5)
-    assert summary.select("concept", "unit_kind", "unit").rows() == means.select(
-        "concept", "unit_kind", "unit").unique(maintain_order=True).rows()
-    for row in summary.iter_rows(named=True):
-        group = means.filter((pl.col("concept") == row["concept"]) & (pl.col("unit") == row["unit"])
-                             & (pl.col("unit_kind") == row["unit_kind"]))
-        assert row["max_relative_effect"] == group["relative_effect"].max()
-        assert row["max_kl"] == group["kl"].max()
-
-
-def test_continuation_table_puts_greedy_and_sampled_side_by_side():
-    rows = [{"concept": c, "unit_kind": "feature", "unit": 1, "prompt": p, "prompt_text": t, "mode": m, "strength": s,
-             "continuation": f"{c}/{t}/{m}/{s:g}"}
-            for c in ("geo:city", "emo:joy") for p, t in enumerate(["The", "A"]) for m in ("greedy", "sampled")
-            for s in (2.0, -1.0)]
-    table = continuation_table(pl.DataFrame(rows))
-    assert table.columns == ["concept", "prompt_text", "strength", "greedy", "sampled"]
-    assert table.select("concept", "prompt_text", "strength").rows() == sorted(
-        (c, t, s) for c in ("geo:city", "emo:joy") for t in ("The", "A") for s in (2.0, -1.0))
-    for r in table.iter_rows(named=True):
-        assert r["greedy"] == f"{r['concept']}/{r['prompt_text']}/greedy/{r['strength']:g}"
-        assert r["sampled"] == f"{r['concept']}/{r['prompt_text']}/sampled/{r['strength']:g}"
 
 
 def test_unit_status_counts_and_compared_units(planted_units):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 
 from conftest import REPO
 from mechinterp.files import sha256_file
@@ -114,16 +115,36 @@ def test_smoke_run_end_to_end(tmp_path):
     mono = comparison.filter(pl.col("score") == "monosemanticity").row(0, named=True)
     assert mono["ci_low"] <= mono["difference"] <= mono["ci_high"]
     for stem in ("score_distributions", "median_differences", "example_neuron", "example_feature",
-                 "../clamping/effect_vs_strength", "../clamping/effect_vs_kl", "../clamping/continuations"):
+                 *(f"../clamping/{name}" for name in ("effect_vs_strength", "effect_vs_kl", "baseline_differences",
+                                                      "by_site", "continuations"))):
         assert (figures / "polysemanticity" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # clamping: every SAE site, six unit kinds per concept, the named suspicion list at every site
+    targets = pl.read_parquet(results / "clamping" / "targets.parquet")
+    assert set(targets["site"]) == {"resid3", "mlp3"}
+    assert set(targets.select("unit_kind", "selection").iter_rows()) == {
+        ("feature", "input"), ("feature", "output"), ("neuron", "output"), ("correlated_neuron", ""),
+        ("diffmean", ""), ("random", "")}
+    assert targets.group_by("site").agg(pl.col("concept").n_unique()).sort("site").rows() == [("mlp3", 1), ("resid3", 3)]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(results / "model")
+    default = yaml.safe_load((workdir / "config" / "default.yaml").read_text())
+    for word in default["clamping"]["word_lists"]["suspicion"]:  # the study's example, in the real vocabulary
+        assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
     effects = pl.read_parquet(results / "clamping" / "effects.parquet")
-    assert set(effects["unit_kind"]) == {"feature", "residual_dim"} and set(effects["strength"]) == {-1, 0, 1, 2}
+    assert set(effects["strength"]) == {-1, 0, 1, 2} and effects["prompt"].n_unique() == 6
     assert (effects["kl"] >= 0).all() and effects.filter(pl.col("strength") == 2)["kl"].mean() > 0
     summary = pl.read_parquet(results / "clamping" / "summary.parquet")
-    assert summary["spearman_relative"].is_between(-1, 1).all()
+    for column in ("concept", "site", "unit_kind", "selection", "unit", "spearman_relative", "effect_at_kl_0.1",
+                   "effect_at_kl_0.1_ci_low", "effect_at_kl_0.1_ci_high"):
+        assert column in summary.columns, column
+    assert summary.height == targets.height and summary["spearman_relative"].drop_nans().is_between(-1, 1).all()
+    verdict = pl.read_parquet(results / "clamping" / "verdict.parquet")
+    assert set(verdict["statistic"]) == {"monotone", "raises_concept", "lowers_concept", "beats", "mean_difference"}
+    assert verdict["value"].drop_nans().is_between(-10, 10).all() and set(verdict["site"]) == {"resid3", "mlp3"}
     continuations = pl.read_parquet(results / "clamping" / "continuations.parquet")
     assert set(continuations["mode"]) == {"greedy", "sampled"} and set(continuations["strength"]) == {-1, 0, 1, 2}
-    assert set(continuations["mode"]) == {"greedy", "sampled"} and continuations["continuation"].str.len_chars().min() > 0
+    assert continuations["continuation"].str.len_chars().min() > 0 and (continuations["perplexity"] >= 1).all()
 
     for rule in ("fetch_model", "fetch_corpus", "tokenize", "logit_lens", "figures_logit_lens", "cache_activations",
                  "train_sae/resid3-topk", "evaluate_sae/mlp3-relu", "figures_sae", "polysemanticity/mlp3",

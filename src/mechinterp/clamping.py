@@ -1,23 +1,50 @@
-"""Clamp one SAE feature (or, as the control, one neuron) and measure what the model does.
+"""Clamping: does setting one unit's value move the model's next token toward a concept?
 
-A feature j is clamped to value v by adding (v - f_j(x)) * W_dec[j] to the activation at the SAE's
-site, so the SAE's reconstruction error never enters the edit: clamping a feature to its current
-value changes nothing. A neuron (an MLP neuron or a residual dimension of the site) is clamped by
-setting its activation to v. Values are strengths times the unit's maximum activation on the
-corpus. BOS (position 0) keeps its clean value, as in SAE training.
+The study's claim (the note's example: clamping a "suspicion" feature in Gemma-2B up makes " scam"
+more likely, and down less likely) is tested over many concepts, at every SAE site of the config,
+against baselines at the same site judged at equal damage.
 
-Effects are read from the next-token distribution at each prompt's last position: the change in
-log-probability of the concept's tokens, of frequency-matched control tokens, and the KL from the
-unclamped distribution (the off-target damage).
+- **Concepts**: every lexicon category with at least `min_concept_tokens` unambiguous whole-word
+  tokens (words its lexicon lists under at most `max_word_categories` categories, without the corpus's
+  most frequent words); the named ones (`concepts`, and `word_lists` such as the default suspicion
+  list " scam", " fraud", ...) plus `lexicon_concepts` sampled with the seed at the headline SAE.
+- **Units**: a unit reads a value from the site's activation and writes along one direction, and
+  clamping sets the value: x + (v - read(x)) * write. An SAE feature reads f_j(x) and writes
+  W_dec[j] (so the SAE's reconstruction error stays out of the edit: clamping to the current value
+  changes nothing); a neuron (or residual dimension) reads and writes coordinate j; a
+  difference-of-means vector d (the mean activation before the concept's tokens minus elsewhere,
+  unit norm; the strong simple baseline of AxBench) reads x.d and writes d. v = strength x the
+  unit's maximum on the statistics tokens.
+- **Selection**, on the train split only: the input score of a feature is its concept specificity
+  (share of its activation mass on the concept's tokens over their base rate, as in the
+  polysemanticity stage); the output score (Arad, Mueller and Belinkov 2025) is the concept's
+  relative gain when the unit is amplified to `output_strength` x its maximum on neutral train
+  prompts, measured for the `output_candidates` units with the largest direct logit effect (the
+  unit's write direction through the final norm and the unembedding). Baselines: the neuron with the
+  best output score, the input feature's best-correlated neuron, the difference-of-means vector, and
+  a random live feature.
+- **Measurement**, on held-out prompts (corpus windows of `prompt_tokens` tokens cut before a word):
+  the unit is clamped at the position whose next token is read, every strength; per row the change
+  in log-probability of the concept's tokens minus that of frequency-matched control tokens, and the
+  KL from the clean distribution. Earlier positions are clean, so every row reuses the prompt's clean
+  key-value cache and runs one token through the model instead of the whole window.
+- **Continuations** of the hand-written prompts clamp every position (BOS excepted) and are scored
+  by their perplexity under the clean model.
+
+The model runs as a plain Hugging Face module here: transformer-lens 4.3's bridge computes wrong
+logits from a key-value cache (it continues "The capital of France is" with " Paris-------"), while
+the module under it, loaded on its own, matches its full forward to 1e-5 (tested).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +53,13 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
+from mechinterp import clamping_stats
+from mechinterp.activations import ActivationCache
 from mechinterp.errors import UserError, run_stage
 from mechinterp.files import write_parquet
 from mechinterp.saes import SparseAutoencoder, load_sae
 from mechinterp.sites import Site
+from mechinterp.tokens import split_rows
 
 log = logging.getLogger(__name__)
 
@@ -39,180 +69,71 @@ class ClampingSettings:
     """The config's `clamping` section (defaults and ranges: workflow/schemas/config.schema.yaml)."""
 
     sae: str
-    """id of the SAE whose features are clamped"""
+    """the headline SAE: every concept and baseline is clamped there; the other SAEs get the named concepts"""
+    word_lists: dict[str, list[str]]
+    """concepts given as words, each a single token of the model (e.g. suspicion: [" scam", ...])"""
     concepts: list[str]
-    """lexicon concepts (<lexicon>:<category>) whose most specific feature is always clamped"""
-    top_concepts: int
-    """also clamp the best features of this many other concepts, the most specific first"""
-    features: list[dict[str, Any]]
-    """features named by index: {feature, concept}"""
+    """lexicon concepts (<lexicon>:<category>) always clamped"""
+    lexicon_concepts: int
+    """lexicon concepts sampled (seeded) among the usable ones at the headline SAE"""
+    max_word_categories: int
+    """a word its lexicon lists under more categories than this is ambiguous and left out"""
     min_concept_tokens: int
-    """a concept needs this many whole-word tokens in the vocabulary to be measured"""
+    """a concept needs this many unambiguous whole-word tokens to be measured"""
     exclude_frequent_words: int
     """the most frequent words of the corpus are left out of concept and control tokens"""
+    min_concept_words: int
+    """a feature is ranked by input score for a concept only when active on this many of its words (or the most any feature reaches)"""
+    statistics_tokens: int
+    """train tokens read per site for input scores, maxima and difference-of-means vectors"""
+    prompt_tokens: int
+    """length of every selection and measurement prompt, BOS included"""
+    selection_prompts: int
+    """train-split prompts for output scores"""
+    measure_prompts: int
+    """held-out prompts for the effects"""
+    output_strength: float
+    """amplification (x max) of a candidate unit for its output score"""
+    output_candidates: int
+    """units per concept, by direct logit effect, whose output score is measured"""
     strengths: list[float]
-    """clamp values as multiples of the unit's maximum activation on the corpus (0 ablates)"""
-    equal_kl: float
-    """KL (nats) at which features and neurons are compared at equal damage"""
+    """clamp values as multiples of the unit's maximum (0 ablates; negative pushes against the unit)"""
+    kl_levels: list[float]
+    """KL (nats) at which effects are read off the effect-against-damage curve"""
+    monotone_threshold: float
+    """a unit moves its concept monotonically when Spearman(strength, effect) reaches this"""
+    bootstrap_samples: int
+    """resamples of the bootstrap CIs"""
+    batch_rows: int
+    """clamped rows per forward pass"""
     prompts: list[str]
-    """held-out prompts; effects are read at the next token after each"""
+    """hand-written prompts for the continuations"""
     continuation_prompts: int
-    """the first this many prompts are continued at every strength"""
+    """the first this many hand prompts are continued at every strength for the named concepts"""
     new_tokens: int
     """tokens generated per continuation"""
 
 
-@dataclass(frozen=True)
-class Target:
-    """A unit to clamp: an SAE feature (`sae` set) or a neuron of `site`, with the concept it is
-    meant to move and its maximum activation on the corpus."""
-
-    concept: str
-    unit_kind: str  # "feature", "neuron" or "residual_dim"
-    unit: int
-    max_activation: float
-    site: Site
-
-
-def feature_clamp_hook(sae: SparseAutoencoder, feature: int, values: torch.Tensor):
-    """A hook setting feature `feature` to `values` [batch] (or [batch, seq]) at every non-BOS position."""
-    direction = sae.W_dec[feature]
-
-    def hook(acts: torch.Tensor, hook) -> torch.Tensor:
-        current = sae.encode(acts.reshape(-1, acts.shape[-1]).float())[:, feature].reshape(acts.shape[:-1])
-        delta = values.reshape(values.shape[0], -1).to(current) - current
-        delta[:, 0] = 0  # BOS keeps its clean value
-        return acts + (delta[..., None] * direction).to(acts.dtype)
-
-    return hook
-
-
-def neuron_clamp_hook(neuron: int, values: torch.Tensor):
-    """A hook setting unit `neuron` of the site to `values` [batch] at every non-BOS position."""
-
-    def hook(acts: torch.Tensor, hook) -> torch.Tensor:
-        edited = acts.clone()
-        edited[:, 1:, neuron] = values.reshape(-1, 1).to(acts.dtype)
-        return edited
-
-    return hook
-
-
-def clamp_hook(target: Target, sae: SparseAutoencoder | None, values: torch.Tensor):
-    if target.unit_kind == "feature":
-        return feature_clamp_hook(sae, target.unit, values)
-    return neuron_clamp_hook(target.unit, values)
-
-
-def pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded token ids [n, max_len] and each prompt's last position. With a causal model right
-    padding never changes the positions before it."""
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, : len(prompt)] = torch.tensor(prompt)
-    return ids, torch.tensor([len(p) - 1 for p in prompts])
-
-
-def log_mass(log_probs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log of the total probability of `token_ids` under each row of `log_probs` [n, vocab]."""
-    return log_probs[:, token_ids].logsumexp(-1)
-
-
-@torch.no_grad()
-def next_token_log_probs(bridge, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities [n, vocab] of the token after position `last` of each row of `ids`."""
-    logits = bridge(ids.to(bridge.cfg.device))
-    return logits[torch.arange(len(ids)), last.to(logits.device)].float().log_softmax(-1).cpu()
-
-
-@torch.no_grad()
-def clamp_effects(bridge, target: Target, sae: SparseAutoencoder | None, strengths: list[float],
-                  prompts: list[list[int]], concept_ids: torch.Tensor, control_ids: torch.Tensor,
-                  clean: torch.Tensor, pad_id: int) -> pl.DataFrame:
-    """One row per (strength, prompt): change in log-probability of the concept tokens and of the
-    control tokens at the prompt's last position, their difference, and KL(clean || clamped).
-    `clean` holds the unclamped next-token log-probabilities [n_prompts, vocab]."""
-    ids, last = pad_prompts(prompts, pad_id)
-    n = len(prompts)
-    batch_ids, batch_last = ids.repeat(len(strengths), 1), last.repeat(len(strengths))
-    values = torch.tensor(strengths, dtype=torch.float32).repeat_interleave(n) * target.max_activation
-    # the bridge's hook context removes the hook on exit, even after an error
-    with bridge.hooks(fwd_hooks=[(target.site.hook_name, clamp_hook(target, sae, values.to(bridge.cfg.device)))]):
-        clamped_lp = next_token_log_probs(bridge, batch_ids, batch_last)
-    clean_rep = clean.repeat(len(strengths), 1)
-    concept_change = log_mass(clamped_lp, concept_ids) - log_mass(clean_rep, concept_ids)
-    control_change = log_mass(clamped_lp, control_ids) - log_mass(clean_rep, control_ids)
-    kl = (clean_rep.exp() * (clean_rep - clamped_lp)).sum(-1).clamp_min(0)
-    return pl.DataFrame({
-        "strength": np.repeat(np.asarray(strengths, dtype=np.float64), n), "prompt": np.tile(np.arange(n), len(strengths)),
-        "value": values.double().numpy(), "concept_logprob_change": concept_change.double().numpy(),
-        "control_logprob_change": control_change.double().numpy(),
-        "relative_effect": (concept_change - control_change).double().numpy(), "kl": kl.double().numpy(),
-        "top_token": clamped_lp.argmax(-1).numpy().astype(np.int64)})
-
-
-@torch.no_grad()
-def continuations(bridge, target: Target, sae: SparseAutoencoder | None, strengths: list[float], prompt: list[int],
-                  new_tokens: int, seed: int) -> dict[str, list[list[int]]]:
-    """Greedy and seeded-sampled continuations of `prompt` at every strength (one batch row each),
-    the clamp applied at every new position too. Each step reruns the whole sequence: the bridge's
-    KV-cached generation (transformer-lens 4.3) continues "The capital of France is" with
-    " Paris-------", without any hook, while the full forward gives " Paris.\n\nThe capital"."""
-    values = torch.tensor(strengths, dtype=torch.float32) * target.max_activation
-    ids = torch.tensor([prompt] * len(strengths), device=bridge.cfg.device)
-    out = {}
-    # the bridge's hook context removes the hook on exit, even after an error
-    with bridge.hooks(fwd_hooks=[(target.site.hook_name, clamp_hook(target, sae, values.to(bridge.cfg.device)))]):
-        for mode in ("greedy", "sampled"):
-            torch.manual_seed(seed)
-            generated = bridge.generate(ids, max_new_tokens=new_tokens, do_sample=mode == "sampled", stop_at_eos=False,
-                                        temperature=1.0, use_past_kv_cache=False, verbose=False,
-                                        return_type="tokens")
-            out[mode] = generated[:, len(prompt):].tolist()
-    return out
-
-
-def effect_at_kl(kl: np.ndarray, effect: np.ndarray, level: float) -> float:
-    """The effect at a given KL, interpolated linearly in log KL over strengths sorted by KL; NaN when
-    `level` is outside the measured range."""
-    order = np.argsort(kl)
-    kl, effect = np.log(np.maximum(kl[order], 1e-12)), effect[order]
-    if not kl[0] <= np.log(level) <= kl[-1]:
-        return float("nan")
-    return float(np.interp(np.log(level), kl, effect))
-
-
-def summarise(effects: pl.DataFrame, equal_kl: float) -> pl.DataFrame:
-    """Per target: mean effects over prompts at each strength, the Spearman correlation of the
-    effect with strength (NaN when either is constant), and the effect at KL = `equal_kl`
-    (comparing units at equal damage), over non-negative strengths in the direction of raising the unit."""
-    means = mean_effects(effects)
-    rows = []
-    for (concept, kind, unit), group in means.group_by("concept", "unit_kind", "unit", maintain_order=True):
-        raised = group.filter(pl.col("strength") >= 0)
-        rho = group.select(relative=pl.corr("strength", "relative_effect", method="spearman"),
-                           concept=pl.corr("strength", "concept_logprob_change", method="spearman")).row(0, named=True)
-        rows.append({"concept": concept, "unit_kind": kind, "unit": unit,
-                     "spearman_relative": rho["relative"], "spearman_concept": rho["concept"],
-                     "effect_at_equal_kl": effect_at_kl(raised["kl"].to_numpy(), raised["relative_effect"].to_numpy(),
-                                                        equal_kl),
-                     "equal_kl": equal_kl, "max_relative_effect": float(group["relative_effect"].max()),
-                     "max_kl": float(group["kl"].max())})
-    return pl.DataFrame(rows)
-
+# --- concepts -------------------------------------------------------------------------------------
 
 def word_tokens(vocabulary: list[str], counts: np.ndarray, exclude_frequent: int) -> dict[str, list[int]]:
     """Whole-word tokens (a leading space, then letters only), grouped by their lower-cased word,
-    leaving out the `exclude_frequent` words most frequent in the corpus: lexicons list common
-    words ("get", "even", "on") under many categories, and their probability mass would swamp the
-    concept's."""
+    leaving out the `exclude_frequent` words most frequent in the corpus (their probability mass
+    would swamp a concept's)."""
     words: dict[str, list[int]] = {}
     for token_id, text in enumerate(vocabulary):
         if text.startswith(" ") and text[1:].isalpha():
             words.setdefault(text[1:].lower(), []).append(token_id)
     by_count = sorted(words, key=lambda w: (-int(counts[words[w]].sum()), w))
     return {w: words[w] for w in by_count[exclude_frequent:]}
+
+
+def unambiguous_terms(lexicons: pl.DataFrame, max_categories: int) -> pl.DataFrame:
+    """The lexicon rows whose term its lexicon lists under at most `max_categories` categories (Roget
+    lists " set" and " number" under dozens; they are not evidence for any one of them)."""
+    counts = lexicons.group_by("lexicon", "term").agg(pl.col("category").n_unique().alias("n_categories"))
+    keep = counts.filter(pl.col("n_categories") <= max_categories).select("lexicon", "term")
+    return lexicons.join(keep, on=["lexicon", "term"], maintain_order="left")
 
 
 def concept_tokens(lexicons: pl.DataFrame, words: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -224,6 +145,63 @@ def concept_tokens(lexicons: pl.DataFrame, words: dict[str, list[int]]) -> dict[
                .unique().join(word_ids, on="term").explode("token")
                .group_by("concept").agg(pl.col("token").unique().sort()))
     return dict(zip(grouped["concept"].to_list(), grouped["token"].to_list(), strict=True))
+
+
+def word_list_tokens(tokenizer, word_lists: dict[str, list[str]]) -> dict[str, list[int]]:
+    """The configured word lists as concepts `list:<name>`; every word must be one token of the model."""
+    sets = {}
+    for name, words in word_lists.items():
+        ids = {w: tokenizer(w, add_special_tokens=False)["input_ids"] for w in words}
+        split = sorted(w for w, i in ids.items() if len(i) != 1)
+        if split:
+            raise UserError(f"clamping.word_lists.{name}: {split} are not single tokens of this model's vocabulary; "
+                            "drop them or write them as the model tokenizes them (usually with a leading space).")
+        sets[f"list:{name}"] = sorted({i[0] for i in ids.values()})
+    return sets
+
+
+def choose_concepts(token_sets: dict[str, list[int]], present: np.ndarray, settings: ClampingSettings, seed: int
+                    ) -> tuple[list[str], list[str]]:
+    """The named concepts (word lists, then `concepts`) and the lexicon concepts sampled at the
+    headline SAE: a seeded sample of the usable ones, so no result chooses them. A concept is usable
+    with `min_concept_tokens` tokens of which `min_concept_words` occur in the statistics tokens
+    (`present` [vocab] bool): the input score needs the concept in the corpus."""
+    def problem(concept: str) -> str | None:
+        ids = token_sets[concept]
+        if len(ids) < settings.min_concept_tokens:
+            return (f"has {len(ids)} unambiguous whole-word tokens, fewer than clamping.min_concept_tokens = "
+                    f"{settings.min_concept_tokens}; lower it or raise clamping.max_word_categories")
+        if present[ids].sum() < settings.min_concept_words:
+            return (f"has {int(present[ids].sum())} of its tokens in the statistics tokens, fewer than "
+                    f"clamping.min_concept_words = {settings.min_concept_words}; raise clamping.statistics_tokens "
+                    "or lower clamping.min_concept_words")
+        return None
+
+    named = [f"list:{name}" for name in settings.word_lists] + list(settings.concepts)
+    for concept in named:
+        if concept not in token_sets:
+            close = sorted(c for c in token_sets if concept.split(":")[-1].lower() in c.lower())[:5]
+            raise UserError(f"clamping.concepts: {concept!r} is not a lexicon concept (<lexicon>:<category>; "
+                            f"similar: {close}).")
+        if (why := problem(concept)) is not None:
+            raise UserError(f"clamping: concept {concept!r} {why}.")
+    pool = sorted(c for c in token_sets if not c.startswith("list:") and c not in named and problem(c) is None)
+    if len(pool) < settings.lexicon_concepts:
+        raise UserError(f"only {len(pool)} lexicon concepts are usable (clamping.min_concept_tokens = "
+                        f"{settings.min_concept_tokens} unambiguous tokens, clamping.min_concept_words = "
+                        f"{settings.min_concept_words} of them in the statistics tokens), fewer than "
+                        f"clamping.lexicon_concepts = {settings.lexicon_concepts}; lower one of them.")
+    picked = np.random.default_rng(seed).choice(len(pool), settings.lexicon_concepts, replace=False)
+    return named, [pool[i] for i in sorted(picked)]
+
+
+def statistics_rows(table: pl.DataFrame, n: int, seed: int) -> np.ndarray:
+    """The train-split cache rows (BOS left out) that every site's statistics read: a seeded sample of `n`."""
+    rows, positions = split_rows(table, "train")
+    rows = rows[positions != 0]
+    if len(rows) > n:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+    return rows
 
 
 def frequency_matched(concept_ids: list[int], candidate_ids: list[int], counts: np.ndarray, seed: int) -> list[int]:
@@ -252,173 +230,637 @@ def frequency_matched(concept_ids: list[int], candidate_ids: list[int], counts: 
     return matched
 
 
-def choose_targets(concepts: pl.DataFrame, units: pl.DataFrame, sae_id: str, site: Site, settings: ClampingSettings,
-                   usable: set[str]) -> list[tuple[str, int]]:
-    """(concept, feature) pairs to clamp: for each concept named in the config, its most specific
-    feature of SAE `sae_id`; then the `top_concepts` other concepts whose best feature is most
-    specific; then the features the config names by index. `usable` holds the concepts with
-    enough whole-word tokens to measure."""
-    ranked = concepts.filter((pl.col("dictionary") == sae_id) & (pl.col("site") == site.id) & (pl.col("rank") == 0))
-    known = set(ranked["concept"])
-    chosen: list[tuple[str, int]] = []
-    for concept in settings.concepts:
-        if concept not in known:
-            close = sorted(c for c in known if concept.split(":")[-1].lower() in c.lower())[:5]
-            raise UserError(f"clamping.concepts: {concept!r} is not a concept of the polysemanticity table for "
-                            f"{sae_id} (concepts are <lexicon>:<category>; similar: {close}).")
-        if concept not in usable:
-            raise UserError(f"clamping.concepts: {concept!r} has too few whole-word tokens in the vocabulary to "
-                            f"measure (needs clamping.min_concept_tokens = {settings.min_concept_tokens}).")
-        chosen.append((concept, int(ranked.filter(pl.col("concept") == concept)["unit"][0])))
-    lexical = ranked.filter(pl.col("concept").is_in(sorted(usable)) & ~pl.col("concept").is_in([c for c, _ in chosen]))
-    for row in lexical.sort(["specificity", "concept"], descending=[True, False]).iter_rows(named=True):
-        if sum(1 for c, _ in chosen if c not in settings.concepts) >= settings.top_concepts:
-            break
-        if row["unit"] not in {u for _, u in chosen}:
-            chosen.append((row["concept"], int(row["unit"])))
-    n_features = int(units.filter(pl.col("dictionary") == sae_id).height)
-    for entry in settings.features:
-        if not 0 <= entry["feature"] < n_features:
-            raise UserError(f"clamping.features: feature {entry['feature']} does not exist in {sae_id} "
-                            f"(it has {n_features} features).")
-        if entry["concept"] not in usable:
-            raise UserError(f"clamping.features: concept {entry['concept']!r} has too few whole-word tokens to measure.")
-        chosen.append((entry["concept"], int(entry["feature"])))
-    return chosen
+# --- prompts --------------------------------------------------------------------------------------
+
+def boundary_prompts(windows: np.ndarray, word_start: np.ndarray, n: int, length: int, seed: int) -> np.ndarray:
+    """`n` prompts [n, length] from distinct windows [n_windows, context]: the window's BOS, then the
+    `length - 1` tokens before a whole-word token (so the next token read is a new word). Seeded."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for window in rng.permutation(len(windows)):
+        positions = np.flatnonzero(word_start[windows[window, length:]]) + length
+        if len(positions):
+            p = int(rng.choice(positions))
+            chosen.append(np.concatenate([windows[window, :1], windows[window, p - length + 1 : p]]))
+        if len(chosen) == n:
+            return np.stack(chosen).astype(np.int64)
+    raise UserError(f"only {len(chosen)} windows have a word start after {length} tokens, fewer than the {n} prompts "
+                    "asked (clamping.selection_prompts / measure_prompts); lower them or clamping.prompt_tokens, or "
+                    "raise tokens.train_tokens / tokens.heldout_tokens.")
 
 
-def run_clamping(bridge, sae: SparseAutoencoder, sae_id: str, site: Site, units: pl.DataFrame, concepts: pl.DataFrame,
-                 lexicons: pl.DataFrame, token_counts: np.ndarray, settings: ClampingSettings, seed: int
-                 ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """The whole experiment for one SAE: choose targets, then for each target feature and its
-    best-correlated neuron measure effects at every strength on every prompt, and continue a few
-    prompts. Returns the targets, effects and continuations tables."""
+# --- units and the clamped forward ----------------------------------------------------------------
+
+@dataclass
+class Units:
+    """G units of one site: `sae_index` [G] (the feature an SAE unit reads, -1 for a linear read),
+    `read` [G, d] (the linear read direction; zero for SAE units), `write` [G, d], `scale` [G] (the
+    unit's maximum, the clamp value at strength 1)."""
+
+    sae_index: torch.Tensor
+    read: torch.Tensor
+    write: torch.Tensor
+    scale: torch.Tensor
+
+    def take(self, index: torch.Tensor) -> Units:
+        return Units(self.sae_index[index], self.read[index], self.write[index], self.scale[index])
+
+    def __len__(self) -> int:
+        return len(self.sae_index)
+
+
+def read_values(x: torch.Tensor, units: Units, sae: SparseAutoencoder | None) -> torch.Tensor:
+    """Each row's unit value [R] for activations x [R, d] (row r reads unit r)."""
+    values = (x * units.read).sum(-1)
+    feature_rows = units.sae_index >= 0
+    if feature_rows.any():
+        encoded = sae.encode(x[feature_rows])
+        values[feature_rows] = encoded.gather(1, units.sae_index[feature_rows, None]).squeeze(1)
+    return values
+
+
+def clamp_rows(x: torch.Tensor, units: Units, values: torch.Tensor, sae: SparseAutoencoder | None) -> torch.Tensor:
+    """x [R, d] with row r's unit set to values[r]: x + (v - read(x)) * write."""
+    return x + (values - read_values(x, units, sae))[:, None] * units.write
+
+
+def hf_module_name(bridge, component) -> str:
+    """The name, in a plain Hugging Face model, of the module that a bridge component wraps."""
+    names = {id(module): name for name, module in bridge.original_model.named_modules()}
+    return names[id(component.original_component)].replace("._original_component", "")
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """The plain Hugging Face model and the module names the clamping stage hooks."""
+
+    model: torch.nn.Module
+    block_names: list[str]  # decoder layers: a resid site's activation is a layer's output
+    mlp_out_names: list[str]  # MLP output projections: an mlp site's activation is their input
+    final_norm: str
+    unembed: str
+
+    def site_module(self, site: Site) -> torch.nn.Module:
+        name = self.block_names[site.layer] if site.kind == "resid" else self.mlp_out_names[site.layer]
+        return self.model.get_submodule(name)
+
+    def to_residual(self, site: Site, directions: torch.Tensor) -> torch.Tensor:
+        """Directions in the site's space [n, d_site] as residual-stream directions [n, d_model]."""
+        if site.kind == "resid":
+            return directions
+        out = self.model.get_submodule(self.mlp_out_names[site.layer])
+        return out(directions) - out(torch.zeros_like(directions[:1]))
+
+
+def load_parts(model_dir: str | Path, device: str) -> tuple[ModelParts, Any]:
+    """The fetched model as a plain Hugging Face module (safetensors, remote code as SOURCE.json allows)
+    and its tokenizer; module names come from transformer-lens's mapping of the architecture."""
+    from transformers import AutoModelForCausalLM
+
+    from mechinterp.model import load_model
+
+    bridge = load_model(model_dir, device)
+    n_layers = bridge.cfg.n_layers
+    names = ([hf_module_name(bridge, bridge.blocks[i]) for i in range(n_layers)],
+             [hf_module_name(bridge, bridge.blocks[i].mlp.out) for i in range(n_layers)],
+             hf_module_name(bridge, bridge.ln_final), hf_module_name(bridge, bridge.unembed))
+    tokenizer = bridge.tokenizer
+    del bridge
+    source = json.loads((Path(model_dir) / "SOURCE.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=source.get("trust_remote_code", False))
+    return ModelParts(model.to(device).eval(), *names), tokenizer
+
+
+@contextmanager
+def clamp_hook(parts: ModelParts, site: Site, edit):
+    """Apply `edit(activation [R, S, d]) -> activation` at the site while the block runs; removed on exit."""
+    module = parts.site_module(site)
+    if site.kind == "resid":
+        def hook(_module, _args, output):
+            if isinstance(output, tuple):
+                return (edit(output[0]), *output[1:])
+            return edit(output)
+
+        handle = module.register_forward_hook(hook)
+    else:
+        def hook(_module, args):
+            return (edit(args[0]), *args[1:])
+
+        handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class ClampedNextToken:
+    """Next-token log-probabilities of fixed-length prompts [P, T] with units clamped at the last
+    position. The clean prefix (positions 0..T-2) is run once and its key-value cache reused by every
+    batch of units, so each clamped row costs one token through the model.
+
+    >>> step = ClampedNextToken(parts, prompts, site, sae, batch_rows=512)   # doctest: +SKIP
+    >>> log_probs = step(units, values)  # [G, P, vocab] for G units at values [G]   # doctest: +SKIP
+    """
+
+    def __init__(self, parts: ModelParts, prompts: torch.Tensor, site: Site, sae: SparseAutoencoder | None,
+                 batch_rows: int) -> None:
+        self.parts, self.site, self.sae = parts, site, sae
+        self.device = next(parts.model.parameters()).device
+        self.prompts = prompts.to(self.device)
+        self.batch_units = max(1, batch_rows // len(prompts))
+        with torch.no_grad():
+            self.prefix = parts.model(self.prompts[:, :-1], use_cache=True).cache
+            # a step appends to the cache it is given: every step gets a copy of the prefix
+            self.clean = self._step(copy.deepcopy(self.prefix), self.prompts[:, -1:], None).cpu()  # [P, V]
+
+    def _step(self, cache, last: torch.Tensor, edit) -> torch.Tensor:
+        if edit is None:
+            logits = self.parts.model(last, cache=cache, use_cache=True).logits
+        else:
+            with clamp_hook(self.parts, self.site, edit):
+                logits = self.parts.model(last, cache=cache, use_cache=True).logits
+        return logits[:, -1].float().log_softmax(-1)
+
+    @torch.no_grad()
+    def batches(self, units: Units, values: torch.Tensor):
+        """Yield (start, log-probabilities [g, P, V]) for consecutive batches of the G units."""
+        n_prompts = len(self.prompts)
+        for start in range(0, len(units), self.batch_units):
+            index = torch.arange(start, min(start + self.batch_units, len(units)))
+            group, group_values = units.take(index), values[index]
+            cache = copy.deepcopy(self.prefix)
+            cache.batch_repeat_interleave(len(index))  # rows: prompt-major, then unit
+            rows = Units(*(t.to(self.device).repeat(n_prompts, *[1] * (t.dim() - 1))
+                           for t in (group.sae_index, group.read, group.write, group.scale)))
+            row_values = group_values.to(self.device).repeat(n_prompts)
+
+            def edit(acts: torch.Tensor) -> torch.Tensor:
+                edited = acts.clone()
+                edited[:, -1] = clamp_rows(acts[:, -1].float(), rows, row_values, self.sae).to(acts.dtype)
+                return edited
+
+            last = self.prompts[:, -1:].repeat_interleave(len(index), 0)
+            log_probs = self._step(cache, last, edit).cpu()
+            yield start, log_probs.reshape(n_prompts, len(index), -1).transpose(0, 1)
+
+
+def log_mass(log_probs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log of the total probability of `token_ids` under log-probabilities [..., vocab]."""
+    return log_probs[..., token_ids].logsumexp(-1)
+
+
+def measure(step: ClampedNextToken, units: Units, strengths: list[float], concept_ids: list[list[int]],
+            control_ids: list[list[int]], desc: str) -> dict[str, np.ndarray]:
+    """For each unit g (concept tokens `concept_ids[g]`) at each strength, on every prompt: the change
+    in log-probability of its concept's tokens and of its control tokens, and KL(clean || clamped).
+    Arrays [G, S, P]; the unit's top next token [G, S, P]."""
+    n_units, n_strengths, n_prompts = len(units), len(strengths), len(step.prompts)
+    grid = torch.arange(n_units).repeat_interleave(n_strengths)  # unit-major, then strength
+    values = torch.tensor(strengths, dtype=torch.float32).repeat(n_units) * units.scale[grid]
+    out = {k: np.zeros((n_units * n_strengths, n_prompts)) for k in ("concept", "control", "kl")}
+    out["top_token"] = np.zeros((n_units * n_strengths, n_prompts), dtype=np.int64)
+    clean = step.clean
+    clean_probs = clean.exp()
+    masses = {}
+    for start, log_probs in tqdm(step.batches(units.take(grid), values), desc=desc, unit="batch",
+                                 total=-(-len(grid) // step.batch_units)):
+        for offset in range(len(log_probs)):
+            row, unit = start + offset, int(grid[start + offset])
+            if unit not in masses:
+                ids = (torch.tensor(concept_ids[unit]), torch.tensor(control_ids[unit]))
+                masses[unit] = ids, (log_mass(clean, ids[0]), log_mass(clean, ids[1]))
+            (concept, control), (clean_concept, clean_control) = masses[unit]
+            lp = log_probs[offset]
+            out["concept"][row] = (log_mass(lp, concept) - clean_concept).double().numpy()
+            out["control"][row] = (log_mass(lp, control) - clean_control).double().numpy()
+            out["kl"][row] = (clean_probs * (clean - lp)).sum(-1).clamp_min(0).double().numpy()
+            out["top_token"][row] = lp.argmax(-1).numpy()
+    return {k: v.reshape(n_units, n_strengths, n_prompts) for k, v in out.items()}
+
+
+# --- statistics of a site on the train split ------------------------------------------------------
+
+@dataclass
+class SiteStatistics:
+    """What the selection needs from one pass over a site's train tokens (BOS and outliers left out)."""
+
+    feature_max: torch.Tensor  # [F] largest activation of each SAE feature
+    feature_active: torch.Tensor  # [F] tokens on which it is positive
+    input_score: torch.Tensor  # [C, F] concept specificity, -inf where ineligible
+    neuron_max: torch.Tensor  # [N] largest activation of each site unit (neuron or residual dimension)
+    neuron_active: torch.Tensor  # [N]
+    diffmean: torch.Tensor  # [C, d] unit-norm mean before the concept's tokens minus elsewhere
+    diffmean_max: torch.Tensor  # [C] largest projection onto it
+
+
+@torch.no_grad()
+def site_statistics(cache: ActivationCache, rows: np.ndarray, token_ids: np.ndarray, next_ids: np.ndarray,
+                    concepts: list[list[int]], sae: SparseAutoencoder, outlier_threshold: float,
+                    min_active: int, min_concept_words: int, chunk: int = 4096) -> SiteStatistics:
+    """Two reads of cache `rows` (current tokens `token_ids`, next tokens `next_ids`, -1 at a window's
+    end): the first for feature and unit maxima, input scores and difference-of-means vectors, the
+    second for the largest projection onto each vector."""
+    vocab = int(max(token_ids.max(), next_ids.max(), max(max(c) for c in concepts))) + 1
+    membership = torch.zeros(vocab + 1, len(concepts))  # last row: no token
+    for c, ids in enumerate(concepts):
+        membership[ids, c] = 1
+    words = sorted({t for ids in concepts for t in ids})
+    word_index = torch.full((vocab + 1,), len(words), dtype=torch.long)
+    word_index[words] = torch.arange(len(words))
+    f_max, f_active = torch.full((sae.d_sae,), -torch.inf), torch.zeros(sae.d_sae)
+    f_mass, f_concept = torch.zeros(sae.d_sae), torch.zeros(len(concepts), sae.d_sae)
+    word_active = torch.zeros(len(words) + 1, sae.d_sae)
+    width = cache.header["shape"][1]
+    n_max, n_active = torch.full((width,), -torch.inf), torch.zeros(width)
+    before_sum, before_n = torch.zeros(len(concepts), width, dtype=torch.float64), torch.zeros(len(concepts))
+    all_sum, n_rows, concept_rows = torch.zeros(width, dtype=torch.float64), 0, torch.zeros(len(concepts))
+    kept_rows = []
+    for part, x in tqdm(cache.chunks(rows, chunk), desc="site statistics", unit="chunk", total=-(-len(rows) // chunk)):
+        kept = (x.norm(dim=1) <= outlier_threshold).numpy()
+        x, part = x[kept], part[kept]
+        kept_rows.append(part)
+        position = np.searchsorted(rows, part)
+        current = torch.from_numpy(token_ids[position])
+        following = torch.from_numpy(np.where(next_ids[position] < 0, vocab, next_ids[position]))
+        z = sae.encode(x)
+        positive = z.clamp_min(0)
+        f_max, f_active = torch.maximum(f_max, z.max(0).values), f_active + (z > 0).sum(0)
+        f_mass += positive.sum(0)
+        f_concept += membership[current].T @ positive
+        word_active.index_add_(0, word_index[current], (z > 0).float())
+        n_max, n_active = torch.maximum(n_max, x.max(0).values), n_active + (x > 0).sum(0)
+        before = membership[following]
+        before_sum += before.T.double() @ x.double()
+        before_n += before.sum(0)
+        all_sum += x.double().sum(0)
+        concept_rows += membership[current].sum(0)
+        n_rows += len(x)
+    rest = (all_sum[None] - before_sum) / (n_rows - before_n).clamp_min(1)[:, None]
+    direction = (before_sum / before_n.clamp_min(1)[:, None] - rest).float()
+    direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    d_max = torch.full((len(concepts),), -torch.inf)
+    for _, x in cache.chunks(np.concatenate(kept_rows), chunk):
+        d_max = torch.maximum(d_max, (x @ direction.T).max(0).values)
+    base = (concept_rows / max(n_rows, 1))[:, None]
+    share = f_concept / f_mass.clamp_min(torch.finfo(torch.float32).tiny)
+    specificity = (share - base) / (1 - base).clamp_min(1e-9)
+    concept_words = torch.zeros(len(concepts), len(words) + 1)
+    for c, ids in enumerate(concepts):
+        concept_words[c, word_index[ids]] = 1
+    words_active = concept_words @ (word_active > 0).float()
+    # a concept whose words are rare may have no feature on `min_concept_words` of them: then the
+    # features on the most of its words are eligible
+    frequent = (f_active >= min_active)[None]
+    reached = (words_active * frequent).max(1, keepdim=True).values.clamp(min=1)
+    eligible = frequent & (words_active >= torch.minimum(reached, torch.tensor(float(min_concept_words))))
+    return SiteStatistics(f_max, f_active, specificity.masked_fill(~eligible, -torch.inf), n_max, n_active,
+                          direction, d_max)
+
+
+# --- direct logit effects and the choice of units -------------------------------------------------
+
+@torch.no_grad()
+def normed_directions(parts: ModelParts, site: Site, writes: torch.Tensor, scales: torch.Tensor,
+                      reference: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The final norm of the final residual `reference` [d_model] moved by scale x each unit's write
+    direction (mapped to the residual stream) [U, d_model], and of `reference` itself (last row):
+    what the unembedding reads when only the unit's direct path acts."""
+    norm = parts.model.get_submodule(parts.final_norm)
+    moved = [norm(reference + scales[i : i + chunk, None] * parts.to_residual(site, writes[i : i + chunk]))
+             for i in range(0, len(writes), chunk)]
+    return torch.cat([*moved, norm(reference[None])])
+
+
+def direct_logit_effects(parts: ModelParts, normed: torch.Tensor, concept_ids: list[int], control_ids: list[int]
+                         ) -> torch.Tensor:
+    """Per unit [U]: the mean logit gain of the concept's tokens minus that of the control tokens from
+    `normed_directions` [U + 1, d] (only the unembedding rows of those tokens are read)."""
+    unembed = parts.model.get_submodule(parts.unembed)
+    gains = []
+    for ids in (concept_ids, control_ids):
+        logits = normed @ unembed.weight[ids].T
+        if getattr(unembed, "bias", None) is not None:
+            logits = logits + unembed.bias[ids]
+        gains.append((logits[:-1] - logits[-1]).mean(1))
+    return gains[0] - gains[1]
+
+
+@torch.no_grad()
+def final_residual(parts: ModelParts, prompts: torch.Tensor) -> torch.Tensor:
+    """The mean residual entering the final norm at the prompts' last position [d_model]."""
+    captured = []
+    module = parts.model.get_submodule(parts.final_norm)
+    handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0][:, -1].float()))
+    try:
+        parts.model(prompts.to(next(parts.model.parameters()).device))
+    finally:
+        handle.remove()
+    return captured[0].mean(0)
+
+
+@dataclass
+class Chosen:
+    """One clamped unit: what it is, how it was chosen, and its scores."""
+
+    concept: str
+    unit_kind: str  # feature, neuron, correlated_neuron, diffmean, random
+    selection: str  # input, output, or "" for the baselines chosen by rule
+    unit: int  # feature or neuron index; the concept's index for diffmean
+    input_score: float
+    output_score: float
+    direct_logit_effect: float
+
+
+def sae_units(sae: SparseAutoencoder, features: torch.Tensor, scales: torch.Tensor) -> Units:
+    return Units(features.long(), torch.zeros(len(features), sae.d_in), sae.W_dec[features].detach(), scales)
+
+
+def coordinate_units(width: int, index: torch.Tensor, scales: torch.Tensor) -> Units:
+    basis = torch.eye(width)[index]
+    return Units(torch.full((len(index),), -1, dtype=torch.long), basis, basis, scales)
+
+
+def concat_units(parts: list[Units]) -> Units:
+    return Units(*(torch.cat([getattr(u, f) for u in parts]) for f in ("sae_index", "read", "write", "scale")))
+
+
+def choose_units(parts: ModelParts, site: Site, sae: SparseAutoencoder, stats: SiteStatistics, concepts: list[str],
+                 concept_sets: list[list[int]], control_sets: list[list[int]], correlated: dict[int, int],
+                 selection_step: ClampedNextToken, reference: torch.Tensor, settings: ClampingSettings, seed: int
+                 ) -> tuple[list[Chosen], Units]:
+    """Per concept: the feature with the best input score, the feature and the neuron with the best
+    output score (among the `output_candidates` with the largest direct logit effect), the input
+    feature's best-correlated neuron, the difference-of-means vector and a random live feature."""
+    rng = np.random.default_rng(seed)
+    alive_features = torch.nonzero(stats.feature_active > 0).squeeze(1)
+    alive_neurons = torch.nonzero(stats.neuron_active > 0).squeeze(1)
+    width = stats.neuron_max.numel()
+    chosen, units = [], []
+    with torch.no_grad():
+        normed_features = normed_directions(parts, site, sae.W_dec[alive_features], stats.feature_max[alive_features],
+                                            reference)
+        normed_neurons = normed_directions(parts, site, torch.eye(width)[alive_neurons], stats.neuron_max[alive_neurons],
+                                           reference)
+        normed_diffmean = normed_directions(parts, site, stats.diffmean, stats.diffmean_max, reference)
+    for c, concept in enumerate(tqdm(concepts, desc=f"choosing units at {site.id}", unit="concept")):
+        feature_effect = direct_logit_effects(parts, normed_features, concept_sets[c], control_sets[c])
+        neuron_effect = direct_logit_effects(parts, normed_neurons, concept_sets[c], control_sets[c])
+        diffmean_effect = direct_logit_effects(parts, normed_diffmean, concept_sets[c], control_sets[c])
+        k = settings.output_candidates
+        feature_candidates = alive_features[feature_effect.topk(min(k, len(alive_features))).indices]
+        neuron_candidates = alive_neurons[neuron_effect.topk(min(k, len(alive_neurons))).indices]
+        candidates = concat_units([sae_units(sae, feature_candidates, stats.feature_max[feature_candidates]),
+                                   coordinate_units(width, neuron_candidates, stats.neuron_max[neuron_candidates])])
+        scored = measure(selection_step, candidates, [settings.output_strength], [concept_sets[c]] * len(candidates),
+                         [control_sets[c]] * len(candidates), desc="output scores")
+        output = (scored["concept"] - scored["control"])[:, 0].mean(1)
+        effect_of = dict(zip(alive_features.tolist(), feature_effect.tolist(), strict=True))
+        neuron_effect_of = dict(zip(alive_neurons.tolist(), neuron_effect.tolist(), strict=True))
+        n_f = len(feature_candidates)
+        best_f, best_n = int(np.argmax(output[:n_f])), int(np.argmax(output[n_f:]))
+        input_feature = int(stats.input_score[c].argmax())
+        if not torch.isfinite(stats.input_score[c, input_feature]):
+            raise UserError(f"clamping: no feature of {site.id} is active on clamping.min_concept_words = "
+                            f"{settings.min_concept_words} words of {concept!r} in the statistics tokens; lower "
+                            "clamping.min_concept_words or raise clamping.statistics_tokens.")
+        neuron = correlated[input_feature]
+        pool = sorted(set(alive_features.tolist()) - {input_feature, int(feature_candidates[best_f])})
+        random_feature = int(rng.choice(pool))
+        output_of = {("f", int(u)): float(s) for u, s in zip(feature_candidates, output[:n_f], strict=True)}
+        output_of.update({("n", int(u)): float(s) for u, s in zip(neuron_candidates, output[n_f:], strict=True)})
+        rows = [("feature", "input", input_feature, "f"), ("feature", "output", int(feature_candidates[best_f]), "f"),
+                ("neuron", "output", int(neuron_candidates[best_n]), "n"), ("correlated_neuron", "", neuron, "n"),
+                ("diffmean", "", c, "d"), ("random", "", random_feature, "f")]
+        for kind, selection, unit, space in rows:
+            effect = (effect_of.get(unit) if space == "f" else neuron_effect_of.get(unit) if space == "n" else
+                      float(diffmean_effect[c].detach()))
+            score = float(stats.input_score[c, unit]) if space == "f" else float("nan")
+            chosen.append(Chosen(concept, kind, selection, unit, score if np.isfinite(score) else float("nan"),
+                                 output_of.get((space, unit), float("nan")),
+                                 float(effect) if effect is not None else float("nan")))
+        units.append(concat_units([
+            sae_units(sae, torch.tensor([input_feature, int(feature_candidates[best_f])]),
+                      stats.feature_max[[input_feature, int(feature_candidates[best_f])]]),
+            coordinate_units(width, torch.tensor([int(neuron_candidates[best_n]), neuron]),
+                             stats.neuron_max[[int(neuron_candidates[best_n]), neuron]]),
+            Units(torch.tensor([-1]), stats.diffmean[c : c + 1], stats.diffmean[c : c + 1], stats.diffmean_max[c : c + 1]),
+            sae_units(sae, torch.tensor([random_feature]), stats.feature_max[[random_feature]])]))
+    return chosen, concat_units(units)
+
+
+# --- continuations --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def continue_prompt(parts: ModelParts, site: Site, sae: SparseAutoencoder | None, unit: Units, values: torch.Tensor,
+                    prompt: list[int], new_tokens: int, sample: bool, seed: int) -> list[list[int]]:
+    """Continuations of `prompt` (one row per value [G]) with the unit clamped at every position but
+    BOS, greedy or sampled (seeded), through the module's key-value cache."""
+    device = next(parts.model.parameters()).device
+    rows = Units(*(t.repeat(len(values), *[1] * (t.dim() - 1)).to(device)
+                   for t in (unit.sae_index, unit.read, unit.write, unit.scale)))
+    values = values.to(device)
+
+    def edit(acts: torch.Tensor) -> torch.Tensor:
+        edited = acts.clone()
+        first = 1 if acts.shape[1] > 1 else 0  # the prompt pass starts at BOS, which stays clean
+        for position in range(first, acts.shape[1]):
+            edited[:, position] = clamp_rows(acts[:, position].float(), rows, values, sae).to(acts.dtype)
+        return edited
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.tensor([prompt] * len(values), device=device)
+    generated, cache = [], None
+    with clamp_hook(parts, site, edit):
+        for _ in range(new_tokens):
+            out = parts.model(ids if cache is None else ids[:, -1:], cache=cache, use_cache=True)
+            cache = out.cache
+            logits = out.logits[:, -1].float()
+            nxt = (torch.multinomial(logits.softmax(-1), 1, generator=generator) if sample
+                   else logits.argmax(-1, keepdim=True))
+            ids = torch.cat([ids, nxt], 1)
+            generated.append(nxt)
+    return torch.cat(generated, 1).tolist()
+
+
+@torch.no_grad()
+def perplexity(parts: ModelParts, prompt: list[int], continuations: list[list[int]]) -> list[float]:
+    """Perplexity of each continuation under the clean model, given the prompt."""
+    device = next(parts.model.parameters()).device
+    ids = torch.tensor([prompt + c for c in continuations], device=device)
+    log_probs = parts.model(ids).logits[:, :-1].float().log_softmax(-1)
+    taken = log_probs.gather(-1, ids[:, 1:, None])[..., 0][:, len(prompt) - 1 :]
+    return (-taken.mean(1)).exp().tolist()
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+@dataclass
+class SiteInputs:
+    """One SAE's site as the clamping stage reads it."""
+
+    sae_id: str
+    sae: SparseAutoencoder
+    site: Site
+    cache: ActivationCache
+    outlier_threshold: float
+
+
+def run_site(parts: ModelParts, inputs: SiteInputs, concepts: list[str], token_sets: dict[str, list[int]],
+             all_words: list[int], counts: np.ndarray, table: pl.DataFrame, units_table: pl.DataFrame,
+             selection_prompts: torch.Tensor, measure_prompts: torch.Tensor, settings: ClampingSettings, seed: int
+             ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Choose and measure every unit of every concept at one site: the targets and the effects tables."""
+    site, sae = inputs.site, inputs.sae
+    concept_sets = [token_sets[c] for c in concepts]
+    control_sets = [frequency_matched(ids, all_words, counts, seed) for ids in concept_sets]
+    rows = statistics_rows(table, settings.statistics_tokens, seed)
+    token_ids = table["token_id"].to_numpy().astype(np.int64)
+    same_window = np.append(table["sequence"].to_numpy()[1:] == table["sequence"].to_numpy()[:-1], False)
+    next_ids = np.where(same_window, np.append(token_ids[1:], -1), -1)
+    started = time.perf_counter()
+    stats = site_statistics(inputs.cache, rows, token_ids[rows], next_ids[rows], concept_sets, sae,
+                            inputs.outlier_threshold, min_active=10, min_concept_words=settings.min_concept_words)
+    log.info("%s: statistics of %d train tokens in %.1f s", site.id, len(rows), time.perf_counter() - started)
+    features = units_table.filter((pl.col("site") == site.id) & (pl.col("dictionary") == inputs.sae_id))
+    correlated = dict(zip(features["unit"].to_list(), features["best_neuron"].to_list(), strict=True))
+    selection_step = ClampedNextToken(parts, selection_prompts, site, sae, settings.batch_rows)
+    reference = final_residual(parts, selection_prompts)
+    started = time.perf_counter()
+    chosen, units = choose_units(parts, site, sae, stats, concepts, concept_sets, control_sets, correlated,
+                                 selection_step, reference, settings, seed)
+    log.info("%s: %d units chosen for %d concepts in %.1f s", site.id, len(units), len(concepts),
+             time.perf_counter() - started)
+    started = time.perf_counter()
+    step = ClampedNextToken(parts, measure_prompts, site, sae, settings.batch_rows)
+    per_unit_concepts = [token_sets[c.concept] for c in chosen]
+    per_unit_controls = [control_sets[concepts.index(c.concept)] for c in chosen]
+    measured = measure(step, units, settings.strengths, per_unit_concepts, per_unit_controls, desc=f"clamping {site.id}")
+    n_units, n_strengths, n_prompts = measured["kl"].shape
+    seconds = time.perf_counter() - started
+    log.info("%s: %d clamped rows in %.1f s (%.0f rows/s)", site.id, n_units * n_strengths * n_prompts, seconds,
+             n_units * n_strengths * n_prompts / seconds)
+    unit_index = np.repeat(np.arange(n_units), n_strengths * n_prompts)
+    chosen_table = pl.DataFrame([asdict(c) for c in chosen]).with_columns(
+        site=pl.lit(site.id), layer=pl.lit(site.layer), sae=pl.lit(inputs.sae_id),
+        max_activation=units.scale.double().numpy(), n_concept_tokens=pl.Series([len(s) for s in per_unit_concepts]))
+    effects = pl.DataFrame({
+        "unit_row": unit_index, "strength": np.tile(np.repeat(np.asarray(settings.strengths, float), n_prompts), n_units),
+        "prompt": np.tile(np.arange(n_prompts), n_units * n_strengths),
+        "concept_logprob_change": measured["concept"].ravel(), "control_logprob_change": measured["control"].ravel(),
+        "kl": measured["kl"].ravel(), "top_token_id": measured["top_token"].ravel()})
+    effects = effects.with_columns(relative_effect=pl.col("concept_logprob_change") - pl.col("control_logprob_change"))
+    keys = chosen_table.select("concept", "site", "layer", "unit_kind", "selection", "unit").with_row_index("unit_row")
+    effects = keys.join(effects.with_columns(pl.col("unit_row").cast(pl.UInt32)), on="unit_row").drop("unit_row")
+    return chosen_table, effects
+
+
+def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: pl.DataFrame, windows: np.ndarray,
+                 lexicons: pl.DataFrame, units_table: pl.DataFrame, settings: ClampingSettings, seed: int
+                 ) -> dict[str, pl.DataFrame]:
+    """The whole experiment: concepts, prompts, every site (the headline SAE first with every concept,
+    the others with the named concepts), the statistics, and the continuations."""
     from mechinterp.model import encode, vocabulary_strings
 
-    tokenizer = bridge.tokenizer
     vocabulary = vocabulary_strings(tokenizer)
-    words = word_tokens(vocabulary, token_counts, settings.exclude_frequent_words)
+    counts = np.bincount(table["token_id"].to_numpy(), minlength=len(vocabulary))
+    words = word_tokens(vocabulary, counts, settings.exclude_frequent_words)
+    token_sets = {**concept_tokens(unambiguous_terms(lexicons, settings.max_word_categories), words),
+                  **word_list_tokens(tokenizer, settings.word_lists)}
+    present = np.zeros(len(vocabulary), dtype=bool)
+    present[table["token_id"].to_numpy()[statistics_rows(table, settings.statistics_tokens, seed)]] = True
+    named, sampled = choose_concepts(token_sets, present, settings, seed)
     all_words = sorted(t for ids in words.values() for t in ids)
-    token_sets = concept_tokens(lexicons, words)
-    usable = {c for c, ids in token_sets.items() if len(ids) >= settings.min_concept_tokens}
-    site_units = units.filter(pl.col("site") == site.id)
-    features = site_units.filter(pl.col("dictionary") == sae_id).sort("unit")
-    neurons = site_units.filter(pl.col("dictionary") == "neurons").sort("unit")
-    neuron_kind = neurons["unit_kind"][0]
-    prompts = [encode(tokenizer, p) for p in settings.prompts]
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    ids, last = pad_prompts(prompts, pad_id)
-    clean = next_token_log_probs(bridge, ids, last)
-    sae = sae.to(bridge.cfg.device)
-    target_rows, effect_tables, continuation_rows = [], [], []
-    chosen = choose_targets(concepts, units, sae_id, site, settings, usable)
-    if not chosen:
-        raise UserError(f"clamping: no targets for {sae_id}; no lexicon concept has a ranked feature with enough "
-                        "whole-word tokens. Name concepts in clamping.concepts or features in clamping.features.")
-    # continuations for the concepts the config names (the first target's when it names none)
-    continued = set(settings.concepts) | {entry["concept"] for entry in settings.features} or {chosen[0][0]}
-    for concept, feature in tqdm(chosen, desc="clamping", unit="target"):
-        feature_row = features.row(feature, named=True)
-        neuron = int(feature_row["best_neuron"])
-        concept_ids = token_sets[concept]
-        control_ids = frequency_matched(concept_ids, all_words, token_counts, seed)
-        pair = [Target(concept, "feature", feature, float(feature_row["max_activation"]), site),
-                Target(concept, neuron_kind, neuron, float(neurons.row(neuron, named=True)["max_activation"]), site)]
-        for target in pair:
-            table = clamp_effects(bridge, target, sae, settings.strengths, prompts, torch.tensor(concept_ids),
-                                  torch.tensor(control_ids), clean, pad_id)
-            effect_tables.append(table.select(pl.lit(concept).alias("concept"), pl.lit(target.unit_kind).alias("unit_kind"),
-                                              pl.lit(target.unit).alias("unit"), pl.all()))
-            target_rows.append({"concept": concept, "unit_kind": target.unit_kind, "unit": target.unit, "sae": sae_id,
-                                "site": site.id, "max_activation": target.max_activation,
-                                "concept_specificity": feature_row["concept_specificity"] if target.unit_kind == "feature" else None,
-                                "best_neuron_correlation": feature_row["best_neuron_correlation"],
-                                "n_concept_tokens": len(concept_ids), "concept_tokens": [vocabulary[t] for t in concept_ids],
-                                "control_tokens": [vocabulary[t] for t in control_ids]})
-        target = pair[0]
-        for prompt_index in range(min(settings.continuation_prompts, len(prompts)) if concept in continued else 0):
-            generated = continuations(bridge, target, sae, settings.strengths, prompts[prompt_index],
-                                      settings.new_tokens, seed)
-            for mode, sequences in generated.items():
-                for strength, sequence in zip(settings.strengths, sequences, strict=True):
-                    continuation_rows.append({"concept": concept, "unit_kind": "feature", "unit": feature,
-                                              "prompt": prompt_index, "prompt_text": settings.prompts[prompt_index],
-                                              "mode": mode, "strength": float(strength),
-                                              "continuation": tokenizer.decode(sequence)})
-    effects = pl.concat(effect_tables).with_columns(
-        prompt_text=pl.col("prompt").replace_strict(dict(enumerate(settings.prompts))),
-        top_token=pl.col("top_token").replace_strict(dict(enumerate(vocabulary)), return_dtype=pl.Utf8))
-    return pl.DataFrame(target_rows), effects, pl.DataFrame(continuation_rows)
+    word_start = np.zeros(len(vocabulary), dtype=bool)
+    word_start[[i for i, text in enumerate(vocabulary) if text.startswith(" ") and text[1:2].isalpha()]] = True
+    from mechinterp.tokens import split_sequences
 
-
-# ---------------------------------------------------------------------------------------------------
-# Tables for the clamping notebook (and `summarise`): the notebook only plots what these return.
-# ---------------------------------------------------------------------------------------------------
-
-def mean_effects(effects: pl.DataFrame) -> pl.DataFrame:
-    """Mean effects over prompts, one row per (concept, unit_kind, unit, strength), sorted by those keys.
-
-    `effects` is the effects table of `run_clamping` (one row per target and strength and prompt, with
-    at least the columns concept, unit_kind, unit, strength, concept_logprob_change,
-    control_logprob_change, relative_effect and kl). Returns the four key columns followed by the means
-    of concept_logprob_change, control_logprob_change, relative_effect and kl."""
-    return (effects.group_by("concept", "unit_kind", "unit", "strength")
-            .agg(pl.col("concept_logprob_change", "control_logprob_change", "relative_effect", "kl").mean())
-            .sort("concept", "unit_kind", "unit", "strength"))
-
-
-def continuation_table(continuations: pl.DataFrame) -> pl.DataFrame:
-    """The continuations side by side: one row per (concept, prompt_text, strength), sorted by those,
-    with columns concept, prompt_text, strength, greedy and sampled (the continuation text of each mode).
-
-    `continuations`: the continuations table of `run_clamping` (columns concept, prompt_text, mode,
-    strength, continuation, ...), with one continuation per (concept, prompt_text, strength, mode)."""
-    return (continuations.pivot(on="mode", index=["concept", "prompt_text", "strength"], values="continuation")
-            .select("concept", "prompt_text", "strength", "greedy", "sampled")
-            .sort("concept", "prompt_text", "strength"))
+    selection_prompts = torch.from_numpy(boundary_prompts(windows[split_sequences(table, "train")], word_start,
+                                                          settings.selection_prompts, settings.prompt_tokens, seed))
+    measure_prompts = torch.from_numpy(boundary_prompts(windows[split_sequences(table, "heldout")], word_start,
+                                                        settings.measure_prompts, settings.prompt_tokens, seed))
+    targets, effects = [], []
+    for inputs in sites:
+        concepts = named + sampled if inputs.sae_id == settings.sae else named
+        chosen, measured = run_site(parts, inputs, concepts, token_sets, all_words, counts, table, units_table,
+                                    selection_prompts, measure_prompts, settings, seed)
+        targets.append(chosen)
+        effects.append(measured)
+    tokens_of = pl.DataFrame({"concept": named + sampled,
+                              "concept_tokens": [[vocabulary[t] for t in token_sets[c]] for c in named + sampled]})
+    targets_table = (pl.concat(targets).with_columns(named=pl.col("concept").is_in(named))
+                     .join(tokens_of, on="concept", how="left", maintain_order="left"))
+    effects_table = pl.concat(effects).with_columns(
+        top_token=pl.col("top_token_id").replace_strict(dict(enumerate(vocabulary)), return_dtype=pl.Utf8))
+    summary, samples = clamping_stats.summarise(effects_table, settings.kl_levels, settings.bootstrap_samples, seed)
+    summary = summary.join(targets_table.select(*clamping_stats.UNIT_KEYS, "layer", "sae", "input_score", "output_score",
+                                                "direct_logit_effect", "max_activation", "n_concept_tokens", "named"),
+                           on=clamping_stats.UNIT_KEYS, how="left")
+    comparisons = clamping_stats.compare_to_baselines(summary, samples, clamping_stats.COMPARED_KL)
+    verdict = clamping_stats.verdict(summary, comparisons, settings.monotone_threshold, settings.bootstrap_samples, seed)
+    headline = next(s for s in sites if s.sae_id == settings.sae)
+    continuation_rows = []
+    for concept in named:
+        row = targets_table.filter((pl.col("site") == headline.site.id) & (pl.col("concept") == concept)
+                                   & (pl.col("unit_kind") == "feature") & (pl.col("selection") == "input")).row(0, named=True)
+        unit = sae_units(headline.sae, torch.tensor([row["unit"]]), torch.tensor([row["max_activation"]]))
+        values = torch.tensor(settings.strengths, dtype=torch.float32) * row["max_activation"]
+        for prompt_index, text in enumerate(settings.prompts[: settings.continuation_prompts]):
+            prompt = encode(tokenizer, text)
+            for mode in ("greedy", "sampled"):
+                sequences = continue_prompt(parts, headline.site, headline.sae, unit, values, prompt, settings.new_tokens,
+                                            mode == "sampled", seed)
+                for strength, sequence, ppl in zip(settings.strengths, sequences, perplexity(parts, prompt, sequences),
+                                                   strict=True):
+                    continuation_rows.append({"concept": concept, "site": headline.site.id, "unit": row["unit"],
+                                              "prompt": prompt_index, "prompt_text": text, "mode": mode,
+                                              "strength": float(strength), "continuation": tokenizer.decode(sequence),
+                                              "perplexity": ppl})
+    return {"targets": targets_table, "effects": effects_table, "summary": summary, "comparisons": comparisons,
+            "verdict": verdict, "continuations": pl.DataFrame(continuation_rows)}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of rule `clamping`: `python -m mechinterp.clamping --help`."""
-    parser = argparse.ArgumentParser(description="Clamp concept features and their best neurons; measure the output.")
+    parser = argparse.ArgumentParser(description="Clamp concept features and their baselines at every SAE site.")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--sae", required=True, help="the SAE folder whose features are clamped")
-    parser.add_argument("--sae-id", required=True)
-    parser.add_argument("--units", required=True, help="the polysemanticity units table")
-    parser.add_argument("--concepts", required=True, help="the polysemanticity concepts table")
+    parser.add_argument("--saes", nargs="+", required=True, help="every SAE folder of the config")
+    parser.add_argument("--sae-ids", nargs="+", required=True)
+    parser.add_argument("--caches", nargs="+", required=True, help="each SAE's site cache, in the order of --saes")
+    parser.add_argument("--units", required=True, help="the polysemanticity units table (best-correlated neurons)")
     parser.add_argument("--lexicons", required=True)
-    parser.add_argument("--table", required=True, help="the token table (corpus frequencies for control tokens)")
+    parser.add_argument("--table", required=True, help="the token table")
+    parser.add_argument("--tokens", required=True, help="the token windows (prompts are cut from them)")
     parser.add_argument("--settings", required=True, help="the config's `clamping` section as JSON")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--device", required=True)
     parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--targets", required=True)
-    parser.add_argument("--effects", required=True)
-    parser.add_argument("--summary", required=True)
-    parser.add_argument("--continuations", required=True)
+    parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
-    from mechinterp.model import load_model
+    from mechinterp.model import resolve_device
 
     torch.set_num_threads(args.threads)
     settings = ClampingSettings(**json.loads(args.settings))
     start = time.perf_counter()
-    sae = load_sae(args.sae)[0]
-    site = Site.parse(json.loads((Path(args.sae) / "training_summary.json").read_text())["site"])
-    bridge = load_model(args.model, args.device)
-    token_ids = pl.read_parquet(args.table, columns=["token_id"])["token_id"].to_numpy()
-    counts = np.bincount(token_ids, minlength=bridge.cfg.d_vocab)
-    targets, effects, continued = run_clamping(
-        bridge, sae, args.sae_id, site, pl.read_parquet(args.units), pl.read_parquet(args.concepts),
-        pl.read_parquet(args.lexicons), counts, settings, args.seed)
-    summary = summarise(effects, settings.equal_kl)
-    for table, path in ((targets, args.targets), (effects, args.effects), (summary, args.summary),
-                        (continued, args.continuations)):
-        write_parquet(table, path)
-    log.info("clamped %d units at %d strengths on %d prompts in %.1f s", targets.height, len(settings.strengths),
-             len(settings.prompts), time.perf_counter() - start)
-    for row in summary.iter_rows(named=True):
-        log.info("%s %s %d: Spearman %.2f (relative), effect at KL %.2f: %.3f nats", row["concept"], row["unit_kind"],
-                 row["unit"], row["spearman_relative"], row["equal_kl"], row["effect_at_equal_kl"])
+    device = resolve_device(args.device)
+    parts, tokenizer = load_parts(args.model, device)
+    sites = []
+    for sae_id, folder, cache_path in zip(args.sae_ids, args.saes, args.caches, strict=True):
+        summary = json.loads((Path(folder) / "training_summary.json").read_text())
+        sites.append(SiteInputs(sae_id, load_sae(folder)[0].to(device), Site.parse(summary["site"]),
+                                ActivationCache.open(cache_path, args.table), summary["outlier_threshold"]))
+    sites.sort(key=lambda s: s.sae_id != settings.sae)  # the headline SAE first
+    tables = run_clamping(parts, tokenizer, sites, pl.read_parquet(args.table), np.load(args.tokens, mmap_mode="r"),
+                          pl.read_parquet(args.lexicons), pl.read_parquet(args.units), settings, args.seed)
+    for name, frame in tables.items():
+        write_parquet(frame, Path(args.out_dir) / f"{name}.parquet")
+    rows = tables["effects"].height
+    log.info("clamped %d units x %d strengths x %d prompts (%d rows) at %d sites in %.1f s",
+             tables["targets"].height, len(settings.strengths), settings.measure_prompts, rows, len(sites),
+             time.perf_counter() - start)
+    for row in tables["verdict"].filter(pl.col("site") == sites[0].site.id).iter_rows(named=True):
+        log.info("verdict %s %s %s %s: %.3f [%.3f, %.3f] (n=%d)", row["site"], row["feature_selection"],
+                 row["statistic"], row["baseline"], row["value"], row["ci_low"], row["ci_high"], row["n_concepts"])
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ METRIC_TABLES = {
     "logit_lens/first_layer.parquet": ["prompt_id", "target"],
     "sae_eval/metrics.parquet": ["sae"],
     "polysemanticity/comparison.parquet": ["site", "sae", "score"],
-    "clamping/summary.parquet": ["concept", "unit_kind", "unit"],
+    "clamping/summary.parquet": ["concept", "site", "unit_kind", "selection"],
+    "clamping/verdict.parquet": ["site", "feature_selection", "statistic", "baseline"],
 }
 NOT_HASHED = ("MANIFEST.json", "audit.txt")
 TIMING_SUFFIXES = ("seconds", "_per_s")  # run times are recorded under `jobs`, not audited as metrics

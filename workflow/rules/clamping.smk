@@ -1,16 +1,25 @@
+CLAMPING_TABLES = [
+    "targets",
+    "effects",
+    "summary",
+    "comparisons",
+    "verdict",
+    "continuations",
+]
+
+
 rule clamping:
     input:
         model=rules.fetch_model.output[0],
-        sae=expand(rules.train_sae.output[0], sae=config["clamping"]["sae"]),
+        saes=expand(rules.train_sae.output[0], sae=SAES),
+        caches=[activation_file(sae_id, "npy") for sae_id in SAES],
+        headers=[activation_file(sae_id, "json") for sae_id in SAES],
         units=rules.collect_polysemanticity.output.units,
-        concepts=rules.collect_polysemanticity.output.concepts,
         lexicons=rules.fetch_corpus.output.lexicons,
         table=rules.tokenize.output.table,
+        tokens=rules.tokenize.output.tokens,
     output:
-        targets=f"{RESULTS}/clamping/targets.parquet",
-        effects=f"{RESULTS}/clamping/effects.parquet",
-        summary=f"{RESULTS}/clamping/summary.parquet",
-        continuations=f"{RESULTS}/clamping/continuations.parquet",
+        **{name: f"{RESULTS}/clamping/{name}.parquet" for name in CLAMPING_TABLES},
     log:
         f"{RESULTS}/logs/clamping.log",
     benchmark:
@@ -21,12 +30,12 @@ rule clamping:
     params:
         code=stage_code("mechinterp.clamping"),
         settings=settings("clamping"),
-        sae_id=config["clamping"]["sae"],
+        sae_ids=" ".join(SAES),
         seed=config["seed"],
         device=config["device"],
+        out_dir=lambda wc, output: Path(output.summary).parent,
     shell:
-        "python -m mechinterp.clamping --model {input.model} --sae {input.sae} --sae-id {params.sae_id}"
-        " --units {input.units} --concepts {input.concepts} --lexicons {input.lexicons} --table {input.table}"
-        " --settings {params.settings:q} --seed {params.seed} --device {params.device} --threads {threads}"
-        " --targets {output.targets} --effects {output.effects} --summary {output.summary}"
-        " --continuations {output.continuations} > {log} 2>&1"
+        "python -m mechinterp.clamping --model {input.model} --saes {input.saes} --sae-ids {params.sae_ids}"
+        " --caches {input.caches} --units {input.units} --lexicons {input.lexicons} --table {input.table}"
+        " --tokens {input.tokens} --settings {params.settings:q} --seed {params.seed} --device {params.device}"
+        " --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"

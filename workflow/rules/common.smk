@@ -161,7 +161,13 @@ POLYSEMANTICITY_FIGURES = [
     "example_neuron",
     "example_feature",
 ]
-CLAMPING_FIGURES = ["effect_vs_strength", "effect_vs_kl", "continuations"]
+CLAMPING_FIGURES = [
+    "effect_vs_strength",
+    "effect_vs_kl",
+    "baseline_differences",
+    "by_site",
+    "continuations",
+]
 
 
 def figure_files(stem):

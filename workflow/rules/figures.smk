@@ -127,10 +127,7 @@ rule figures_polysemanticity:
 
 rule figures_clamping:
     input:
-        targets=rules.clamping.output.targets,
-        effects=rules.clamping.output.effects,
-        summary=rules.clamping.output.summary,
-        continuations=rules.clamping.output.continuations,
+        **{name: rules.clamping.output[name] for name in CLAMPING_TABLES},
     output:
         notebook=f"{RESULTS}/figures/clamping.ipynb",
         html=report(
@@ -155,8 +152,11 @@ rule figures_clamping:
         code=stage_code("mechinterp.plotting", notebook("clamping")),
         figure_dir=lambda wc, output: Path(output.figures[0]).parent,
         model_name=config["model"]["name"],
+        headline_site=SAES[config["clamping"]["sae"]].site.id,
+        tables=lambda wc, input: " ".join(
+            f"-p {name} {input[name]}" for name in CLAMPING_TABLES
+        ),
     shell:
         "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
-        " -p targets {input.targets} -p effects {input.effects} -p summary {input.summary}"
-        " -p continuations {input.continuations} -p figure_dir {params.figure_dir}"
+        " {params.tables} -p headline_site {params.headline_site} -p figure_dir {params.figure_dir}"
         " -p model_name {params.model_name:q} > {log} 2>&1"

@@ -1,0 +1,147 @@
+"""The clamping statistics on planted effects tables with known answers: means, Spearman, the effect at
+equal damage and its CI, paired comparisons, the cross-concept verdict, and the tables' schemas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from mechinterp.clamping_stats import (COMPARED_KL, compare_to_baselines, continuation_table, effect_at_kl,
+                                       grid_concepts, mean_effects, sign_flip_p_value, summarise, verdict,
+                                       wilson_interval)
+
+STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+UNITS = [("feature", "input", 11), ("feature", "output", 12), ("neuron", "output", 3), ("correlated_neuron", "", 4),
+         ("diffmean", "", 0), ("random", "", 99)]
+
+
+def planted_effects(gains: dict[str, float], n_prompts: int = 12, noise: float = 0.05, seed: int = 0,
+                    concepts=("emo:joy", "geo:city", "list:suspicion")) -> pl.DataFrame:
+    """Every unit's relative effect is gain x strength (plus noise); KL grows as 0.05 x strength^2, the
+    same for every unit, so at equal KL the unit with the larger gain moves its concept more."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for concept in concepts:
+        for kind, selection, unit in UNITS:
+            gain = gains.get(kind, 0.0)
+            for strength in STRENGTHS:
+                for prompt in range(n_prompts):
+                    effect = gain * strength + rng.normal(0, noise)
+                    rows.append({"concept": concept, "site": "mlp3", "layer": 3, "unit_kind": kind,
+                                 "selection": selection, "unit": unit, "strength": strength, "prompt": prompt,
+                                 "concept_logprob_change": effect, "control_logprob_change": 0.0,
+                                 "relative_effect": effect, "kl": 0.05 * strength**2 + abs(rng.normal(0, 1e-3))})
+    return pl.DataFrame(rows).sample(fraction=1.0, shuffle=True, seed=seed)  # order must not matter
+
+
+def test_effect_at_kl_interpolates_in_log_kl_from_the_clean_model():
+    assert effect_at_kl(np.array([0.01, 0.1, 1.0]), np.array([0.0, 0.5, 2.0]), 0.1) == pytest.approx(0.5)
+    assert effect_at_kl(np.array([0.01, 1.0]), np.array([0.0, 2.0]), 0.1) == pytest.approx(1.0)
+    assert math.isnan(effect_at_kl(np.array([0.01, 0.05]), np.array([0.0, 2.0]), 0.1))  # beyond the damage measured
+    # below the first strength the curve runs from the unclamped model (KL 0, effect 0)
+    assert 0 < effect_at_kl(np.array([0.2, 1.0]), np.array([1.0, 2.0]), 0.1) < 1.0
+
+
+def test_mean_effects_equal_direct_means_over_prompts():
+    effects = planted_effects({"feature": 0.3})
+    means = mean_effects(effects)
+    row = means.filter((pl.col("concept") == "emo:joy") & (pl.col("unit") == 11) & (pl.col("strength") == 2.0))
+    direct = effects.filter((pl.col("concept") == "emo:joy") & (pl.col("unit") == 11) & (pl.col("strength") == 2.0))
+    assert row["relative_effect"][0] == pytest.approx(direct["relative_effect"].mean(), abs=1e-12)
+    assert means.height == 3 * len(UNITS) * len(STRENGTHS)
+
+
+def test_summary_has_the_schema_and_finds_the_planted_gains():
+    effects = planted_effects({"feature": 0.4, "neuron": 0.1, "diffmean": -0.2})
+    summary, samples = summarise(effects, [0.03, 0.1, 0.3], n_boot=200, seed=0)
+    for column in ("concept", "site", "unit_kind", "selection", "unit", "spearman_relative", "effect_at_kl_0.1",
+                   "effect_at_kl_0.1_ci_low", "effect_at_kl_0.1_ci_high", "effect_at_kl_0.03", "effect_at_kl_0.3",
+                   "effect_down_at_kl_0.1", "max_kl"):
+        assert column in summary.columns, column
+    assert summary.height == 3 * len(UNITS)
+    feature = summary.filter((pl.col("unit_kind") == "feature") & (pl.col("selection") == "input")).row(0, named=True)
+    # KL 0.1 lies halfway in log KL between strengths 1 (KL 0.05, effect 0.4) and 2 (KL 0.2, effect 0.8)
+    assert feature["effect_at_kl_0.1"] == pytest.approx(0.6, abs=0.03)
+    assert feature["effect_at_kl_0.1_ci_low"] < feature["effect_at_kl_0.1"] < feature["effect_at_kl_0.1_ci_high"]
+    assert feature["effect_down_at_kl_0.1"] == pytest.approx(-0.6, abs=0.03)
+    assert feature["spearman_relative"] == pytest.approx(1.0)
+    diffmean = summary.filter(pl.col("unit_kind") == "diffmean").row(0, named=True)
+    assert diffmean["spearman_relative"] == pytest.approx(-1.0)
+    random = summary.filter(pl.col("unit_kind") == "random").row(0, named=True)
+    assert abs(random["spearman_relative"]) < 0.9 and abs(random["effect_at_kl_0.1"]) < 0.05
+    assert all(len(s[0.1]) == 200 for s in samples.values())
+
+
+def test_comparisons_and_verdict_say_the_feature_beats_weaker_baselines():
+    effects = planted_effects({"feature": 0.4, "neuron": 0.1, "correlated_neuron": 0.1, "diffmean": 0.1},
+                              concepts=[f"c{i}" for i in range(8)])
+    summary, samples = summarise(effects, [COMPARED_KL], n_boot=200, seed=0)
+    comparisons = compare_to_baselines(summary, samples, COMPARED_KL)
+    assert set(comparisons["baseline"]) == {"neuron", "correlated_neuron", "diffmean", "random"}
+    assert comparisons.height == 8 * 2 * 4 and comparisons["beats"].all()
+    assert (comparisons["ci_low"] <= comparisons["difference"]).all()
+    table = verdict(summary.with_columns(named=pl.lit(False)), comparisons, 0.9, n_boot=200, seed=0)
+    for column in ("site", "feature_selection", "statistic", "baseline", "n_concepts", "value", "ci_low", "ci_high",
+                   "p_value"):
+        assert column in table.columns
+    beats = table.filter((pl.col("statistic") == "beats") & (pl.col("feature_selection") == "input"))
+    assert beats["value"].to_list() == [1.0] * 4 and (beats["n_concepts"] == 8).all()
+    monotone = table.filter(pl.col("statistic") == "monotone")
+    assert monotone["value"].to_list() == [1.0, 1.0]
+    mean_diff = table.filter((pl.col("statistic") == "mean_difference") & (pl.col("baseline") == "random"))
+    assert (mean_diff["ci_low"] > 0).all()
+    assert mean_diff["p_value"].to_list() == pytest.approx([2 / 2**8] * 2)  # exact: only all-positive signs match
+
+
+def test_a_feature_no_better_than_the_null_does_not_beat_it():
+    effects = planted_effects({"feature": 0.0}, concepts=[f"c{i}" for i in range(6)], noise=0.3)
+    summary, samples = summarise(effects, [COMPARED_KL], n_boot=200, seed=1)
+    comparisons = compare_to_baselines(summary, samples, COMPARED_KL)
+    against_random = comparisons.filter(pl.col("baseline") == "random")
+    assert against_random["beats"].fill_null(False).sum() <= 1
+    table = verdict(summary.with_columns(named=pl.lit(False)), comparisons, 0.9, n_boot=200, seed=1)
+    row = table.filter((pl.col("statistic") == "mean_difference") & (pl.col("baseline") == "random")
+                       & (pl.col("feature_selection") == "input")).row(0, named=True)
+    assert row["ci_low"] < 0 < row["ci_high"] and row["p_value"] > 0.05
+
+
+def test_wilson_interval_and_the_exact_sign_flip_test():
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
+    assert sign_flip_p_value(np.array([1.0, 2.0, 3.0]), 10_000, 0) == pytest.approx(2 / 8)
+    assert sign_flip_p_value(np.array([1.0, -1.0]), 10_000, 0) == 1.0
+
+
+def test_continuation_table_and_grid_concepts():
+    rows = [{"concept": c, "prompt_text": "The", "mode": m, "strength": s, "continuation": f"{c}/{m}/{s:g}",
+             "perplexity": 2.0 + s} for c in ("a:x", "list:s") for m in ("greedy", "sampled") for s in (1.0, -1.0)]
+    table = continuation_table(pl.DataFrame(rows))
+    assert table.columns == ["concept", "prompt_text", "strength", "greedy", "sampled", "perplexity_greedy",
+                             "perplexity_sampled"]
+    assert table.row(0, named=True) == {"concept": "a:x", "prompt_text": "The", "strength": -1.0,
+                                        "greedy": "a:x/greedy/-1", "sampled": "a:x/sampled/-1",
+                                        "perplexity_greedy": 1.0, "perplexity_sampled": 1.0}
+    effects = planted_effects({"feature": 0.4}, concepts=["z:named", "list:suspicion", "b:weak", "c:strong"])
+    summary, _ = summarise(effects, [COMPARED_KL], n_boot=100, seed=0)
+    summary = summary.with_columns(named=pl.col("concept").is_in(["z:named", "list:suspicion"]),
+                                   **{"effect_at_kl_0.1": pl.when(pl.col("concept") == "c:strong").then(1.0)
+                                      .otherwise(pl.col("effect_at_kl_0.1"))})
+    assert grid_concepts(summary, "mlp3", 1) == ["list:suspicion", "z:named", "c:strong"]
+
+
+def test_batched_interpolation_equals_numpy_interp_curve_by_curve():
+    from mechinterp.clamping_stats import effects_at_kl
+
+    rng = np.random.default_rng(3)
+    kl, effect = rng.gamma(1.0, 0.1, (5, 200)), rng.normal(size=(5, 200))
+    batched = effects_at_kl(kl, effect, 0.1)
+    for column in range(200):
+        points = np.concatenate([[0.0], kl[:, column]])
+        values = np.concatenate([[0.0], effect[:, column]])
+        order = np.argsort(points, kind="stable")
+        log_kl = np.log(np.maximum(points[order], 1e-12))
+        expected = np.interp(np.log(0.1), log_kl, values[order]) if log_kl[-1] >= np.log(0.1) else np.nan
+        assert batched[column] == pytest.approx(expected, abs=1e-12, nan_ok=True)
