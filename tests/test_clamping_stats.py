@@ -116,12 +116,13 @@ def test_wilson_interval_and_the_exact_sign_flip_test():
 
 
 def test_continuation_table_and_grid_concepts():
-    rows = [{"concept": c, "prompt_text": "The", "mode": m, "strength": s, "continuation": f"{c}/{m}/{s:g}",
-             "perplexity": 2.0 + s} for c in ("a:x", "list:s") for m in ("greedy", "sampled") for s in (1.0, -1.0)]
+    rows = [{"concept": c, "selection": "input", "prompt_text": "The", "mode": m, "strength": s,
+             "continuation": f"{c}/{m}/{s:g}", "perplexity": 2.0 + s}
+            for c in ("a:x", "list:s") for m in ("greedy", "sampled") for s in (1.0, -1.0)]
     table = continuation_table(pl.DataFrame(rows))
-    assert table.columns == ["concept", "prompt_text", "strength", "greedy", "sampled", "perplexity_greedy",
-                             "perplexity_sampled"]
-    assert table.row(0, named=True) == {"concept": "a:x", "prompt_text": "The", "strength": -1.0,
+    assert table.columns == ["concept", "selection", "prompt_text", "strength", "greedy", "sampled",
+                             "perplexity_greedy", "perplexity_sampled"]
+    assert table.row(0, named=True) == {"concept": "a:x", "selection": "input", "prompt_text": "The", "strength": -1.0,
                                         "greedy": "a:x/greedy/-1", "sampled": "a:x/sampled/-1",
                                         "perplexity_greedy": 1.0, "perplexity_sampled": 1.0}
     effects = planted_effects({"feature": 0.4}, concepts=["z:named", "list:suspicion", "b:weak", "c:strong"])

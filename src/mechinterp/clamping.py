@@ -28,8 +28,8 @@ against baselines at the same site judged at equal damage.
   in log-probability of the concept's tokens minus that of frequency-matched control tokens, and the
   KL from the clean distribution. Earlier positions are clean, so every row reuses the prompt's clean
   key-value cache and runs one token through the model instead of the whole window.
-- **Continuations** of the hand-written prompts clamp every position (BOS excepted) and are scored
-  by their perplexity under the clean model.
+- **Continuations** of the hand-written prompts, with the named concepts' input- and output-selected
+  features clamped at every position (BOS excepted), are scored by their perplexity under the clean model.
 
 The model runs as a plain Hugging Face module here: transformer-lens 4.3's bridge computes wrong
 logits from a key-value cache (it continues "The capital of France is" with " Paris-------"), while
@@ -801,21 +801,23 @@ def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: p
     headline = next(s for s in sites if s.sae_id == settings.sae)
     continuation_rows = []
     for concept in named:
-        row = targets_table.filter((pl.col("site") == headline.site.id) & (pl.col("concept") == concept)
-                                   & (pl.col("unit_kind") == "feature") & (pl.col("selection") == "input")).row(0, named=True)
-        unit = sae_units(headline.sae, torch.tensor([row["unit"]]), torch.tensor([row["max_activation"]]))
-        values = torch.tensor(settings.strengths, dtype=torch.float32) * row["max_activation"]
-        for prompt_index, text in enumerate(settings.prompts[: settings.continuation_prompts]):
-            prompt = encode(tokenizer, text)
-            for mode in ("greedy", "sampled"):
-                sequences = continue_prompt(parts, headline.site, headline.sae, unit, values, prompt, settings.new_tokens,
-                                            mode == "sampled", seed)
-                for strength, sequence, ppl in zip(settings.strengths, sequences, perplexity(parts, prompt, sequences),
-                                                   strict=True):
-                    continuation_rows.append({"concept": concept, "site": headline.site.id, "unit": row["unit"],
-                                              "prompt": prompt_index, "prompt_text": text, "mode": mode,
-                                              "strength": float(strength), "continuation": tokenizer.decode(sequence),
-                                              "perplexity": ppl})
+        for selection in clamping_stats.FEATURE_SELECTIONS:
+            row = targets_table.filter((pl.col("site") == headline.site.id) & (pl.col("concept") == concept)
+                                       & (pl.col("unit_kind") == "feature")
+                                       & (pl.col("selection") == selection)).row(0, named=True)
+            unit = sae_units(headline.sae, torch.tensor([row["unit"]]), torch.tensor([row["max_activation"]]))
+            values = torch.tensor(settings.strengths, dtype=torch.float32) * row["max_activation"]
+            for prompt_index, text in enumerate(settings.prompts[: settings.continuation_prompts]):
+                prompt = encode(tokenizer, text)
+                for mode in ("greedy", "sampled"):
+                    sequences = continue_prompt(parts, headline.site, headline.sae, unit, values, prompt,
+                                                settings.new_tokens, mode == "sampled", seed)
+                    scores = perplexity(parts, prompt, sequences)
+                    for strength, sequence, ppl in zip(settings.strengths, sequences, scores, strict=True):
+                        continuation_rows.append({
+                            "concept": concept, "site": headline.site.id, "selection": selection, "unit": row["unit"],
+                            "prompt": prompt_index, "prompt_text": text, "mode": mode, "strength": float(strength),
+                            "continuation": tokenizer.decode(sequence), "perplexity": ppl})
     return {"targets": targets_table, "effects": effects_table, "summary": summary, "comparisons": comparisons,
             "verdict": verdict, "continuations": pl.DataFrame(continuation_rows)}
 

@@ -239,14 +239,13 @@ def mean_effects(effects: pl.DataFrame) -> pl.DataFrame:
 
 
 def continuation_table(continuations: pl.DataFrame) -> pl.DataFrame:
-    """The continuations side by side: one row per (concept, prompt_text, strength), sorted by those,
-    with the greedy and sampled texts and the perplexity of each under the clean model."""
-    return (continuations.pivot(on="mode", index=["concept", "prompt_text", "strength"],
-                                values=["continuation", "perplexity"])
+    """The continuations side by side: one row per (concept, selection, prompt_text, strength), sorted by
+    those, with the greedy and sampled texts and the perplexity of each under the clean model."""
+    keys = ["concept", "selection", "prompt_text", "strength"]
+    return (continuations.pivot(on="mode", index=keys, values=["continuation", "perplexity"])
             .rename({"continuation_greedy": "greedy", "continuation_sampled": "sampled"})
-            .select("concept", "prompt_text", "strength", "greedy", "sampled", "perplexity_greedy",
-                    "perplexity_sampled")
-            .sort("concept", "prompt_text", "strength"))
+            .select(*keys, "greedy", "sampled", "perplexity_greedy", "perplexity_sampled")
+            .sort(keys))
 
 
 def grid_concepts(summary: pl.DataFrame, site: str, n_sampled: int) -> list[str]:
