@@ -19,7 +19,7 @@ from mechinterp.sites import Site
 
 from test_polysemanticity import planted_table
 
-SITES = [Site("resid", 0), Site("mlp", 1)]
+SITES = [Site("resid", 0), Site("mlp", 1), Site("resid", 1)]
 
 
 @pytest.fixture(scope="module")

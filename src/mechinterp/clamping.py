@@ -354,13 +354,41 @@ def clamp_hook(parts: ModelParts, site: Site, edit):
         handle.remove()
 
 
+@contextmanager
+def start_at_block(parts: ModelParts, layer: int, hidden: torch.Tensor, tuple_output: bool):
+    """Run only blocks `layer` and up: the blocks below return their input unchanged, and block `layer`
+    gets `hidden` [R, S, d] (the clean residual entering it) instead. For one step from a key-value
+    cache this is exact: the skipped blocks' cache entries are never read again."""
+    below = [parts.model.get_submodule(name) for name in parts.block_names[:layer]]
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return (hidden_states,) if tuple_output else hidden_states
+
+    def replace_input(_module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    for block in below:
+        block.forward = passthrough  # an instance attribute shadows the class's forward
+    handle = parts.model.get_submodule(parts.block_names[layer]).register_forward_pre_hook(replace_input,
+                                                                                          with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for block in below:
+            del block.forward
+
+
 class ClampedNextToken:
     """Next-token log-probabilities of fixed-length prompts [P, T] with units clamped at the last
     position. The clean prefix (positions 0..T-2) is run once and its key-value cache reused by every
-    batch of units, so each clamped row costs one token through the model.
+    batch of units, and the blocks below the site run once, clean, for the last position too: each
+    clamped row costs one token through the blocks from the site up.
 
     >>> step = ClampedNextToken(parts, prompts, site, sae, batch_rows=512)   # doctest: +SKIP
-    >>> log_probs = step(units, values)  # [G, P, vocab] for G units at values [G]   # doctest: +SKIP
+    >>> for start, log_probs in step.batches(units, values): ...  # [g, P, vocab] per batch   # doctest: +SKIP
     """
 
     def __init__(self, parts: ModelParts, prompts: torch.Tensor, site: Site, sae: SparseAutoencoder | None,
@@ -369,16 +397,35 @@ class ClampedNextToken:
         self.device = next(parts.model.parameters()).device
         self.prompts = prompts.to(self.device)
         self.batch_units = max(1, batch_rows // len(prompts))
+        captured = {}
+
+        def capture_input(_module, args, kwargs):
+            captured["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        def capture_output(_module, _args, output):
+            captured["tuple_output"] = isinstance(output, tuple)
+
+        site_block = parts.model.get_submodule(parts.block_names[site.layer])
+        handles = [site_block.register_forward_pre_hook(capture_input, with_kwargs=True),
+                   site_block.register_forward_hook(capture_output)]
         with torch.no_grad():
             self.prefix = parts.model(self.prompts[:, :-1], use_cache=True).cache
-            # a step appends to the cache it is given: every step gets a copy of the prefix
-            self.clean = self._step(copy.deepcopy(self.prefix), self.prompts[:, -1:], None).cpu()  # [P, V]
+            try:
+                # a step appends to the cache it is given: every step gets a copy of the prefix
+                self.clean = self._step(copy.deepcopy(self.prefix), self.prompts[:, -1:], None).cpu()  # [P, V]
+            finally:
+                for handle in handles:
+                    handle.remove()
+        self.site_input, self.tuple_output = captured["hidden"], captured["tuple_output"]  # [P, 1, d]
 
     def _step(self, cache, last: torch.Tensor, edit) -> torch.Tensor:
         if edit is None:
             logits = self.parts.model(last, cache=cache, use_cache=True).logits
         else:
-            with clamp_hook(self.parts, self.site, edit):
+            rows = len(last) // len(self.prompts)
+            with (clamp_hook(self.parts, self.site, edit),
+                  start_at_block(self.parts, self.site.layer, self.site_input.repeat_interleave(rows, 0),
+                                 self.tuple_output)):
                 logits = self.parts.model(last, cache=cache, use_cache=True).logits
         return logits[:, -1].float().log_softmax(-1)
 
