@@ -4,7 +4,6 @@ the example units of the polysemanticity cards, the concept of each context toke
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 import pytest
 

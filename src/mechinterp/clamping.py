@@ -753,20 +753,35 @@ class SiteInputs:
     outlier_threshold: float
 
 
+@dataclass(frozen=True)
+class StatisticsTokens:
+    """The train tokens every site's statistics read: cache rows, their tokens and next tokens (-1 at a
+    window's end)."""
+
+    rows: np.ndarray
+    token_ids: np.ndarray
+    next_ids: np.ndarray
+
+    @classmethod
+    def sample(cls, table: pl.DataFrame, n: int, seed: int) -> StatisticsTokens:
+        rows = statistics_rows(table, n, seed)
+        token_ids = table["token_id"].to_numpy().astype(np.int64)
+        same_window = np.append(table["sequence"].to_numpy()[1:] == table["sequence"].to_numpy()[:-1], False)
+        next_ids = np.where(same_window, np.append(token_ids[1:], -1), -1)
+        return cls(rows, token_ids[rows], next_ids[rows])
+
+
 def run_site(parts: ModelParts, inputs: SiteInputs, concepts: list[str], token_sets: dict[str, list[int]],
-             all_words: list[int], counts: np.ndarray, table: pl.DataFrame, units_table: pl.DataFrame,
+             controls: dict[str, list[int]], statistics: StatisticsTokens, units_table: pl.DataFrame,
              selection_prompts: torch.Tensor, measure_prompts: torch.Tensor, settings: ClampingSettings, seed: int
              ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Choose and measure every unit of every concept at one site: the targets and the effects tables."""
     site, sae = inputs.site, inputs.sae
     concept_sets = [token_sets[c] for c in concepts]
-    control_sets = [frequency_matched(ids, all_words, counts, seed) for ids in concept_sets]
-    rows = statistics_rows(table, settings.statistics_tokens, seed)
-    token_ids = table["token_id"].to_numpy().astype(np.int64)
-    same_window = np.append(table["sequence"].to_numpy()[1:] == table["sequence"].to_numpy()[:-1], False)
-    next_ids = np.where(same_window, np.append(token_ids[1:], -1), -1)
+    control_sets = [controls[c] for c in concepts]
+    rows = statistics.rows
     started = time.perf_counter()
-    stats = site_statistics(inputs.cache, rows, token_ids[rows], next_ids[rows], concept_sets, sae,
+    stats = site_statistics(inputs.cache, rows, statistics.token_ids, statistics.next_ids, concept_sets, sae,
                             inputs.outlier_threshold, min_active=10, min_concept_words=settings.min_concept_words)
     log.info("%s: statistics of %d train tokens in %.1f s", site.id, len(rows), time.perf_counter() - started)
     features = units_table.filter((pl.col("site") == site.id) & (pl.col("dictionary") == inputs.sae_id))
@@ -814,10 +829,12 @@ def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: p
     words = word_tokens(vocabulary, counts, settings.exclude_frequent_words)
     token_sets = {**concept_tokens(unambiguous_terms(lexicons, settings.max_word_categories), words),
                   **word_list_tokens(tokenizer, settings.word_lists)}
+    statistics = StatisticsTokens.sample(table, settings.statistics_tokens, seed)
     present = np.zeros(len(vocabulary), dtype=bool)
-    present[table["token_id"].to_numpy()[statistics_rows(table, settings.statistics_tokens, seed)]] = True
+    present[statistics.token_ids] = True
     named, sampled = choose_concepts(token_sets, present, settings, seed)
     all_words = sorted(t for ids in words.values() for t in ids)
+    controls = {c: frequency_matched(token_sets[c], all_words, counts, seed) for c in named + sampled}
     word_start = np.zeros(len(vocabulary), dtype=bool)
     word_start[[i for i, text in enumerate(vocabulary) if text.startswith(" ") and text[1:2].isalpha()]] = True
     from mechinterp.tokens import split_sequences
@@ -829,7 +846,7 @@ def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: p
     targets, effects = [], []
     for inputs in sites:
         concepts = named + sampled if inputs.sae_id == settings.sae else named
-        chosen, measured = run_site(parts, inputs, concepts, token_sets, all_words, counts, table, units_table,
+        chosen, measured = run_site(parts, inputs, concepts, token_sets, controls, statistics, units_table,
                                     selection_prompts, measure_prompts, settings, seed)
         targets.append(chosen)
         effects.append(measured)
