@@ -30,6 +30,7 @@ include: "workflow/rules/logit_lens.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/polysemanticity.smk"
 include: "workflow/rules/clamping.smk"
+include: "workflow/rules/claims.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/audit.smk"
 

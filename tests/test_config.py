@@ -76,6 +76,7 @@ def section_classes():
     """Each config section and the one dataclass that reads it."""
     from mechinterp.activations import CacheSettings
     from mechinterp.audit import AuditSettings
+    from mechinterp.claims import ClaimsSettings
     from mechinterp.clamping import ClampingSettings
     from mechinterp.evaluate_sae import EvalSettings
     from mechinterp.fetch_corpus import CorpusSettings, LexiconSettings
@@ -86,7 +87,8 @@ def section_classes():
 
     return {"model": ModelSettings, "corpus": CorpusSettings, "lexicons": LexiconSettings, "tokens": TokenSettings,
             "logit_lens": LensSettings, "activations": CacheSettings, "sae_eval": EvalSettings,
-            "polysemanticity": ScoringSettings, "clamping": ClampingSettings, "audit": AuditSettings}
+            "polysemanticity": ScoringSettings, "clamping": ClampingSettings, "audit": AuditSettings,
+            "claims": ClaimsSettings}
 
 
 def test_every_section_has_one_typed_definition_that_agrees_with_the_schema():

@@ -153,7 +153,12 @@ def test_smoke_run_end_to_end(tmp_path):
     assert not list(results.rglob(".*.partial-*"))
 
     # every executed notebook's HTML shows each figure file of its notebook, byte for byte
-    for notebook in ("logit_lens", "sae", "polysemanticity", "clamping"):
+    claims = pl.read_parquet(results / "claims.parquet")
+    assert set(claims["verdict"]) <= {"holds", "fails", "inconclusive"}
+    assert claims.filter(pl.col("claim") == "logit_lens.final_layer_is_output")["verdict"].to_list() == ["holds"]
+    assert claims.filter(pl.col("claim").str.starts_with("sae.")).height == 2 * 4
+    assert claims.filter(pl.col("claim").str.starts_with("clamping.resid3.")).height == 10
+    for notebook in ("logit_lens", "sae", "polysemanticity", "clamping", "claims"):
         html = "sae_quality" if notebook == "sae" else notebook
         shown = embedded_pngs((figures / f"{html}.html").read_text(encoding="utf-8"))
         pngs = sorted((figures / notebook).glob("*.png"))

@@ -32,6 +32,7 @@ METRIC_TABLES = {
     "polysemanticity/comparison.parquet": ["site", "sae", "score"],
     "clamping/summary.parquet": ["concept", "site", "unit_kind", "selection"],
     "clamping/verdict.parquet": ["site", "feature_selection", "statistic", "baseline"],
+    "claims.parquet": ["claim"],
 }
 NOT_HASHED = ("MANIFEST.json", "audit.txt")
 TIMING_SUFFIXES = ("seconds", "_per_s")  # run times are recorded under `jobs`, not audited as metrics

@@ -192,6 +192,8 @@ def all_figures():
             for stem in POLYSEMANTICITY_FIGURES
             for f in figure_files(f"polysemanticity/{stem}")
         ],
+        f"{RESULTS}/figures/claims.html",
+        *figure_files("claims/verdicts"),
         f"{RESULTS}/figures/clamping.html",
         *[f for stem in CLAMPING_FIGURES for f in figure_files(f"clamping/{stem}")],
     ]
@@ -221,6 +223,8 @@ def all_benchmarks():
         "figures_polysemanticity",
         "clamping",
         "figures_clamping",
+        "claims",
+        "figures_claims",
     ]
     return [
         *[f"{RESULTS}/benchmarks/download_wheel/{w}.tsv" for w in used_wheels()],

@@ -160,3 +160,35 @@ rule figures_clamping:
         "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
         " {params.tables} -p headline_site {params.headline_site} -p figure_dir {params.figure_dir}"
         " -p model_name {params.model_name:q} > {log} 2>&1"
+
+
+rule figures_claims:
+    input:
+        claims=rules.claims.output[0],
+    output:
+        notebook=f"{RESULTS}/figures/claims.ipynb",
+        html=report(
+            f"{RESULTS}/figures/claims.html",
+            caption="../report/claims_notebook.rst",
+            category="Claims",
+        ),
+        figures=[
+            report(f, caption="../report/claims_verdicts.rst", category="Claims")
+            for f in figure_files("claims/verdicts")
+        ],
+    log:
+        f"{RESULTS}/logs/figures_claims.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures_claims.tsv"
+    conda:
+        ENV
+    threads: 1
+    params:
+        notebook=notebook("claims"),
+        code=stage_code("mechinterp.plotting", notebook("claims")),
+        figure_dir=lambda wc, output: Path(output.figures[0]).parent,
+        model_name=config["model"]["name"],
+    shell:
+        "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
+        " -p claims {input.claims} -p figure_dir {params.figure_dir} -p model_name {params.model_name:q}"
+        " > {log} 2>&1"
