@@ -210,20 +210,22 @@ def test_smoke_run_end_to_end(tmp_path):
         stats = out.split("Job stats:")[1].split("total")[0].splitlines()[3:]
         return {line.split()[0] for line in stats if line.strip()}
 
+    claims = {"claims", "figures_claims"}  # the claims read every stage's tables
     downstream_of_training = {"train_sae", "evaluate_sae", "collect_sae_metrics", "figures_sae", "polysemanticity",
                               "collect_polysemanticity", "figures_polysemanticity", "clamping", "figures_clamping",
-                              "manifest", "all"}
+                              "manifest", "all", *claims}
     for edited, expected in (
         ("src/mechinterp/polysemanticity.py", {"polysemanticity", "collect_polysemanticity",
                                                "figures_polysemanticity", "clamping", "figures_clamping", "manifest",
-                                               "all"}),
-        ("src/mechinterp/clamping.py", {"clamping", "figures_clamping", "manifest", "all"}),
+                                               "all", *claims}),
+        ("src/mechinterp/clamping.py", {"clamping", "figures_clamping", "manifest", "all", *claims}),
         ("src/mechinterp/saes/topk.py", downstream_of_training),
         # a stage's entry point lives beside its functions: editing train_sae's main() reruns training and
         # what depends on it, not caching; the stacking entry point reruns the collect rules and after
         ("src/mechinterp/train_sae.py", downstream_of_training),
         ("src/mechinterp/collect.py", {"collect_sae_metrics", "figures_sae", "collect_polysemanticity",
-                                       "figures_polysemanticity", "clamping", "figures_clamping", "manifest", "all"}),
+                                       "figures_polysemanticity", "clamping", "figures_clamping", "manifest", "all",
+                                       *claims}),
         ("workflow/notebooks/clamping.ipynb", {"figures_clamping", "manifest", "all"}),
     ):
         path = workdir / edited
