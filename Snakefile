@@ -1,6 +1,7 @@
 # Replication workflow: logit lens, sparse autoencoders, polysemanticity and clamping on a real model.
 # All figures:  snakemake --cores all                                  (config/default.yaml)
 # Smoke run:    snakemake --cores all --configfile config/smoke.yaml   (laid over the default)
+# Replicates:   snakemake --cores all replicates                      (the stochastic stages with other seeds)
 # Audit:        snakemake --cores all audit                           (MANIFEST.json against the reference)
 from pathlib import Path
 
@@ -32,6 +33,7 @@ include: "workflow/rules/polysemanticity.smk"
 include: "workflow/rules/clamping.smk"
 include: "workflow/rules/claims.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/replicates.smk"
 include: "workflow/rules/audit.smk"
 
 

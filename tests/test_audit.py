@@ -1,68 +1,177 @@
-"""The audit: inputs and models must match exactly, metrics within tolerance, the rest is reported;
-the command's exit status says which."""
+"""The audit: the same config or a refusal, inputs and models exactly, each claim's verdict (an unstable
+claim's statistic), each metric within a tolerance set by the reference's seed-to-seed spread; the
+replicates' spread and the reference folder it comes in."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 
+import polars as pl
 import pytest
 
-from mechinterp.audit import audit, load_manifest, tolerance_for
+from mechinterp.audit import AuditSettings, Reference, Tolerances, audit, config_differences, load_manifest
 from mechinterp.audit import main as audit_main
 from mechinterp.errors import UserError, exit_status
 from mechinterp.manifest import build_manifest
+from mechinterp.reference import make_reference
+from mechinterp.replicates import claim_stability, spread
 
-TOLERANCES = {"default": {"rel": 0.05, "abs": 0.001},
-              "tables": {"sae_eval/metrics.parquet": {"default": {"rel": 0.0, "abs": 0.01},
-                                                      "l0": {"rel": 0.0, "abs": 0.5}}}}
+SETTINGS = AuditSettings(reference=None, spread_multiple=4.0, floor={"rel": 0.0, "abs": 0.001}, count_floor=1.0)
+CONFIG = {"run": "r", "seed": 0, "data_seed": 0, "tokens": {"train_tokens": 1000}, "device": "auto"}
 
 
-def manifest() -> dict:
-    return {"files": {"model/model.safetensors": {"sha256": "a" * 64}, "saes/x/sae_weights.safetensors": {"sha256": "b" * 64},
-                      "figures/x.png": {"sha256": "c" * 64}, "logs/clamping.log": {"sha256": "f" * 64}},
-            "metrics": {"sae_eval/metrics.parquet": [{"sae": "resid1-topk", "fvu": 0.2, "l0": 32.0, "dead_fraction": 0.0}],
+def claim(name: str, value: float, verdict: str) -> dict:
+    return {"claim": name, "value": value, "ci_low": value - 0.1, "ci_high": value + 0.1, "bound": 0.0,
+            "verdict": verdict}
+
+
+def manifest(fvu: float = 0.2, n_dead: int = 2, mono: float = 0.3, beats: float = 0.05, seed: int = 0) -> dict:
+    """A run's manifest as mechinterp.manifest writes it, with the metrics that matter here."""
+    return {"config": {**CONFIG, "seed": seed},
+            "files": {"model/model.safetensors": {"sha256": "a" * 64}, "saes/x/sae_weights.safetensors": {"sha256": "b" * 64},
+                      "logs/clamping.log": {"sha256": "f" * 64}},
+            "metrics": {"sae_eval/metrics.parquet": [{"sae": "resid1-topk", "fvu": fvu, "n_dead": n_dead}],
                         "clamping/summary.parquet": [{"concept": "c", "site": "mlp3", "unit_kind": "feature",
                                                       "selection": "input", "unit": 3,
-                                                      "spearman_relative": float("nan")}]},
-            "environment": {"packages": {"torch": "2.13.0"}, "device": "cpu"}, "seeds": {"seed": 0}}
+                                                      "spearman_relative": float("nan")}],
+                        "claims.parquet": [claim("sae.resid1-topk.fvu", fvu, "holds" if fvu <= 0.5 else "fails"),
+                                           claim("polysemanticity.resid1-topk", mono, "holds" if mono > 0.1 else "fails"),
+                                           claim("clamping.beats", beats, "holds" if beats > 0.1 else "inconclusive")]},
+            "environment": {"packages": {"torch": "2.13.0"}, "device": "cpu", "cpu": "Intel Xeon"},
+            "seeds": {"seed": seed, "data_seed": 0}}
 
 
-def test_identical_manifests_pass():
-    result = audit(manifest(), manifest(), TOLERANCES)
-    assert result.passed and not result.notes
-    assert any("model/model.safetensors: sha256 identical" in m for m in result.matches)
+def seed_manifests() -> dict[int, dict]:
+    """Three seeds: fvu and dead latents move a little, the clamping claim's verdict flips."""
+    return {0: manifest(), 1: manifest(fvu=0.21, n_dead=3, beats=0.12, seed=1),
+            2: manifest(fvu=0.19, n_dead=2, beats=0.04, seed=2)}
 
 
-def test_metric_outside_tolerance_and_changed_model_fail_other_files_are_notes():
-    run = copy.deepcopy(manifest())
-    run["metrics"]["sae_eval/metrics.parquet"][0].update(fvu=0.205, l0=32.4)  # within tolerance
+def reference() -> Reference:
+    seeds = seed_manifests()
+    return Reference(seeds[0], spread({s: m["metrics"] for s, m in seeds.items()}),
+                     claim_stability({s: pl.DataFrame(m["metrics"]["claims.parquet"]) for s, m in seeds.items()}))
+
+
+def test_spread_and_claim_stability():
+    ref = reference()
+    fvu = ref.spread.filter(pl.col("column") == "fvu", pl.col("table") == "sae_eval/metrics.parquet").row(0, named=True)
+    assert fvu["n_seeds"] == 3 and fvu["mean"] == pytest.approx(0.2) and fvu["sd"] == pytest.approx(0.01)
+    assert ref.spread.filter(pl.col("column") == "n_dead")["integer"].to_list() == [True]
+    nan = ref.spread.filter(pl.col("column") == "spearman_relative").row(0, named=True)
+    assert nan["n_seeds"] == 0 and math.isnan(nan["sd"])
+    stable = dict(ref.claims.select("claim", "stable").iter_rows())
+    assert stable == {"sae.resid1-topk.fvu": True, "polysemanticity.resid1-topk": True, "clamping.beats": False}
+    assert ref.claims.filter(pl.col("claim") == "clamping.beats")["counts"].to_list() == ["inconclusive 2, holds 1"]
+
+
+def test_tolerance_is_multiples_of_the_spread_with_floors():
+    tolerances = Tolerances(reference().spread, SETTINGS)
+    assert tolerances("sae_eval/metrics.parquet", '["resid1-topk"]', "fvu", 0.2, False)[0] == pytest.approx(0.04)
+    # a count gets at least count_floor; a metric the seeds do not move gets the floor
+    n_dead_sd = reference().spread.filter(pl.col("column") == "n_dead")["sd"][0]
+    assert tolerances("sae_eval/metrics.parquet", '["resid1-topk"]', "n_dead", 2, True)[0] == max(1.0, 4 * n_dead_sd)
+    assert tolerances("logit_lens/first_layer.parquet", '["p", " x"]', "final_prob", 0.5, False) == (0.001, "floor")
+    # no replicates: the floor everywhere
+    assert Tolerances(None, SETTINGS)("sae_eval/metrics.parquet", '["resid1-topk"]', "fvu", 0.2, False)[0] == 0.001
+
+
+def test_a_rerun_with_another_seed_passes():
+    for seed in (1, 2):
+        result = audit(seed_manifests()[seed], reference(), SETTINGS)
+        assert result.passed, result.report()
+        assert result.counts["claims"] == [3, 3] and result.counts["inputs"] == [1, 1]
+        assert "seeds: {'seed': %d, 'data_seed': 0} vs reference {'seed': 0, 'data_seed': 0}" % seed in result.notes
+    report = audit(seed_manifests()[1], reference(), SETTINGS).report()
+    assert "OK     clamping.beats: inconclusive 0.05 [-0.05, 0.15] | holds 0.12 [0.02, 0.22]; unstable" in report
+
+
+def test_a_broken_run_fails_naming_the_claim():
+    broken = manifest(fvu=1.3)  # e.g. decoder rows shuffled: nothing reconstructs
+    result = audit(broken, reference(), SETTINGS)
+    assert not result.passed
+    assert any(f.startswith("claim sae.resid1-topk.fvu: holds 0.2 [0.1, 0.3] | fails 1.3") for f in result.failures)
+    assert any(f.startswith("sae_eval/metrics.parquet [resid1-topk] fvu: 1.3 vs reference 0.2") for f in result.failures)
+    swapped = manifest(mono=-0.3)  # neurons' and features' scores swapped
+    failures = audit(swapped, reference(), SETTINGS).failures
+    assert [f.split(":")[0] for f in failures] == ["claim polysemanticity.resid1-topk"]
+    # an unstable claim is checked by its statistic
+    far = manifest(beats=0.5)
+    assert any(f.startswith("claim clamping.beats") and "outside" in f for f in audit(far, reference(), SETTINGS).failures)
+
+
+def test_counts_changed_model_and_missing_rows():
+    run = manifest(n_dead=3)  # within the count floor
     run["files"]["saes/x/sae_weights.safetensors"]["sha256"] = "d" * 64  # another machine's training: a note
     run["files"]["logs/clamping.log"]["sha256"] = "0" * 64  # logs always differ: not compared
-    result = audit(run, manifest(), TOLERANCES)
-    assert result.passed and len(result.notes) == 1
-    run["metrics"]["sae_eval/metrics.parquet"][0]["fvu"] = 0.22
+    run["environment"]["cpu"] = "AMD EPYC"
+    result = audit(run, reference(), SETTINGS)
+    assert result.passed and "cpu: AMD EPYC vs reference Intel Xeon" in result.notes
+    run = manifest(n_dead=9)
     run["files"]["model/model.safetensors"]["sha256"] = "e" * 64
-    run["environment"]["device"] = "NVIDIA H100"
-    result = audit(run, manifest(), TOLERANCES)
-    assert not result.passed
+    run["metrics"]["clamping/summary.parquet"] = []
+    result = audit(run, reference(), SETTINGS)
     assert any(f.startswith("model/model.safetensors: sha256") for f in result.failures)
-    assert any("sae_eval/metrics.parquet [resid1-topk] fvu: 0.22 vs reference 0.2" in f for f in result.failures)
-    assert "device: NVIDIA H100 vs reference cpu" in result.notes
-    assert result.report().startswith("AUDIT FAILED: ")
+    assert any(f.startswith("sae_eval/metrics.parquet [resid1-topk] n_dead: 9 vs reference 2") for f in result.failures)
+    assert "clamping/summary.parquet [c, mlp3, feature, input]: row missing from this run" in result.failures
+    assert result.report().startswith("AUDIT FAILED: inputs 0 of 1 agree; claims 3 of 3 agree; metrics 1 of 3 agree")
 
 
-def test_missing_rows_fail_and_nan_matches_nan():
-    run = copy.deepcopy(manifest())
-    run["metrics"]["sae_eval/metrics.parquet"] = []
-    result = audit(run, manifest(), TOLERANCES)
-    assert result.failures == ["sae_eval/metrics.parquet [resid1-topk]: row missing from this run"]
+def test_another_config_is_refused():
+    assert config_differences({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 0}) == ["a.c", "d"]
+    other = manifest()
+    other["config"] = {**CONFIG, "run": "smoke", "tokens": {"train_tokens": 8}}
+    with pytest.raises(UserError, match=r"another config \(run 'r'\); they differ at tokens.train_tokens"):
+        audit(other, reference(), SETTINGS)
+    other["config"] = {**CONFIG, "data_seed": 1}  # other inputs: refused too
+    with pytest.raises(UserError, match="data_seed"):
+        audit(other, reference(), SETTINGS)
 
 
-def test_tolerance_lookup_order():
-    assert tolerance_for(TOLERANCES, "sae_eval/metrics.parquet", "l0") == (0.0, 0.5)
-    assert tolerance_for(TOLERANCES, "sae_eval/metrics.parquet", "fvu") == (0.0, 0.01)
-    assert tolerance_for(TOLERANCES, "clamping/summary.parquet", "x") == (0.05, 0.001)
+def write_run(run_dir, seeds: dict[int, dict]) -> None:
+    """A finished run's folder as `make_reference` reads it: MANIFEST.json and replicates/."""
+    (run_dir / "replicates").mkdir(parents=True)
+    (run_dir / "MANIFEST.json").write_text(json.dumps({**seeds[0], "code": {"commit": "abc", "dirty": False}}))
+    ref = reference()
+    ref.spread.write_parquet(run_dir / "replicates" / "spread.parquet")
+    ref.claims.write_parquet(run_dir / "replicates" / "claims.parquet")
+
+
+def test_reference_folder_and_audit_command(tmp_path, capsys):
+    run_dir, folder = tmp_path / "results" / "r", tmp_path / "reference" / "r"
+    write_run(run_dir, seed_manifests())
+    make_reference(run_dir, folder)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "MANIFEST.json", "replicates/claims.parquet", "replicates/spread.parquet"]
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(seed_manifests()[2]))
+    args = ["--manifest", str(run), "--reference", str(folder), "--settings", json.dumps(SETTINGS.__dict__)]
+    assert exit_status(audit_main, args) == 0
+    assert capsys.readouterr().out.startswith("AUDIT PASSED: inputs 1 of 1 agree; claims 3 of 3 agree")
+    run.write_text(json.dumps(manifest(fvu=0.9)))
+    assert exit_status(audit_main, args) == 1
+    assert "FAIL   claim sae.resid1-topk.fvu" in capsys.readouterr().out
+    assert exit_status(audit_main, ["--manifest", str(run), "--reference", str(folder / "MANIFEST.json")]) == 2
+    assert "is a file; a reference is a folder" in capsys.readouterr().err
+    run.write_text("{not json")
+    assert exit_status(audit_main, args) == 2
+    with pytest.raises(UserError, match="does not exist"):
+        load_manifest(tmp_path / "none.json", "the reference")
+
+
+def test_reference_needs_current_replicates(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "MANIFEST.json").write_text(json.dumps({**manifest(), "code": {"commit": None}}))
+    with pytest.raises(UserError, match="snakemake --cores all replicates"):
+        make_reference(run_dir, tmp_path / "ref")
+    stale = tmp_path / "stale"
+    write_run(stale, {0: manifest(mono=-1.0)})  # the run changed after its replicates were made
+    with pytest.raises(UserError, match="polysemanticity.resid1-topk.*stale"):
+        make_reference(stale, tmp_path / "ref")
+    assert not (tmp_path / "ref").exists()
 
 
 def test_manifest_records_files_config_and_jobs(tmp_path):
@@ -70,28 +179,24 @@ def test_manifest_records_files_config_and_jobs(tmp_path):
     (run / "benchmarks" / "train_sae").mkdir(parents=True)
     (run / "model").mkdir()
     (run / "model" / "weights.bin").write_bytes(b"weights")
+    (run / "replicates" / "seed1").mkdir(parents=True)
+    (run / "replicates" / "seed1" / "x.parquet").write_bytes(b"another seed")
     (run / "benchmarks" / "train_sae" / "resid1-topk.tsv").write_text(
         "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
         "12.5\t0:00:12\t800.5\t900\t700\t750\t1\t2\t150\t20\n")
-    out = build_manifest(run, {"run": "r", "seed": 3}, tmp_path, [run / "benchmarks/train_sae/resid1-topk.tsv"], 2)
+    out = build_manifest(run, {"run": "r", "seed": 3, "data_seed": 0}, tmp_path,
+                         [run / "benchmarks/train_sae/resid1-topk.tsv"], 2)
     assert out["files"]["model/weights.bin"]["bytes"] == 7
+    assert not any(name.startswith("replicates/") for name in out["files"])
     assert out["jobs"] == {"train_sae/resid1-topk": {"wall_s": 12.5, "max_rss_mib": 800.5}}
-    assert out["seeds"] == {"seed": 3} and out["environment"]["threads"] == 2
-    assert out["code"] == {"commit": None, "dirty": None}
+    assert out["seeds"] == {"seed": 3, "data_seed": 0} and out["environment"]["threads"] == 2
+    assert out["environment"]["cpu"] and out["code"] == {"commit": None, "dirty": None}
 
 
-def test_audit_command_exit_status(tmp_path, capsys):
-    ref, run = tmp_path / "ref.json", tmp_path / "run.json"
-    ref.write_text(json.dumps(manifest()))
-    run.write_text(json.dumps(manifest()))
-    args = ["--manifest", str(run), "--reference", str(ref), "--settings", json.dumps({"reference": str(ref), "tolerances": TOLERANCES})]
-    assert exit_status(audit_main, args) == 0
-    changed = manifest()
-    changed["metrics"]["sae_eval/metrics.parquet"][0]["fvu"] = 0.5
-    run.write_text(json.dumps(changed))
-    assert exit_status(audit_main, args) == 1
-    assert "FAIL   sae_eval/metrics.parquet" in capsys.readouterr().out
-    run.write_text("{not json")
-    assert exit_status(audit_main, args) == 2
-    with pytest.raises(UserError, match="does not exist"):
-        load_manifest(tmp_path / "none.json", "the reference")
+def test_replicates_doctest():
+    import doctest
+
+    import mechinterp.replicates
+
+    assert doctest.testmod(mechinterp.replicates).failed == 0
+

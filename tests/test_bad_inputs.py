@@ -106,14 +106,20 @@ def test_damaged_inputs_are_refused_with_the_fix(site, capsys, damage, message):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_bad_manifests_are_refused(tmp_path, capsys):
-    (tmp_path / "run.json").write_text(json.dumps({"files": {}, "metrics": {}, "environment": {}}))
-    (tmp_path / "broken.json").write_text('{"files": ')
-    (tmp_path / "other.json").write_text(json.dumps({"some": "json"}))
-    settings = json.dumps({"reference": None, "tolerances": {"default": {"rel": 0, "abs": 0}}})
+def test_bad_references_are_refused(tmp_path, capsys):
+    (tmp_path / "run.json").write_text(json.dumps({"files": {}, "metrics": {}, "environment": {}, "config": {}}))
+    for name, text in (("broken", '{"files": '), ("other", json.dumps({"some": "json"}))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "MANIFEST.json").write_text(text)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "MANIFEST.json").write_text((tmp_path / "run.json").read_text())
+    (tmp_path / "half" / "replicates").mkdir()
+    (tmp_path / "half" / "replicates" / "spread.parquet").write_bytes(b"")
+    settings = json.dumps({"reference": None, "spread_multiple": 6, "floor": {"rel": 0, "abs": 0}, "count_floor": 1})
     base = ["--manifest", str(tmp_path / "run.json"), "--settings", settings]
-    for reference, message in (("absent.json", "does not exist"), ("broken.json", "is not valid JSON"),
-                               ("other.json", "has no 'files' section")):
+    for reference, message in (("absent", "does not exist"), ("broken", "is not valid JSON"),
+                               ("other", "has no 'files' section"), ("run.json", "is a file; a reference is a folder"),
+                               ("half", "has only one of replicates/spread.parquet and replicates/claims.parquet")):
         assert exit_status(audit_main, [*base, "--reference", str(tmp_path / reference), "--out",
                                         str(tmp_path / "audit.txt")]) == 2
         assert message in capsys.readouterr().err

@@ -1,7 +1,19 @@
-"""The audit of a run against a reference: compares two manifests (mechinterp.manifest). Inputs and
-models exactly (sha256 of the downloads, the model folder, the corpus and the tokens), metrics
-within the config's tolerances; everything else is listed as information. It passes only when
-nothing is outside tolerance."""
+"""The audit of a run against a reference (`snakemake --cores all audit`, or
+`python -m mechinterp.audit --manifest M --reference DIR` for a results folder copied from elsewhere).
+
+A reference is a folder made by `python -m mechinterp.reference`: a run's MANIFEST.json and its
+replicates' spread (`replicates/spread.parquet`, `replicates/claims.parquet`). The audit passes when
+
+- the config is the reference's (else it refuses: there is nothing to compare);
+- the inputs and models are identical (sha256 of the downloads, the model folder, the corpus, the tokens);
+- every claim agrees: a claim whose verdict was the same in every seed of the reference's replicates
+  must have that verdict; an unstable claim's statistic must be within tolerance;
+- every metric is within tolerance: `spread_multiple` seed standard deviations (the larger of the
+  row's own and its column's median, so one lucky row of three seeds does not make a tolerance of
+  zero), never less than the `floor` (and `count_floor` for counts).
+
+Everything else (other files' hashes, packages, device, CPU) is listed as information.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from mechinterp.errors import UserError, run_stage
 from mechinterp.files import atomic_path
-from mechinterp.manifest import METRIC_TABLES
+from mechinterp.manifest import CLAIMS_TABLE, METRIC_TABLES
+from mechinterp.replicates import row_id
 
 EXACT_PREFIXES = ("downloads/", "model/", "corpus/", "tokens/")  # inputs and models: identical or the audit fails
 UNCOMPARED_PREFIXES = ("logs/", "benchmarks/")  # differ on every run by nature; hashed, never compared
+# config keys a rerun may change and still be audited against the reference: its name, the stochastic
+# stages' seed, the device, how it is audited and replicated
+FREE_CONFIG_KEYS = ("run", "seed", "device", "audit", "replicates")
+REFERENCE_MANIFEST = "MANIFEST.json"
+REFERENCE_SPREAD = "replicates/spread.parquet"
+REFERENCE_CLAIMS = "replicates/claims.parquet"
 
 
 @dataclass(frozen=True)
@@ -26,9 +47,70 @@ class AuditSettings:
     """The config's `audit` section (defaults: workflow/schemas/config.schema.yaml)."""
 
     reference: str | None
-    """path of the reference MANIFEST.json (relative to the repository root); None for none"""
-    tolerances: dict[str, Any]
-    """`default` {rel, abs}, and per table a `default` and per-column {rel, abs}"""
+    """the reference folder (MANIFEST.json, replicates/), relative to the repository root; None for none"""
+    spread_multiple: float
+    """a metric's tolerance in seed standard deviations"""
+    floor: dict[str, float]
+    """the smallest tolerance, {rel, abs}: max(abs, rel * |reference|)"""
+    count_floor: float
+    """the smallest tolerance of an integer metric"""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference folder, loaded: the run's manifest and, when it was made with replicates, the
+    seed-to-seed spread of every metric and each claim's verdict per seed."""
+
+    manifest: dict[str, Any]
+    spread: pl.DataFrame | None
+    claims: pl.DataFrame | None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Reference:
+        folder = Path(folder)
+        if folder.is_file():
+            raise UserError(f"the reference {folder} is a file; a reference is a folder (MANIFEST.json and "
+                            "replicates/) made by `python -m mechinterp.reference RUN_DIR --out FOLDER`.")
+        manifest = load_manifest(folder / REFERENCE_MANIFEST, "the reference")
+        spread_path, claims_path = folder / REFERENCE_SPREAD, folder / REFERENCE_CLAIMS
+        if spread_path.is_file() != claims_path.is_file():
+            raise UserError(f"the reference {folder} has only one of {REFERENCE_SPREAD} and {REFERENCE_CLAIMS}; "
+                            "remake it with `python -m mechinterp.reference`.")
+        if not spread_path.is_file():
+            return cls(manifest, None, None)
+        return cls(manifest, pl.read_parquet(spread_path), pl.read_parquet(claims_path))
+
+
+class Tolerances:
+    """Each metric's tolerance from the reference's seed-to-seed spread (see the module docstring)."""
+
+    def __init__(self, spread: pl.DataFrame | None, settings: AuditSettings):
+        self.settings = settings
+        self.sd: dict[tuple[str, str, str], float] = {}
+        self.column_sd: dict[tuple[str, str], float] = {}
+        self.mixed: set[tuple[str, str, str]] = set()  # NaN in some seeds, a number in others
+        if spread is not None:
+            self.mixed = {(t, r, c) for t, r, c in spread.filter((pl.col("n_nan") > 0) & (pl.col("n_seeds") > 0))
+                          .select("table", "row", "column").iter_rows()}
+            known = spread.filter(pl.col("sd").is_not_nan())
+            self.sd = {(t, r, c): sd for t, r, c, sd in known.select("table", "row", "column", "sd").iter_rows()}
+            self.column_sd = {(t, c): m for t, c, m in known.group_by("table", "column")
+                              .agg(pl.col("sd").median()).iter_rows()}
+
+    def nan_or_number(self, table: str, row: str, column: str) -> bool:
+        """Whether the replicates gave this metric NaN in some seeds and a number in others: then NaN
+        against a number is within what seeds do."""
+        return (table, row, column) in self.mixed
+
+    def __call__(self, table: str, row: str, column: str, reference: float, integer: bool) -> tuple[float, str]:
+        """(tolerance, how it was set) of one metric."""
+        if math.isnan(reference):
+            return math.nan, "NaN in every seed" if not self.nan_or_number(table, row, column) else "NaN or a number"
+        floor = max(self.settings.floor["abs"], self.settings.floor["rel"] * abs(reference),
+                    self.settings.count_floor if integer else 0.0)
+        sd = max(self.sd.get((table, row, column), 0.0), self.column_sd.get((table, column), 0.0))
+        spread = self.settings.spread_multiple * sd
+        return (spread, f"{self.settings.spread_multiple:g} x sd {sd:.3g}") if spread > floor else (floor, "floor")
 
 
 @dataclass
@@ -36,44 +118,68 @@ class AuditResult:
     matches: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    claims: list[str] = field(default_factory=list)  # one line per claim: reference | this run
+    counts: dict[str, list[int]] = field(default_factory=lambda: {"inputs": [0, 0], "claims": [0, 0], "metrics": [0, 0]})
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
+    def count(self, kind: str, ok: bool) -> None:
+        self.counts[kind][0] += ok
+        self.counts[kind][1] += 1
+
     def report(self) -> str:
-        lines = [f"AUDIT {'PASSED' if self.passed else 'FAILED'}: {len(self.matches)} match, "
-                 f"{len(self.failures)} outside tolerance, {len(self.notes)} informational differences"]
+        summary = "; ".join(f"{kind} {ok} of {n} agree" for kind, (ok, n) in self.counts.items())
+        lines = [f"AUDIT {'PASSED' if self.passed else 'FAILED'}: {summary}; {len(self.failures)} failures"]
         lines += [f"FAIL   {line}" for line in self.failures]
+        lines += ["", "CLAIMS: reference | this run", *self.claims, ""]
         lines += [f"NOTE   {line}" for line in self.notes]
         lines += [f"OK     {line}" for line in self.matches]
         return "\n".join(lines) + "\n"
 
 
-def tolerance_for(tolerances: dict[str, Any], table: str, column: str) -> tuple[float, float]:
-    """(relative, absolute) tolerance of a metric column: the table's entry for the column, else the
-    table's default, else the global default."""
-    per_table = tolerances.get("tables", {}).get(table, {})
-    chosen = per_table.get(column, per_table.get("default", tolerances["default"]))
-    return float(chosen["rel"]), float(chosen["abs"])
+def config_differences(mine: Any, reference: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two resolved configs differ."""
+    if isinstance(mine, dict) and isinstance(reference, dict):
+        return [d for key in sorted(set(mine) | set(reference))
+                for d in config_differences(mine.get(key), reference.get(key), f"{prefix}{key}.")]
+    return [] if mine == reference else [prefix.rstrip(".")]
 
 
-def _close(value: Any, reference: Any, rel: float, absolute: float) -> bool:
-    if isinstance(reference, float) and math.isnan(reference):
-        return isinstance(value, float) and math.isnan(value)
+def check_same_config(manifest: dict[str, Any], reference: dict[str, Any]) -> None:
+    mine = {k: v for k, v in manifest["config"].items() if k not in FREE_CONFIG_KEYS}
+    theirs = {k: v for k, v in reference["config"].items() if k not in FREE_CONFIG_KEYS}
+    differences = config_differences(mine, theirs)
+    if differences:
+        shown = ", ".join(differences[:8]) + (f" and {len(differences) - 8} more" if len(differences) > 8 else "")
+        raise UserError(f"the reference was made with another config (run {reference['config'].get('run')!r}); "
+                        f"they differ at {shown}. Audit a run of the reference's config, or make a reference "
+                        "from a run of this config with `python -m mechinterp.reference`.")
+
+
+def _close(value: Any, reference: Any, tolerance: float, nan_or_number: bool) -> bool:
+    """Whether a metric matches: within `tolerance`; NaN only against NaN unless the seeds gave both."""
     if value is None or reference is None:
         return value is reference
-    return abs(value - reference) <= max(absolute, rel * abs(reference))
+    value_nan, reference_nan = math.isnan(value), math.isnan(reference)
+    if value_nan or reference_nan:
+        return nan_or_number or (value_nan and reference_nan)
+    return abs(value - reference) <= tolerance
 
 
-def audit(manifest: dict[str, Any], reference: dict[str, Any], tolerances: dict[str, Any]) -> AuditResult:
-    """Compare a run's manifest with a reference manifest."""
-    result = AuditResult()
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def audit_files(manifest: dict[str, Any], reference: dict[str, Any], result: AuditResult) -> None:
     for name, ref in sorted(reference["files"].items()):
         if name.startswith(UNCOMPARED_PREFIXES):
             continue
         mine = manifest["files"].get(name)
         exact = name.startswith(EXACT_PREFIXES)
+        if exact:
+            result.count("inputs", mine is not None and mine["sha256"] == ref["sha256"])
         if mine is None:
             (result.failures if exact else result.notes).append(f"{name}: missing from this run")
         elif mine["sha256"] == ref["sha256"]:
@@ -83,31 +189,91 @@ def audit(manifest: dict[str, Any], reference: dict[str, Any], tolerances: dict[
             result.failures.append(f"{name}: sha256 {mine['sha256'][:12]} differs from the reference {ref['sha256'][:12]}")
         else:
             result.notes.append(f"{name}: sha256 differs (checked through its metrics, if any)")
+
+
+def audit_metrics(manifest: dict[str, Any], reference: dict[str, Any], tolerances: Tolerances,
+                  result: AuditResult) -> None:
     for table, key in METRIC_TABLES.items():
         ref_rows = reference.get("metrics", {}).get(table)
-        if ref_rows is None:
+        if ref_rows is None or table == CLAIMS_TABLE:
             continue
         mine = {tuple(row[k] for k in key): row for row in manifest.get("metrics", {}).get(table, [])}
         for ref_row in ref_rows:
-            row_id = tuple(ref_row[k] for k in key)
-            label = f"{table} [{', '.join(map(str, row_id))}]"
-            if row_id not in mine:
+            row_key = tuple(ref_row[k] for k in key)
+            label = f"{table} [{', '.join(map(str, row_key))}]"
+            if row_key not in mine:
+                result.count("metrics", False)
                 result.failures.append(f"{label}: row missing from this run")
                 continue
             for column, ref_value in ref_row.items():
-                if column in key or not isinstance(ref_value, int | float) or isinstance(ref_value, bool):
+                if column in key or not _number(ref_value):
                     continue
-                rel, absolute = tolerance_for(tolerances, table, column)
-                value = mine[row_id].get(column)
-                line = f"{label} {column}: {value!r} vs reference {ref_value!r} (tolerance rel {rel:g}, abs {absolute:g})"
-                (result.matches if _close(value, ref_value, rel, absolute) else result.failures).append(line)
-    if manifest.get("seeds") != reference.get("seeds"):
-        result.notes.append(f"seeds: {manifest.get('seeds')} vs reference {reference.get('seeds')}")
-    for name, version in reference["environment"]["packages"].items():
+                row = row_id(table, ref_row)
+                tolerance, how = tolerances(table, row, column, ref_value, isinstance(ref_value, int))
+                value = mine[row_key].get(column)
+                ok = _close(value, ref_value, tolerance, tolerances.nan_or_number(table, row, column))
+                result.count("metrics", ok)
+                line = f"{label} {column}: {value!r} vs reference {ref_value!r} (tolerance {tolerance:.3g}, {how})"
+                (result.matches if ok else result.failures).append(line)
+
+
+def _claim_text(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "missing"
+    interval = "" if row.get("ci_low") is None or math.isnan(row["ci_low"]) else \
+        f" [{row['ci_low']:.4g}, {row['ci_high']:.4g}]"
+    return f"{row['verdict']} {row['value']:.4g}{interval}"
+
+
+def audit_claims(manifest: dict[str, Any], reference: Reference, tolerances: Tolerances, result: AuditResult) -> None:
+    ref_claims = reference.manifest["metrics"].get(CLAIMS_TABLE, [])
+    mine = {row["claim"]: row for row in manifest["metrics"].get(CLAIMS_TABLE, [])}
+    stability = ({} if reference.claims is None else
+                 {r["claim"]: r for r in reference.claims.select("claim", "stable", "counts").iter_rows(named=True)})
+    for ref in ref_claims:
+        name, row = ref["claim"], mine.get(ref["claim"])
+        seeds = stability.get(name)
+        if row is None:
+            ok, why = False, "missing from this run"
+        elif seeds is None or seeds["stable"]:
+            ok = row["verdict"] == ref["verdict"]
+            basis = "no replicates" if seeds is None else f"stable: {seeds['counts']}"
+            why = f"verdict {'matches' if ok else 'differs'} ({basis})"
+        else:
+            claim_row = row_id(CLAIMS_TABLE, ref)
+            tolerance, how = tolerances(CLAIMS_TABLE, claim_row, "value", ref["value"], False)
+            ok = _close(row["value"], ref["value"], tolerance, tolerances.nan_or_number(CLAIMS_TABLE, claim_row, "value"))
+            why = (f"unstable ({seeds['counts']}): statistic {'within' if ok else 'outside'} "
+                   f"{tolerance:.3g} ({how})")
+        result.count("claims", ok)
+        line = f"{name}: {_claim_text(ref)} | {_claim_text(row)}; {why}"
+        result.claims.append(f"{'OK  ' if ok else 'FAIL'}   {line}")
+        if not ok:
+            result.failures.append(f"claim {line}")
+    for name in sorted(set(mine) - {r["claim"] for r in ref_claims}):
+        result.notes.append(f"claim {name}: not in the reference")
+
+
+def audit(manifest: dict[str, Any], reference: Reference, settings: AuditSettings) -> AuditResult:
+    """Compare a run's manifest with a reference (raises UserError when their configs differ)."""
+    check_same_config(manifest, reference.manifest)
+    result = AuditResult()
+    tolerances = Tolerances(reference.spread, settings)
+    if reference.spread is None:
+        result.notes.append("the reference has no replicates: tolerances are the floor and every claim's verdict "
+                            "must match; make it from a run with `snakemake replicates` done")
+    audit_files(manifest, reference.manifest, result)
+    audit_claims(manifest, reference, tolerances, result)
+    audit_metrics(manifest, reference.manifest, tolerances, result)
+    ref = reference.manifest
+    if manifest.get("seeds") != ref.get("seeds"):
+        result.notes.append(f"seeds: {manifest.get('seeds')} vs reference {ref.get('seeds')}")
+    for name, version in ref["environment"]["packages"].items():
         if manifest["environment"]["packages"].get(name) != version:
             result.notes.append(f"package {name}: {manifest['environment']['packages'].get(name)} vs reference {version}")
-    if manifest["environment"]["device"] != reference["environment"]["device"]:
-        result.notes.append(f"device: {manifest['environment']['device']} vs reference {reference['environment']['device']}")
+    for key in ("device", "cpu"):
+        if manifest["environment"].get(key) != ref["environment"].get(key):
+            result.notes.append(f"{key}: {manifest['environment'].get(key)} vs reference {ref['environment'].get(key)}")
     return result
 
 
@@ -120,23 +286,31 @@ def load_manifest(path: str | Path, role: str) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{role} manifest {path} is not valid JSON ({err}); rebuild it.") from err
-    for key in ("files", "metrics", "environment"):
+    for key in ("files", "metrics", "environment", "config"):
         if key not in manifest:
             raise UserError(f"{role} manifest {path} has no {key!r} section; it is not a MANIFEST.json of this workflow.")
     return manifest
 
 
+def default_settings() -> dict[str, Any]:
+    """The `audit` section of the embedded default config (for auditing a copied results folder)."""
+    from mechinterp.config import load_default_config
+
+    return load_default_config()["audit"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of rule `audit`: `python -m mechinterp.audit --help`. Exit status 1 when anything is
-    outside tolerance."""
-    parser = argparse.ArgumentParser(description="Compare a run's manifest with a reference; exit 1 when outside tolerance.")
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--reference", required=True)
-    parser.add_argument("--settings", required=True, help="the config's `audit` section as JSON")
+    """Entry point of rule `audit`: `python -m mechinterp.audit --help`. Exit status 1 when the audit
+    fails, 2 when it cannot be made (another config, a missing reference)."""
+    parser = argparse.ArgumentParser(description="Audit a run's MANIFEST.json against a reference folder.")
+    parser.add_argument("--manifest", required=True, help="results/<run>/MANIFEST.json of the run (copied or not)")
+    parser.add_argument("--reference", required=True, help="the reference folder, e.g. reference/default")
+    parser.add_argument("--settings", help="the `audit` section as JSON (default: config/default.yaml's)")
     parser.add_argument("--out", help="also write the report to this file")
     args = parser.parse_args(argv)
-    result = audit(load_manifest(args.manifest, "this run's"), load_manifest(args.reference, "the reference"),
-                   AuditSettings(**json.loads(args.settings)).tolerances)
+    section = json.loads(args.settings) if args.settings else default_settings()
+    result = audit(load_manifest(args.manifest, "this run's"), Reference.load(args.reference),
+                   AuditSettings(**section))
     sys.stdout.write(result.report())
     if args.out:
         with atomic_path(args.out) as tmp:

@@ -818,10 +818,12 @@ def run_site(parts: ModelParts, inputs: SiteInputs, concepts: list[str], token_s
 
 
 def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: pl.DataFrame, windows: np.ndarray,
-                 lexicons: pl.DataFrame, units_table: pl.DataFrame, settings: ClampingSettings, seed: int
-                 ) -> dict[str, pl.DataFrame]:
+                 lexicons: pl.DataFrame, units_table: pl.DataFrame, settings: ClampingSettings, seed: int,
+                 data_seed: int) -> dict[str, pl.DataFrame]:
     """The whole experiment: concepts, prompts, every site (the headline SAE first with every concept,
-    the others with the named concepts), the statistics, and the continuations."""
+    the others with the named concepts), the statistics, and the continuations. `data_seed` chooses what
+    every replicate shares (the statistics tokens, the sampled concepts, their control words); `seed`
+    what a replicate redraws (the prompts, the random units, the bootstrap resamples, sampled text)."""
     from mechinterp.model import encode, vocabulary_strings
 
     vocabulary = vocabulary_strings(tokenizer)
@@ -829,12 +831,12 @@ def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: p
     words = word_tokens(vocabulary, counts, settings.exclude_frequent_words)
     token_sets = {**concept_tokens(unambiguous_terms(lexicons, settings.max_word_categories), words),
                   **word_list_tokens(tokenizer, settings.word_lists)}
-    statistics = StatisticsTokens.sample(table, settings.statistics_tokens, seed)
+    statistics = StatisticsTokens.sample(table, settings.statistics_tokens, data_seed)
     present = np.zeros(len(vocabulary), dtype=bool)
     present[statistics.token_ids] = True
-    named, sampled = choose_concepts(token_sets, present, settings, seed)
+    named, sampled = choose_concepts(token_sets, present, settings, data_seed)
     all_words = sorted(t for ids in words.values() for t in ids)
-    controls = {c: frequency_matched(token_sets[c], all_words, counts, seed) for c in named + sampled}
+    controls = {c: frequency_matched(token_sets[c], all_words, counts, data_seed) for c in named + sampled}
     word_start = np.zeros(len(vocabulary), dtype=bool)
     word_start[[i for i, text in enumerate(vocabulary) if text.startswith(" ") and text[1:2].isalpha()]] = True
     from mechinterp.tokens import split_sequences
@@ -898,7 +900,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", required=True, help="the token table")
     parser.add_argument("--tokens", required=True, help="the token windows (prompts are cut from them)")
     parser.add_argument("--settings", required=True, help="the config's `clamping` section as JSON")
-    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True, help="the replicate's seed (prompts, bootstrap)")
+    parser.add_argument("--data-seed", type=int, required=True, help="the inputs' seed (concepts, statistics tokens)")
     parser.add_argument("--device", required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--out-dir", required=True)
@@ -917,7 +920,8 @@ def main(argv: list[str] | None = None) -> None:
                                 ActivationCache.open(cache_path, args.table), summary["outlier_threshold"]))
     sites.sort(key=lambda s: s.sae_id != settings.sae)  # the headline SAE first
     tables = run_clamping(parts, tokenizer, sites, pl.read_parquet(args.table), np.load(args.tokens, mmap_mode="r"),
-                          pl.read_parquet(args.lexicons), pl.read_parquet(args.units), settings, args.seed)
+                          pl.read_parquet(args.lexicons), pl.read_parquet(args.units), settings, args.seed,
+                          args.data_seed)
     for name, frame in tables.items():
         write_parquet(frame, Path(args.out_dir) / f"{name}.parquet")
     rows = tables["effects"].height

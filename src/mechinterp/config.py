@@ -56,6 +56,15 @@ def validate_config(config: dict[str, Any], schema_path: str | Path) -> dict[str
     return config
 
 
+REPOSITORY = Path(__file__).resolve().parents[2]  # the checkout (the package is installed editable)
+SCHEMA = REPOSITORY / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load_default_config() -> dict[str, Any]:
+    """config/default.yaml with the schema's defaults filled in, as Snakemake resolves it."""
+    return validate_config(yaml.safe_load((REPOSITORY / "config" / "default.yaml").read_text()), SCHEMA)
+
+
 def _wheel(config: dict[str, Any], key: str, name: str) -> None:
     if name not in config["wheels"]:
         raise UserError(f"{key} is {name!r} but `wheels` has no entry {name!r} (it has {sorted(config['wheels'])}); "

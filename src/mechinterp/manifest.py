@@ -34,7 +34,9 @@ METRIC_TABLES = {
     "clamping/verdict.parquet": ["site", "feature_selection", "statistic", "baseline"],
     "claims.parquet": ["claim"],
 }
+CLAIMS_TABLE = "claims.parquet"  # its `verdict` is carried too: the audit compares the claims' verdicts
 NOT_HASHED = ("MANIFEST.json", "audit.txt")
+NOT_HASHED_DIRS = ("replicates/",)  # other seeds' stages: summarised by the replicates stage, not part of the run
 TIMING_SUFFIXES = ("seconds", "_per_s")  # run times are recorded under `jobs`, not audited as metrics
 
 
@@ -60,7 +62,19 @@ def environment(threads: int) -> dict[str, Any]:
             versions[name] = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-            "packages": versions, "device": device, "cpu_count": os.cpu_count(), "threads": threads}
+            "cpu": cpu_model(), "packages": versions, "device": device, "cpu_count": os.cpu_count(),
+            "threads": threads}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (e.g. "AMD EPYC 7763 64-Core Processor"): speed and last-bit results depend on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def read_benchmarks(paths: list[Path], benchmark_dir: Path) -> dict[str, dict[str, float]]:
@@ -84,18 +98,21 @@ def hash_files(run_dir: Path) -> dict[str, dict[str, Any]]:
     files = {}
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
         name = path.relative_to(run_dir).as_posix()
-        if name in NOT_HASHED or ".partial-" in name:
+        if name in NOT_HASHED or name.startswith(NOT_HASHED_DIRS) or ".partial-" in name:
             continue
         files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return files
 
 
-def metric_rows(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+def metric_rows(run_dir: Path, names: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The key and numeric columns of each metric table found in `run_dir` (of `names`, default all),
+    and the claims' verdicts."""
     tables = {}
-    for name in METRIC_TABLES:
+    for name in names or list(METRIC_TABLES):
         if (run_dir / name).is_file():
             frame = pl.read_parquet(run_dir / name)
-            tables[name] = frame.select([c for c in frame.columns if c in METRIC_TABLES[name] or (
+            kept = [*METRIC_TABLES[name], *(["verdict"] if name == CLAIMS_TABLE else [])]
+            tables[name] = frame.select([c for c in frame.columns if c in kept or (
                 frame[c].dtype.is_numeric() and not c.endswith(TIMING_SUFFIXES))]).to_dicts()
     return tables
 
@@ -110,9 +127,8 @@ def build_manifest(run_dir: Path, config: dict[str, Any], repo: Path, benchmarks
     lock = repo / LOCK_FILE
     software["lock"] = {"path": LOCK_FILE, "sha256": sha256_file(lock) if lock.is_file() else None}
     return {"run": config["run"], "config": config, "code": git_state(repo), "environment": software,
-            "seeds": {"seed": config["seed"]}, "jobs": read_benchmarks(benchmarks, run_dir / "benchmarks"),
+            "seeds": {"seed": config["seed"], "data_seed": config["data_seed"]}, "jobs": read_benchmarks(benchmarks, run_dir / "benchmarks"),
             "files": hash_files(run_dir), "metrics": metric_rows(run_dir)}
-
 
 
 

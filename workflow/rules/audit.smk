@@ -13,7 +13,8 @@ rule manifest:
     params:
         code=stage_code("mechinterp.manifest"),
         config=json.dumps(
-            {k: v for k, v in config.items() if k != "audit"}, sort_keys=True
+            {k: v for k, v in config.items() if k not in ("audit", "replicates")},
+            sort_keys=True,
         ),
         run_dir=lambda wc, output: Path(output[0]).parent,
     shell:
@@ -35,6 +36,7 @@ rule audit:
     params:
         code=stage_code("mechinterp.audit"),
         settings=settings("audit"),
+        reference=config["audit"]["reference"],
     shell:
-        "python -m mechinterp.audit --manifest {input.manifest} --reference {input.reference}"
+        "python -m mechinterp.audit --manifest {input.manifest} --reference {params.reference}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

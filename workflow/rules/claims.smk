@@ -7,11 +7,11 @@ rule claims:
         comparison=rules.collect_polysemanticity.output.comparison,
         clamping_verdict=rules.clamping.output.verdict,
     output:
-        f"{RESULTS}/claims.parquet",
+        f"{RESULTS}/{{replicate}}claims.parquet",
     log:
-        f"{RESULTS}/logs/claims.log",
+        f"{RESULTS}/{{replicate}}logs/claims.log",
     benchmark:
-        f"{RESULTS}/benchmarks/claims.tsv"
+        f"{RESULTS}/{{replicate}}benchmarks/claims.tsv"
     conda:
         ENV
     threads: 1

@@ -11,7 +11,7 @@ CLAMPING_TABLES = [
 rule clamping:
     input:
         model=rules.fetch_model.output[0],
-        saes=expand(rules.train_sae.output[0], sae=SAES),
+        saes=expand(rules.train_sae.output[0], sae=SAES, allow_missing=True),
         caches=[activation_file(sae_id, "npy") for sae_id in SAES],
         headers=[activation_file(sae_id, "json") for sae_id in SAES],
         units=rules.collect_polysemanticity.output.units,
@@ -19,11 +19,14 @@ rule clamping:
         table=rules.tokenize.output.table,
         tokens=rules.tokenize.output.tokens,
     output:
-        **{name: f"{RESULTS}/clamping/{name}.parquet" for name in CLAMPING_TABLES},
+        **{
+            name: f"{RESULTS}/{{replicate}}clamping/{name}.parquet"
+            for name in CLAMPING_TABLES
+        },
     log:
-        f"{RESULTS}/logs/clamping.log",
+        f"{RESULTS}/{{replicate}}logs/clamping.log",
     benchmark:
-        f"{RESULTS}/benchmarks/clamping.tsv"
+        f"{RESULTS}/{{replicate}}benchmarks/clamping.tsv"
     conda:
         ENV
     threads: workflow.cores
@@ -31,11 +34,12 @@ rule clamping:
         code=stage_code("mechinterp.clamping"),
         settings=settings("clamping"),
         sae_ids=" ".join(SAES),
-        seed=config["seed"],
+        seed=replicate_seed,
+        data_seed=config["data_seed"],
         device=config["device"],
         out_dir=lambda wc, output: Path(output.summary).parent,
     shell:
         "python -m mechinterp.clamping --model {input.model} --saes {input.saes} --sae-ids {params.sae_ids}"
         " --caches {input.caches} --units {input.units} --lexicons {input.lexicons} --table {input.table}"
-        " --tokens {input.tokens} --settings {params.settings:q} --seed {params.seed} --device {params.device}"
+        " --tokens {input.tokens} --settings {params.settings:q} --seed {params.seed} --data-seed {params.data_seed} --device {params.device}"
         " --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"

