@@ -18,7 +18,8 @@ from mechinterp.manifest import build_manifest
 from mechinterp.reference import make_reference
 from mechinterp.replicates import claim_stability, spread
 
-SETTINGS = AuditSettings(reference=None, spread_multiple=4.0, floor={"rel": 0.0, "abs": 0.001}, count_floor=1.0)
+SETTINGS = AuditSettings(reference=None, spread_multiple=4.0, floor={"rel": 0.0, "abs": 0.001}, count_floor=1.0,
+                         min_concepts=10)
 CONFIG = {"run": "r", "seed": 0, "data_seed": 0, "tokens": {"train_tokens": 1000}, "device": "auto"}
 
 
@@ -36,6 +37,8 @@ def manifest(fvu: float = 0.2, n_dead: int = 2, mono: float = 0.3, beats: float 
                         "clamping/summary.parquet": [{"concept": "c", "site": "mlp3", "unit_kind": "feature",
                                                       "selection": "input", "unit": 3,
                                                       "spearman_relative": float("nan")}],
+                        "clamping/verdict.parquet": [{"site": "mlp3", "feature_selection": "output", "statistic": "beats",
+                                                      "baseline": "random", "value": 0.5, "n_concepts": 32}],
                         "claims.parquet": [claim("sae.resid1-topk.fvu", fvu, "holds" if fvu <= 0.5 else "fails"),
                                            claim("polysemanticity.resid1-topk", mono, "holds" if mono > 0.1 else "fails"),
                                            claim("clamping.beats", beats, "holds" if beats > 0.1 else "inconclusive")]},
@@ -116,7 +119,7 @@ def test_counts_changed_model_and_missing_rows():
     assert any(f.startswith("model/model.safetensors: sha256") for f in result.failures)
     assert any(f.startswith("sae_eval/metrics.parquet [resid1-topk] n_dead: 9 vs reference 2") for f in result.failures)
     assert "clamping/summary.parquet [c, mlp3, feature, input]: row missing from this run" in result.failures
-    assert result.report().startswith("AUDIT FAILED: inputs 0 of 1 agree; claims 3 of 3 agree; metrics 1 of 3 agree")
+    assert result.report().startswith("AUDIT FAILED: inputs 0 of 1 agree; claims 3 of 3 agree; metrics 3 of 5 agree")
 
 
 def test_another_config_is_refused():
@@ -200,3 +203,37 @@ def test_replicates_doctest():
 
     assert doctest.testmod(mechinterp.replicates).failed == 0
 
+
+
+def test_nan_matches_a_number_only_where_the_seeds_gave_both():
+    seeds = seed_manifests()
+    for seed in (0, 2):
+        seeds[seed]["metrics"]["clamping/verdict.parquet"][0]["value"] = float("nan")  # a number in seed 1 only
+    ref = Reference(seeds[0], spread({s: m["metrics"] for s, m in seeds.items()}), reference().claims)
+    assert audit(seeds[1], ref, SETTINGS).passed
+    never_nan = Reference(seeds[1], spread({1: seeds[1]["metrics"], 3: seeds[1]["metrics"]}), reference().claims)
+    failures = audit(seeds[2], never_nan, SETTINGS).failures
+    assert "clamping/verdict.parquet [mlp3, output, beats, random] value" in [f.split(":")[0] for f in failures]
+
+
+def test_per_unit_rows_and_few_concepts_are_reported_not_audited():
+    run = manifest()
+    run["metrics"]["clamping/summary.parquet"][0]["spearman_relative"] = 0.9  # another SAE chose another unit
+    result = audit(run, reference(), SETTINGS)
+    assert result.passed and result.reported == [1, 2]
+    assert any("spearman_relative: 0.9 vs reference nan" in n and "reported, not audited: one concept's unit" in n
+               for n in result.notes)
+    assert "reported, not audited: 2 metrics, 1 of them outside the seeds' spread" in result.report().splitlines()[0]
+    few = reference()
+    few.manifest["metrics"]["clamping/verdict.parquet"][0]["n_concepts"] = 2
+    run["metrics"]["clamping/verdict.parquet"][0]["value"] = 1.0
+    assert audit(run, few, SETTINGS).passed
+    assert not audit(run, reference(), SETTINGS).passed
+    few_claims = reference()
+    for row in few_claims.manifest["metrics"]["claims.parquet"]:
+        row["n_concepts"] = 3 if row["claim"] == "clamping.beats" else None
+    flipped = manifest(beats=5.0)  # far outside the seeds, over 3 concepts: reported
+    result = audit(flipped, few_claims, SETTINGS)
+    assert result.passed and result.counts["claims"] == [2, 2]
+    assert any(line.startswith("DIFF   clamping.beats") and "3 concepts, under audit.min_concepts" in line
+               for line in result.claims)

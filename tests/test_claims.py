@@ -62,7 +62,10 @@ def test_every_claim_family_with_its_verdict(caplog):
     assert verdict["clamping.mlp3.output_feature_beats_random"] == "holds"
     assert verdict["clamping.mlp3.input_feature_beats_random"] == "inconclusive"
     assert verdict["clamping.mlp3.output_feature_monotone"] == "holds"
-    assert set(claims.columns) == {"claim", "statement", "statistic", "value", "ci_low", "ci_high", "bound", "verdict"}
+    assert set(claims.columns) == {"claim", "statement", "statistic", "value", "ci_low", "ci_high", "bound", "verdict",
+                                   "n_concepts"}
+    by_name = dict(claims.select("claim", "n_concepts").iter_rows())
+    assert by_name["clamping.mlp3.output_feature_beats_random"] == 8 and by_name["sae.good.fvu"] is None
 
 
 def test_falling_targets_fail_the_depth_claim():

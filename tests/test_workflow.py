@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 import yaml
 
 from conftest import REPO
@@ -180,7 +181,7 @@ def test_smoke_run_end_to_end(tmp_path):
 
     manifest = json.loads((results / "MANIFEST.json").read_text())
     assert manifest["files"]["model/model.safetensors"]["sha256"] == source["files_sha256"]["model.safetensors"]
-    assert manifest["config"]["run"] == "smoke" and manifest["seeds"] == {"seed": 0}
+    assert manifest["config"]["run"] == "smoke" and manifest["seeds"] == {"seed": 0, "data_seed": 0}
     assert {"train_sae/resid3-topk", "clamping", "polysemanticity/mlp3"} <= set(manifest["jobs"])
     assert manifest["jobs"]["clamping"]["wall_s"] > 0 and manifest["code"]["commit"] is None  # the copy has no git
     assert {"sae_eval/metrics.parquet", "clamping/summary.parquet"} <= set(manifest["metrics"])
@@ -189,20 +190,34 @@ def test_smoke_run_end_to_end(tmp_path):
     snakemake(workdir, "--configfile", "config/smoke.yaml", "--report", str(report))
     assert report.stat().st_size > 100_000
 
-    # the audit: this run against itself passes; against a reference with another FVU it fails, naming it
-    reference = workdir / "reference.json"
-    shutil.copy(results / "MANIFEST.json", reference)
+    # replicates: the stochastic stages again with seeds 1 and 2, on the main run's inputs
+    smoke = ["--configfile", "config/smoke.yaml"]
+    snakemake(workdir, "--cores", "2", *smoke, "--", "replicates")
+    stability = pl.read_parquet(results / "replicates" / "claims.parquet")
+    assert stability.height == claims.height and set(map(tuple, stability["seeds"])) == {(0, 1, 2)}
+    spread = pl.read_parquet(results / "replicates" / "spread.parquet").filter(
+        pl.col("table") == "sae_eval/metrics.parquet", pl.col("row") == '["resid3-topk"]')
+    sd = dict(spread.select("column", "sd").iter_rows())
+    assert sd["fvu"] > 0 and sd["ce_zero"] == 0  # the seed moves the SAE, not the model
+    assert sha256_file(results / "replicates/seed1/saes/resid3-topk/sae_weights.safetensors") != sha256_file(
+        results / "saes/resid3-topk/sae_weights.safetensors")
+    assert not (results / "replicates" / "seed1" / "activations").exists()  # the inputs are shared
+    assert_up_to_date(workdir, *smoke)  # the main run is untouched
+
+    # a reference made by one command; the run passes its audit, the committed default reference refuses it
+    subprocess.run([sys.executable, "-m", "mechinterp.reference", "results/smoke", "--out", "reference/smoke"],
+                   cwd=workdir, check=True, capture_output=True)
     audit_config = workdir / "audit.yaml"
-    audit_config.write_text(f"audit: {{reference: {reference.name}}}\n")
-    audit = ["--cores", "1", "--configfile", "config/smoke.yaml", str(audit_config), "--", "audit"]
+    audit_config.write_text("audit: {reference: reference/smoke}\n")
+    audit = ["--cores", "1", *smoke, str(audit_config), "--", "audit"]
     snakemake(workdir, *audit)
-    assert (results / "audit.txt").read_text().startswith("AUDIT PASSED")
-    altered = json.loads(reference.read_text())
-    altered["metrics"]["sae_eval/metrics.parquet"][0]["fvu"] *= 1.5
-    reference.write_text(json.dumps(altered))
-    failed = snakemake(workdir, *audit, check=False)
-    assert failed.returncode != 0 and not (results / "audit.txt").exists()
-    assert "FAIL   sae_eval/metrics.parquet" in (results / "logs" / "audit.log").read_text()
+    audit_report = (results / "audit.txt").read_text()
+    assert audit_report.startswith("AUDIT PASSED: inputs ") and "CLAIMS: reference | this run" in audit_report
+    other_config = workdir / "default_reference.yaml"
+    other_config.write_text("audit: {reference: reference/default}\n")
+    refused = snakemake(workdir, "--cores", "1", *smoke, str(other_config), "--", "audit", check=False)
+    assert refused.returncode != 0 and not (results / "audit.txt").exists()
+    assert "the reference was made with another config (run 'default')" in (results / "logs/audit.log").read_text()
 
     # editing one stage's module reruns that stage and what depends on it, nothing upstream
     def planned_rules() -> set[str]:
@@ -243,3 +258,24 @@ def test_smoke_run_end_to_end(tmp_path):
     snakemake(workdir, "--cores", "2", "--configfile", "config/smoke.yaml", "--forcerun", "train_sae", "--",
               "results/smoke/clamping/effects.parquet")
     assert {name: sha256_file(results / name) for name in rerun} == before
+
+    # another seed on the same inputs: the stochastic stages rerun, the rest does not, the audit passes
+    other_seed = ["--cores", "2", *smoke, str(audit_config), "--config", "seed=3"]
+    planned = snakemake(workdir, "-n", *other_seed, "--", "audit").stdout
+    assert "rule train_sae:" in planned and "rule cache_activations:" not in planned and "rule tokenize:" not in planned
+    snakemake(workdir, *other_seed, "--", "audit")
+    audit_report = (results / "audit.txt").read_text()
+    assert audit_report.startswith("AUDIT PASSED") and "NOTE   seeds: {'data_seed': 0, 'seed': 3}" in audit_report, \
+        audit_report[:3000]
+
+    # a broken run (the SAE's decoder rows shuffled) fails the audit, naming the claim
+    from safetensors.torch import load_file, save_file
+
+    weights_file = results / "saes" / "resid3-topk" / "sae_weights.safetensors"
+    weights = load_file(weights_file)
+    weights["W_dec"] = weights["W_dec"][torch.randperm(weights["W_dec"].shape[0], generator=torch.Generator().manual_seed(0))]
+    save_file(weights, weights_file)
+    failed = snakemake(workdir, *other_seed, "--forcerun", "evaluate_sae", "--", "audit", check=False)
+    assert failed.returncode != 0 and not (results / "audit.txt").exists()
+    log = (results / "logs" / "audit.log").read_text()
+    assert "FAIL   claim sae.resid3-topk.fvu: holds" in log, log[:3000]

@@ -52,9 +52,10 @@ def by_interval(low: float, high: float, bound: float) -> str:
 
 
 def claim(name: str, statement: str, statistic: str, value: float, low: float | None, high: float | None,
-          bound: float, verdict: str) -> dict:
+          bound: float, verdict: str, n_concepts: int | None = None) -> dict:
+    """One claims row; `n_concepts` is the number of concepts a clamping statistic is over."""
     return {"claim": name, "statement": statement, "statistic": statistic, "value": float(value),
-            "ci_low": low, "ci_high": high, "bound": float(bound), "verdict": verdict}
+            "ci_low": low, "ci_high": high, "bound": float(bound), "verdict": verdict, "n_concepts": n_concepts}
 
 
 def lens_claims(summary: dict, targets: pl.DataFrame, first_layer: pl.DataFrame) -> list[dict]:
@@ -115,12 +116,13 @@ def clamping_claims(verdict: pl.DataFrame, site: str) -> list[dict]:
                           f"the {row['feature_selection']}-selected feature at {site} moves its concept more than the "
                           f"{row['baseline']} at KL 0.1 ({row['n_concepts']} concepts)",
                           "mean difference of relative effects (nats)", row["value"], row["ci_low"], row["ci_high"],
-                          0.0, by_interval(row["ci_low"], row["ci_high"], 0.0)))
+                          0.0, by_interval(row["ci_low"], row["ci_high"], 0.0), row["n_concepts"]))
     for row in at_site.filter(pl.col("statistic") == "monotone").iter_rows(named=True):
         rows.append(claim(f"clamping.{site}.{row['feature_selection']}_feature_monotone",
                           f"the {row['feature_selection']}-selected feature at {site} moves most concepts "
                           f"monotonically ({row['n_concepts']} concepts)", "share of concepts with Spearman >= threshold", row["value"],
-                          row["ci_low"], row["ci_high"], 0.5, by_interval(row["ci_low"], row["ci_high"], 0.5)))
+                          row["ci_low"], row["ci_high"], 0.5, by_interval(row["ci_low"], row["ci_high"], 0.5),
+                          row["n_concepts"]))
     return rows
 
 
@@ -128,10 +130,10 @@ def study_claims(lens_summary: dict, lens_targets: pl.DataFrame, first_layer: pl
                  comparison: pl.DataFrame, clamping_verdict: pl.DataFrame, headline_site: str,
                  bounds: ClaimsSettings) -> pl.DataFrame:
     """Every claim of the study, one row each: claim, statement, statistic, value, ci_low, ci_high,
-    bound, verdict."""
+    bound, verdict, n_concepts (clamping claims only)."""
     rows = [*lens_claims(lens_summary, lens_targets, first_layer), *sae_claims(sae_metrics, bounds),
             *polysemanticity_claims(comparison), *clamping_claims(clamping_verdict, headline_site)]
-    return pl.DataFrame(rows, schema_overrides={"ci_low": pl.Float64, "ci_high": pl.Float64})
+    return pl.DataFrame(rows, schema_overrides={"ci_low": pl.Float64, "ci_high": pl.Float64, "n_concepts": pl.Int64})
 
 
 def main(argv: list[str] | None = None) -> None:
