@@ -107,6 +107,10 @@ def test_local_corpus_errors_name_the_key(tmp_path):
     spec.local["paths"] = [str(tmp_path / "d.jsonl")]
     with pytest.raises(UserError, match=r"corpus\.local\.text_column is 'text' but the data has columns \['content'\]"):
         fetch_documents(spec, None, seed=0)
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin-1"))
+    spec.local["paths"] = [str(tmp_path / "latin1.txt")]
+    with pytest.raises(UserError, match=r"'.*latin1\.txt' is not UTF-8 text \(byte 3: b'\\xe9'\).*iconv -f latin1"):
+        fetch_documents(spec, None, seed=0)
 
 
 def test_splits_are_seeded():

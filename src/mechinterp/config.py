@@ -95,6 +95,17 @@ def sae_specs(config: dict[str, Any]) -> dict[str, SaeEntry]:
     return specs
 
 
+def check_sae_settings(sae_id: str, index: int, settings: dict[str, Any]) -> None:
+    """The SAE settings that contradict each other (`index`: the entry of sae.sites, for the message)."""
+    where = f"sae (or sae.sites.{index}) for {sae_id}"
+    if settings["architecture"] == "topk" and settings["k"] >= settings["d_sae"]:
+        raise UserError(f"{where}: k = {settings['k']} must be below d_sae = {settings['d_sae']} (a TopK SAE keeps k "
+                        "of d_sae latents); lower sae.k or raise sae.d_sae.")
+    if settings["training_tokens"] < settings["batch_size"]:
+        raise UserError(f"{where}: training_tokens = {settings['training_tokens']} is less than one batch "
+                        f"(batch_size = {settings['batch_size']}); raise sae.training_tokens or lower sae.batch_size.")
+
+
 def check_config(config: dict[str, Any]) -> None:
     """Raise UserError naming the key and the fix for the first inconsistent setting."""
     model, corpus = config["model"], config["corpus"]
@@ -129,6 +140,12 @@ def check_config(config: dict[str, Any]) -> None:
     if config["clamping"]["sae"] not in saes:
         raise UserError(f"clamping.sae is {config['clamping']['sae']!r}, which is not one of the SAEs of sae.sites "
                         f"{sorted(saes)}; name one of them.")
+    for index, (sae_id, entry) in enumerate(saes.items()):
+        check_sae_settings(sae_id, index, entry.settings)
+    lens = config["logit_lens"]
+    if not lens["prompts"] and lens["corpus_windows"] == 0:
+        raise UserError("logit_lens.prompts is empty and logit_lens.corpus_windows is 0: the logit lens would decode "
+                        "nothing. List a prompt or set corpus_windows to 1 or more.")
     if config["logit_lens"]["corpus_window_tokens"] >= config["tokens"]["context_length"]:
         raise UserError(f"logit_lens.corpus_window_tokens must be below tokens.context_length "
                         f"({config['tokens']['context_length']}); the token after the window is the target.")

@@ -140,7 +140,13 @@ def local_documents(spec: dict[str, Any]) -> pl.DataFrame:
         if not path.is_file():
             raise UserError(f"corpus.local.paths: file {str(path)!r} does not exist. Fix the path in the config.")
         if path.suffix == ".txt":
-            frames.append(_docs(f"local:{path.name}", [path.read_text(encoding="utf-8")], [None]))
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"corpus.local.paths: {str(path)!r} is not UTF-8 text (byte {err.start}: "
+                                f"{err.object[err.start:err.start + 1]!r}). Convert it, e.g. "
+                                f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`.") from None
+            frames.append(_docs(f"local:{path.name}", [text], [None]))
         elif path.suffix in (".jsonl", ".parquet"):
             table = pl.read_ndjson(path) if path.suffix == ".jsonl" else pl.read_parquet(path)
             frames.append(_columns_to_documents(table, spec, f"local:{path.name}", "corpus.local"))
