@@ -60,7 +60,7 @@ class AuditSettings:
     count_floor: float
     """the smallest tolerance of an integer metric"""
     min_concepts: int
-    """a clamping verdict row over fewer concepts is reported, not audited"""
+    """a clamping verdict row or claim over fewer concepts is reported, not audited"""
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class Tolerances:
     def __call__(self, table: str, row: str, column: str, reference: float, integer: bool) -> tuple[float, str]:
         """(tolerance, how it was set) of one metric."""
         if math.isnan(reference):
-            return math.nan, "NaN in every seed" if not self.nan_or_number(table, row, column) else "NaN or a number"
+            return math.nan, "NaN or a number" if self.nan_or_number(table, row, column) else "NaN only"
         floor = max(self.settings.floor["abs"], self.settings.floor["rel"] * abs(reference),
                     self.settings.count_floor if integer else 0.0)
         sd = max(self.sd.get((table, row, column), 0.0), self.column_sd.get((table, column), 0.0))
