@@ -156,6 +156,8 @@ def test_reference_folder_and_audit_command(tmp_path, capsys):
     run.write_text(json.dumps(manifest(fvu=0.9)))
     assert exit_status(audit_main, args) == 1
     assert "FAIL   claim sae.resid1-topk.fvu" in capsys.readouterr().out
+    assert exit_status(audit_main, [*args, "--exit-zero", "--out", str(tmp_path / "audit.txt")]) == 0
+    assert (tmp_path / "audit.txt").read_text().startswith("AUDIT FAILED")
     assert exit_status(audit_main, ["--manifest", str(run), "--reference", str(folder / "MANIFEST.json")]) == 2
     assert "is a file; a reference is a folder" in capsys.readouterr().err
     run.write_text("{not json")
