@@ -34,7 +34,7 @@ import polars as pl
 
 from mechinterp.errors import UserError, run_stage
 from mechinterp.files import atomic_path
-from mechinterp.manifest import CLAIMS_TABLE, METRIC_TABLES
+from mechinterp.manifest import CLAIMS_TABLE, METRIC_TABLES, is_metric_value
 from mechinterp.replicates import row_id
 
 EXACT_PREFIXES = ("downloads/", "model/", "corpus/", "tokens/")  # inputs and models: identical or the audit fails
@@ -178,10 +178,6 @@ def _close(value: Any, reference: Any, tolerance: float, nan_or_number: bool) ->
     return abs(value - reference) <= tolerance
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def audit_files(manifest: dict[str, Any], reference: dict[str, Any], result: AuditResult) -> None:
     for name, ref in sorted(reference["files"].items()):
         if name.startswith(UNCOMPARED_PREFIXES):
@@ -226,7 +222,7 @@ def audit_metrics(manifest: dict[str, Any], reference: dict[str, Any], tolerance
                 result.failures.append(f"{label}: row missing from this run")
                 continue
             for column, ref_value in ref_row.items():
-                if column in key or not _number(ref_value):
+                if column in key or not is_metric_value(ref_value):
                     continue
                 row = row_id(table, ref_row)
                 tolerance, how = tolerances(table, row, column, ref_value, isinstance(ref_value, int))

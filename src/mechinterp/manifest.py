@@ -40,6 +40,11 @@ NOT_HASHED_DIRS = ("replicates/",)  # other seeds' stages: summarised by the rep
 TIMING_SUFFIXES = ("seconds", "_per_s")  # run times are recorded under `jobs`, not audited as metrics
 
 
+def is_metric_value(value: Any) -> bool:
+    """Whether a metric row's value is a number the replicates and the audit compare (not a bool or text)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def git_state(repo: Path) -> dict[str, Any]:
     """Commit and dirtiness of the workflow's checkout; nulls outside a git repository."""
     try:

@@ -31,7 +31,7 @@ import polars as pl
 
 from mechinterp.errors import UserError, run_stage
 from mechinterp.files import write_parquet
-from mechinterp.manifest import CLAIMS_TABLE, METRIC_TABLES, metric_rows
+from mechinterp.manifest import CLAIMS_TABLE, METRIC_TABLES, is_metric_value, metric_rows
 
 log = logging.getLogger(__name__)
 # the tables a replicate recomputes; the logit lens reads only the shared inputs
@@ -43,10 +43,6 @@ def row_id(table: str, row: dict[str, Any]) -> str:
     return json.dumps([row[k] for k in METRIC_TABLES[table]])
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def spread(tables_by_seed: dict[int, dict[str, list[dict[str, Any]]]]) -> pl.DataFrame:
     """One row per (table, row, column) of every numeric metric: n_seeds (the seeds with a number),
     n_nan (the seeds with NaN, e.g. a clamping effect at a KL the unit never reached), mean, sd (ddof 1;
@@ -56,7 +52,7 @@ def spread(tables_by_seed: dict[int, dict[str, list[dict[str, Any]]]]) -> pl.Dat
         for table, rows in tables.items():
             for row in rows:
                 for column, value in row.items():
-                    if column not in METRIC_TABLES[table] and _is_number(value):
+                    if column not in METRIC_TABLES[table] and is_metric_value(value):
                         values.setdefault((table, row_id(table, row), column), []).append(value)
     records = []
     for (table, row, column), seen in sorted(values.items()):
