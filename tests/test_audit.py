@@ -190,8 +190,8 @@ def test_manifest_records_files_config_and_jobs(tmp_path):
         "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
         "12.5\t0:00:12\t800.5\t900\t700\t750\t1\t2\t150\t20\n")
     out = build_manifest(run, {"run": "r", "seed": 3, "data_seed": 0}, tmp_path,
-                         [run / "benchmarks/train_sae/resid1-topk.tsv"], 2)
-    assert out["files"]["model/weights.bin"]["bytes"] == 7
+                         [run / "benchmarks/train_sae/resid1-topk.tsv"], 2, [run / "model"])
+    assert out["files"]["model/weights.bin"]["bytes"] == 7 and out["artifacts"] == ["model"]
     assert not any(name.startswith("replicates/") for name in out["files"])
     assert out["jobs"] == {"train_sae/resid1-topk": {"wall_s": 12.5, "max_rss_mib": 800.5}}
     assert out["seeds"] == {"seed": 3, "data_seed": 0} and out["environment"]["threads"] == 2
@@ -239,3 +239,26 @@ def test_per_unit_rows_and_few_concepts_are_reported_not_audited():
     assert result.passed and result.counts["claims"] == [2, 2]
     assert any(line.startswith("DIFF   clamping.beats") and "3 concepts, under audit.min_concepts" in line
                for line in result.claims)
+
+
+def test_the_audit_checks_the_run_beside_its_manifest(tmp_path):
+    run = tmp_path / "results" / "r"
+    (run / "saes").mkdir(parents=True)
+    (run / "corpus.parquet").parent.mkdir(exist_ok=True)
+    pl.DataFrame({"text": ["a", "b"]}).write_parquet(run / "corpus.parquet")
+    (run / "figure.svg").write_text("<svg/>")
+    manifest = build_manifest(run, {"run": "r", "seed": 0, "data_seed": 0}, tmp_path, [], 1, [run / "corpus.parquet"])
+    ref = Reference(manifest, None, None)
+    assert audit(manifest, ref, SETTINGS, run).passed
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    alone = audit(manifest, ref, SETTINGS, copied)  # a manifest copied without its run: compared on its own
+    assert alone.passed and any("only the manifest is compared" in note for note in alone.notes)
+
+    (run / "figure.svg").write_text("<svg></svg>")
+    (run / "corpus.parquet").write_bytes((run / "corpus.parquet").read_bytes()[:-20])
+    result = audit(manifest, ref, SETTINGS, run)
+    assert not result.passed
+    assert "figure.svg: size differs since the manifest was written" in result.failures
+    assert any(line.startswith("corpus.parquet: cannot be read") for line in result.failures), result.failures
+    assert result.failures[-1].endswith(f"rm -r {run / 'corpus.parquet'} {run / 'figure.svg'}")

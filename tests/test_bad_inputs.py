@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from mechinterp.audit import main as audit_main
-from mechinterp.errors import exit_status
+from mechinterp.errors import UserError, exit_status
+from mechinterp.manifest import verify_artifacts
 from mechinterp.polysemanticity import main as polysemanticity_main
 from mechinterp.files import sha256_file, write_json
 
@@ -85,6 +86,11 @@ def no_sae_weights(site):
     (site / "sae" / "sae_weights.safetensors").unlink()
 
 
+def truncated_sae_weights(site):
+    path = site / "sae" / "sae_weights.safetensors"
+    path.write_bytes(path.read_bytes()[:40])
+
+
 def header_shape(site):
     header = json.loads((site / "mlp0.json").read_text())
     header["shape"] = [header["shape"][0] + 10, header["shape"][1]]
@@ -92,18 +98,67 @@ def header_shape(site):
 
 
 @pytest.mark.parametrize(("damage", "message"), [
-    (truncate, r"cannot be read|truncated or corrupt; rerun cache_activations"),
-    (drop_header, r"incomplete \(array or header mlp0\.json missing\); rerun the cache_activations stage"),
-    (other_table, r"made from another token table .* rerun cache_activations after tokenize"),
-    (nan_values, r"holds NaN or infinite values; rerun cache_activations"),
-    (no_sae_weights, r"is not a saved SAE \(needs cfg\.json and sae_weights\.safetensors\); rerun train_sae"),
+    (truncate, r"mlp0\.npy (cannot be read|.*truncated or corrupt).*\. Fix: delete what is broken .*rm -r \S*mlp0\.npy"),
+    (drop_header, r"incomplete \(array or header mlp0\.json missing\)\. Fix: .*rm -r \S*mlp0\.npy \S*mlp0\.json"),
+    (other_table, r"made from another token table .*\. Fix: .*rm -r \S*mlp0\.npy"),
+    (nan_values, r"holds NaN or infinite values .*Fix: .*rm -r \S*mlp0\.npy"),
+    (no_sae_weights, r"is not a saved SAE \(needs cfg\.json and sae_weights\.safetensors\)\. Fix: .*rm -r \S*sae$"),
+    (truncated_sae_weights, r"sae_weights\.safetensors does not load \(SafetensorError: .*\)\. Fix: .*rm -r \S*sae$"),
     (header_shape, r"header says \[4010, 6\] / float16: truncated or corrupt"),
 ])
 def test_damaged_inputs_are_refused_with_the_fix(site, capsys, damage, message):
     damage(site)
     code, outputs = polysemanticity(site)
     assert code == 2 and outputs == []
-    assert re.search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err.strip())
+
+
+def random_bytes(path):
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+def cut_to(fraction):
+    def cut(path):
+        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * fraction)])
+    return cut
+
+
+def grow(path):
+    path.write_bytes(path.read_bytes() + b"\0" * 64)
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("broken", "damage", "problem"), [
+    ("mlp0.npy", random_bytes, r"mlp0\.npy: not a readable \.npy array"),
+    ("mlp0.npy", cut_to(0.5), r"mlp0\.npy: 24\d\d\d bytes, but its header \[4000, 6\] float16 needs 48\d\d\d"),
+    ("mlp0.npy", grow, r"needs 48\d\d\d"),
+    ("sae/sae_weights.safetensors", cut_to(0.2), r"sae_weights\.safetensors: cannot be read \(SafetensorError"),
+    ("sae/cfg.json", lambda p: p.write_text('{"architecture": "topk", "d_in": 6, "d_sae": 99}'), r"does not load as an SAE"),
+    ("table.parquet", cut_to(0.9), r"table\.parquet: cannot be read"),
+    ("model/model.safetensors", flip_last_byte, r"model\.safetensors: sha256 differs from the one SOURCE\.json recorded"),
+    ("lexicons.parquet", lambda p: p.unlink(), r"lexicons\.parquet: missing"),
+])
+def test_the_manifest_verifies_each_stage_output(site, tiny_model_dir, broken, damage, problem):
+    model = shutil.copytree(tiny_model_dir, site / "model")
+    write_json({"files_sha256": {"model.safetensors": sha256_file(model / "model.safetensors")}}, model / "SOURCE.json")
+    artifacts = [site / name for name in ("mlp0.npy", "mlp0.json", "sae", "table.parquet", "lexicons.parquet", "model")]
+
+    def hashes():
+        return {str(p): sha256_file(p) for p in site.rglob("*") if p.is_file()}
+
+    verify_artifacts(artifacts, hashes())  # all sound: no error
+    damage(site / broken)
+    with pytest.raises(UserError) as error:
+        verify_artifacts(artifacts, hashes())
+    message = str(error.value)
+    assert re.search(problem, message), message
+    artifact = next(a for a in artifacts if (site / broken).is_relative_to(a))
+    assert message.endswith(f"rm -r {artifact}") and "rerun the same snakemake command" in message
 
 
 def test_bad_references_are_refused(tmp_path, capsys):

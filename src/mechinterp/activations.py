@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mechinterp.errors import UserError, run_stage
+from mechinterp.errors import UserError, rebuild_hint, run_stage
 from mechinterp.files import atomic_path, sha256_file, write_json
 from mechinterp.sites import Site, check_layers
 
@@ -77,18 +77,18 @@ class ActivationCache:
         path = Path(path)
         if not header_path(path).is_file() or not path.is_file():
             raise UserError(f"activation cache {path} is incomplete (array or header {header_path(path).name} "
-                            "missing); rerun the cache_activations stage.")
+                            f"missing). {rebuild_hint(path, header_path(path))}")
         header = json.loads(header_path(path).read_text())
         try:
             array = np.load(path, mmap_mode="r")
         except ValueError as err:
-            raise UserError(f"activation cache {path} cannot be read ({err}); rerun cache_activations.") from err
+            raise UserError(f"activation cache {path} cannot be read ({err}). {rebuild_hint(path)}") from err
         if list(array.shape) != header["shape"] or array.dtype != STORAGE[header["dtype"]]:
             raise UserError(f"activation cache {path} has shape {list(array.shape)} / {array.dtype} but its header "
-                            f"says {header['shape']} / {header['dtype']}: truncated or corrupt; rerun cache_activations.")
+                            f"says {header['shape']} / {header['dtype']}: truncated or corrupt. {rebuild_hint(path)}")
         if token_table is not None and sha256_file(token_table) != header["token_table_sha256"]:
             raise UserError(f"activation cache {path} was made from another token table than {token_table} "
-                            "(sha256 differs); rerun cache_activations after tokenize.")
+                            f"(sha256 differs). {rebuild_hint(path)}")
         cache = cls(path, header, array)
         cache.rows(slice(0, 4096))  # fail early on a corrupt cache; every later read is checked too
         return cache
@@ -105,8 +105,8 @@ class ActivationCache:
         """Rows as float32; sorted index arrays read fastest. Refuses NaN or infinite values."""
         rows = from_storage(np.asarray(self.array[index]), self.dtype)
         if not torch.isfinite(rows).all():
-            raise UserError(f"activation cache {self.path} holds NaN or infinite values; rerun cache_activations "
-                            "(with activations.dtype: bfloat16 if float16 overflowed).")
+            raise UserError(f"activation cache {self.path} holds NaN or infinite values (set activations.dtype: "
+                            f"bfloat16 if float16 overflowed). {rebuild_hint(self.path)}")
         return rows
 
     def chunks(self, rows: np.ndarray, chunk: int = 8192) -> Iterator[tuple[np.ndarray, torch.Tensor]]:

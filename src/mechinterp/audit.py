@@ -5,6 +5,8 @@ A reference is a folder made by `python -m mechinterp.reference`: a run's MANIFE
 replicates' spread (`replicates/spread.parquet`, `replicates/claims.parquet`). The audit passes when
 
 - the config is the reference's (else it refuses: there is nothing to compare);
+- the run beside the manifest is the one it hashed (each file there, of its size) and every stage
+  output verifies (an SAE loads, an array's header matches its size);
 - the inputs and models are identical (sha256 of the downloads, the model folder, the corpus, the tokens);
 - every claim agrees: a claim whose verdict was the same in every seed of the reference's replicates
   must have that verdict; an unstable claim's statistic must be within tolerance;
@@ -32,9 +34,9 @@ from typing import Any
 
 import polars as pl
 
-from mechinterp.errors import UserError, run_stage
+from mechinterp.errors import UserError, rebuild_hint, run_stage
 from mechinterp.files import atomic_path
-from mechinterp.manifest import CLAIMS_TABLE, METRIC_TABLES, is_metric_value
+from mechinterp.manifest import CLAIMS_TABLE, METRIC_TABLES, artifact_problems, is_metric_value
 from mechinterp.replicates import row_id
 
 EXACT_PREFIXES = ("downloads/", "model/", "corpus/", "tokens/")  # inputs and models: identical or the audit fails
@@ -197,6 +199,26 @@ def audit_files(manifest: dict[str, Any], reference: dict[str, Any], result: Aud
             result.notes.append(f"{name}: sha256 differs (checked through its metrics, if any)")
 
 
+def audit_run_files(manifest: dict[str, Any], run_dir: Path, result: AuditResult) -> None:
+    """The run beside the manifest is still the one it describes: every file it hashed is there with
+    its recorded size, and every stage output verifies (an SAE loads, an array's header matches its
+    size). A manifest copied without its run is noted and compared on its own."""
+    files, artifacts = manifest["files"], manifest.get("artifacts", [])
+    if not any((run_dir / name).is_file() for name in files):
+        result.notes.append(f"no file of the run beside the manifest ({run_dir}): only the manifest is compared")
+        return
+    changed = {name: "missing" if not (run_dir / name).is_file() else "size differs"
+               for name, entry in files.items()
+               if not (run_dir / name).is_file() or (run_dir / name).stat().st_size != entry["bytes"]}
+    broken = {name: "; ".join(problems) for name in artifacts if (problems := artifact_problems(run_dir / name))}
+    result.failures += [f"{name}: {why} since the manifest was written" for name, why in sorted(changed.items())]
+    result.failures += [f"{name}: {why}" for name, why in sorted(broken.items())]
+    # what to delete: the stage output a file belongs to (an SAE or model folder), else the file
+    owners = {next((a for a in artifacts if name == a or name.startswith(f"{a}/")), name) for name in changed}
+    if owners or broken:
+        result.failures.append(rebuild_hint(*(run_dir / name for name in sorted(owners | set(broken)))))
+
+
 def reported_only(table: str, row: dict[str, Any], settings: AuditSettings) -> str | None:
     """Why a metric row is reported but not audited (see the module docstring), or None."""
     if table == "clamping/summary.parquet":
@@ -280,14 +302,18 @@ def audit_claims(manifest: dict[str, Any], reference: Reference, tolerances: Tol
         result.notes.append(f"claim {name}: not in the reference")
 
 
-def audit(manifest: dict[str, Any], reference: Reference, settings: AuditSettings) -> AuditResult:
-    """Compare a run's manifest with a reference (raises UserError when their configs differ)."""
+def audit(manifest: dict[str, Any], reference: Reference, settings: AuditSettings, run_dir: Path | None = None
+          ) -> AuditResult:
+    """Compare a run's manifest with a reference (raises UserError when their configs differ); with
+    `run_dir`, the folder the manifest describes, check its files first."""
     check_same_config(manifest, reference.manifest)
     result = AuditResult()
     tolerances = Tolerances(reference.spread, settings)
     if reference.spread is None:
         result.notes.append("the reference has no replicates: tolerances are the floor and every claim's verdict "
                             "must match; make it from a run with `snakemake replicates` done")
+    if run_dir is not None:
+        audit_run_files(manifest, run_dir, result)
     audit_files(manifest, reference.manifest, result)
     audit_claims(manifest, reference, tolerances, result)
     audit_metrics(manifest, reference.manifest, tolerances, result)
@@ -338,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     section = json.loads(args.settings) if args.settings else default_settings()
     result = audit(load_manifest(args.manifest, "this run's"), Reference.load(args.reference),
-                   AuditSettings(**section))
+                   AuditSettings(**section), Path(args.manifest).parent)
     sys.stdout.write(result.report())
     if args.out:
         with atomic_path(args.out) as tmp:

@@ -6,10 +6,18 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class UserError(Exception):
     """A problem with the user's input: the message names what is wrong and how to fix it."""
+
+
+def rebuild_hint(*paths: str | Path) -> str:
+    """How to rebuild broken outputs: delete them, then the same command again. Every stage output is
+    an input of the manifest, so a plain rerun rebuilds whatever is missing and what depends on it."""
+    return ("Fix: delete what is broken and rerun the same snakemake command (a plain rerun rebuilds whatever "
+            f"is missing): rm -r {' '.join(str(p) for p in paths)}")
 
 
 def exit_status(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

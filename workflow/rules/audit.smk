@@ -1,5 +1,6 @@
 rule manifest:
     input:
+        artifacts=run_artifacts(),
         figures=all_figures(),
         benchmarks=all_benchmarks(),
     output:
@@ -19,7 +20,8 @@ rule manifest:
         run_dir=lambda wc, output: Path(output[0]).parent,
     shell:
         "python -m mechinterp.manifest --run-dir {params.run_dir} --config {params.config:q}"
-        " --benchmarks {input.benchmarks} --threads {threads} --out {output} > {log} 2>&1"
+        " --artifacts {input.artifacts} --benchmarks {input.benchmarks} --threads {threads}"
+        " --out {output} > {log} 2>&1"
 
 
 rule audit_report:
@@ -46,6 +48,8 @@ rule audit_report:
 rule audit:
     input:
         report=rules.audit_report.output[0],
+        # the manifest's inputs too: a missing stage output is rebuilt before the audit
+        run=rules.manifest.input,
     log:
         f"{RESULTS}/logs/audit.log",
     conda:

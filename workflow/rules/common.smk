@@ -264,6 +264,29 @@ def all_benchmarks():
     ]
 
 
+def run_artifacts():
+    """Every file and folder of the main run that its figures and manifest rest on, each stage's
+    outputs. The manifest takes them all as inputs (and verifies them): Snakemake rebuilds a missing
+    intermediate only for a job that has to run, so without this a folder deleted, or lost to a killed
+    job, would stay missing under a run that looks complete."""
+    main = {"replicate": ""}
+    per_sae = [rules.train_sae.output[0], *rules.evaluate_sae.output]
+    return [
+        *expand(rules.download_wheel.output[0], wheel=used_wheels()),
+        *rules.fetch_model.output,
+        *rules.fetch_corpus.output,
+        *rules.tokenize.output,
+        *rules.logit_lens.output,
+        *rules.cache_activations.output,
+        *expand(per_sae, sae=SAES, **main),
+        *expand(rules.collect_sae_metrics.output, **main),
+        *expand(rules.polysemanticity.output, site=cache_sites(), **main),
+        *expand(rules.collect_polysemanticity.output, **main),
+        *expand(rules.clamping.output, **main),
+        *expand(rules.claims.output, **main),
+    ]
+
+
 def audit_reference(wildcards):
     """The files of the reference folder the audit compares with (an input function: checked only
     when the audit is asked for)."""

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mechinterp.errors import UserError
+from mechinterp.errors import UserError, rebuild_hint
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout of SAELens 6.x
 WEIGHTS_FILE, CONFIG_FILE = "sae_weights.safetensors", "cfg.json"
@@ -111,12 +112,19 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise UserError(f"{folder} is not a saved SAE (needs {CONFIG_FILE} and {WEIGHTS_FILE}); rerun train_sae.")
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
+        raise UserError(f"{folder} is not a saved SAE (needs {CONFIG_FILE} and {WEIGHTS_FILE}). {rebuild_hint(folder)}")
+    try:
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{folder / CONFIG_FILE} is not valid JSON ({err}). {rebuild_hint(folder)}") from err
     by_saelens_name = {cls.saelens_architecture: cls for cls in ARCHITECTURES.values()}
-    if cfg["architecture"] not in by_saelens_name:
-        raise UserError(f"{folder}: SAE architecture {cfg['architecture']!r} is not one of {sorted(by_saelens_name)}.")
+    if cfg.get("architecture") not in by_saelens_name:
+        raise UserError(f"{folder}: SAE architecture {cfg.get('architecture')!r} is not one of {sorted(by_saelens_name)}.")
     cls = by_saelens_name[cfg["architecture"]]
     sae = cls(cfg["d_in"], cls.Settings(**{f.name: cfg[f.name] for f in fields(cls.Settings)}))
-    sae.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    try:
+        sae.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    except (SafetensorError, RuntimeError, OSError) as err:  # truncated or corrupt file, or tensors of other shapes
+        raise UserError(f"{folder / WEIGHTS_FILE} does not load ({type(err).__name__}: {err}). "
+                        f"{rebuild_hint(folder)}") from err
     return sae.eval(), cfg
