@@ -39,7 +39,7 @@ def test_cache_round_trips_exactly(tiny_bridge, windows, tmp_path, dtype):
 
 
 def test_layer_the_model_lacks_is_refused(tiny_bridge, windows, tmp_path):
-    with pytest.raises(UserError, match=r"sae\.sites: layer 7 does not exist; the model has layers 0\.\.1"):
+    with pytest.raises(UserError, match=r"sae\.sites: layer 7 \(resid7\) does not exist; the model has layers 0\.\.1"):
         cache_activations(tiny_bridge, windows, [Site("resid", 7)], {Site("resid", 7): tmp_path / "r7.npy"},
                           "float16", 4, PROVENANCE)
     assert list(tmp_path.iterdir()) == []

@@ -62,6 +62,13 @@ def test_the_consistent_site_scores(site):
     assert polysemanticity(site) == (0, ["comparison.parquet", "concepts.parquet", "units.parquet"])
 
 
+def test_no_unit_active_on_min_active_tokens_names_the_key(site, capsys):
+    code, outputs = polysemanticity(site, **{"--settings": json.dumps({**SPEC, "min_active": 10**8})})
+    assert code == 2 and outputs == []
+    assert re.search(r"0 of the \d+ units of \S+ are active on polysemanticity\.min_active = 100000000 of the \d+ "
+                     r"tokens scored, so none can be scored; lower polysemanticity\.min_active", capsys.readouterr().err)
+
+
 def truncate(site):
     path = site / "mlp0.npy"
     path.write_bytes(path.read_bytes()[:-100])

@@ -61,6 +61,11 @@ def test_schema_fills_defaults():
          r"sae \(or sae\.sites\.0\) for resid4-topk: training_tokens = 100 is less than one batch \(batch_size = 4096\)"),
         (lambda c: c["logit_lens"].update(prompts=[], corpus_windows=0), r"the logit lens would decode nothing"),
         (lambda c: c["sae"]["sites"].append({"site": "resid", "layer": 4}), r"sae\.sites lists resid4-topk twice"),
+        (lambda c: c["tokens"].update(heldout_tokens=1),
+         r"sae_eval\.sequences = 16 asks for more heldout windows than tokens\.heldout_tokens = 1 packs \(1 of "
+         r"tokens\.context_length = 128\); raise tokens\.heldout_tokens to at least 2048 or lower sae_eval\.sequences"),
+        (lambda c: c["logit_lens"].update(corpus_windows=500), r"logit_lens\.corpus_windows = 500 asks for more heldout"),
+        (lambda c: c["tokens"].update(train_tokens=128), r"clamping\.selection_prompts = \d+ asks for more train windows"),
         (lambda c: c["sae"]["sites"][0].update(k=0), r"config key sae\.sites\.0\.k: 0 is less than the minimum"),
         (lambda c: c["sae"]["sites"][1].update(kk=3), r"config key sae\.sites\.1\.kk: not a setting of `sae`"),
         (lambda c: c["sae"]["sites"][1].update(architecture="gated"), r"sae\.sites\.1\.architecture: 'gated' is not one"),

@@ -2,6 +2,7 @@
 gives a clear error with no output left behind."""
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,7 +30,18 @@ def test_fetch_local_model_writes_a_loadable_folder_with_source(tiny_model_dir, 
     assert source == record
     assert source["files_sha256"]["model.safetensors"] == sha256_file(tiny_model_dir / "model.safetensors")
     bridge = load_model(out)
-    assert bridge.cfg.n_layers == 2
+    assert bridge.cfg.n_layers == 2 == source["n_layers"]
+    assert source["settings"] == local_spec(tiny_model_dir)  # what the workflow compares with its config
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_naming_them(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "no_tokenizer")
+    for path in folder.glob("tokenizer*"):
+        path.unlink()
+    with pytest.raises(UserError, match=r"model\.local\.path: the model's tokenizer does not load from its files "
+                                         r"\['config.json', .*\].*copy them in from the model's repository"):
+        fetch_model(ModelSettings(**local_spec(folder)), tmp_path / "model")
+    assert not (tmp_path / "model").exists()
 
 
 def test_missing_local_folder_is_a_clear_error_and_leaves_nothing(tmp_path):
@@ -143,3 +155,11 @@ def test_cli_reports_user_errors_with_exit_code_2(tiny_model_dir, tmp_path, caps
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: model.local.path" in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_a_corpus_too_small_to_split_says_so():
+    one = pl.DataFrame({"text": ["a whole book in one .txt file"], "source": ["local:book.txt"], "label": [None]},
+                       schema={"text": pl.String, "source": pl.String, "label": pl.String})
+    with pytest.raises(UserError, match=r"the corpus has 1 documents, .*leaves none for the heldout split; add "
+                                        r"documents \(a \.txt file is one document"):
+        assign_splits(one, 0.1, seed=0)

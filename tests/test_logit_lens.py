@@ -97,3 +97,9 @@ def test_corpus_inputs_take_the_true_next_token(tiny_bridge):
         row = windows[windows[:, 0] == item.token_ids[0]][0]
         assert list(item.targets.values()) == [int(row[6])]
     assert isinstance(inputs[0], LensInput) and inputs[0].origin == "corpus"
+
+
+def test_more_corpus_windows_than_the_heldout_split_has_names_the_key(tiny_bridge):
+    windows = np.arange(3 * 8).reshape(3, 8) % 50
+    with pytest.raises(UserError, match=r"logit_lens\.corpus_windows = 4 but the heldout split has 3 windows"):
+        corpus_inputs(tiny_bridge.tokenizer, windows, n_windows=4, n_tokens=6, seed=0)

@@ -44,3 +44,14 @@ def test_tokenize_corpus_table_lines_up_with_windows(tiny_model_dir):
     again, _ = tokenize_corpus(docs, tokenizer, 16, {"train": 64, "heldout": 32}, seed=3)
     other, _ = tokenize_corpus(docs, tokenizer, 16, {"train": 64, "heldout": 32}, seed=4)
     assert np.array_equal(ids, again) and not np.array_equal(ids, other)
+
+
+def test_a_corpus_that_runs_short_is_reported_by_split_and_key(tiny_model_dir, caplog):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, _ = tokenize_corpus(_documents(), tokenizer, 16, {"train": 16 * 500, "heldout": 32}, seed=3)
+    assert 1 < len(ids) < 500 + 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "the 'train' split's 32 documents gave" in warnings[0]
+    assert "of the 500 asked (tokens.train_tokens = 8000)" in warnings[0] and "lower tokens.train_tokens" in warnings[0]

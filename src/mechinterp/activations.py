@@ -136,7 +136,7 @@ def cache_activations(bridge, tokens: np.ndarray, sites: list[Site], out_paths: 
                       batch_sequences: int, provenance: dict[str, str]) -> dict[str, float]:
     """Run the model over all windows in `tokens` once, writing each site's activations to its path.
     Returns timing figures. `provenance` (model and token-table hashes) goes into every header."""
-    check_layers(bridge.cfg, sites, "sae.sites")
+    check_layers(bridge.cfg.n_layers, sites, "sae.sites")
     n_seq, ctx = tokens.shape
     stop_at_layer = max(site.layer for site in sites) + 1
     captured: dict[Site, torch.Tensor] = {}

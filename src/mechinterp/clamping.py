@@ -244,9 +244,10 @@ def boundary_prompts(windows: np.ndarray, word_start: np.ndarray, n: int, length
             chosen.append(np.concatenate([windows[window, :1], windows[window, p - length + 1 : p]]))
         if len(chosen) == n:
             return np.stack(chosen).astype(np.int64)
-    raise UserError(f"only {len(chosen)} windows have a word start after {length} tokens, fewer than the {n} prompts "
-                    "asked (clamping.selection_prompts / measure_prompts); lower them or clamping.prompt_tokens, or "
-                    "raise tokens.train_tokens / tokens.heldout_tokens.")
+    raise UserError(f"only {len(chosen)} of the split's {len(windows)} windows have a word start after {length} tokens, "
+                    f"fewer than the {n} prompts asked (clamping.selection_prompts / measure_prompts); lower them or "
+                    "clamping.prompt_tokens, or raise tokens.train_tokens / tokens.heldout_tokens (if the tokenize log "
+                    "says the corpus ran short of them, add documents instead).")
 
 
 # --- units and the clamped forward ----------------------------------------------------------------

@@ -146,6 +146,34 @@ def check_config(config: dict[str, Any]) -> None:
     if not lens["prompts"] and lens["corpus_windows"] == 0:
         raise UserError("logit_lens.prompts is empty and logit_lens.corpus_windows is 0: the logit lens would decode "
                         "nothing. List a prompt or set corpus_windows to 1 or more.")
+    check_window_counts(config)
     if config["logit_lens"]["corpus_window_tokens"] >= config["tokens"]["context_length"]:
         raise UserError(f"logit_lens.corpus_window_tokens must be below tokens.context_length "
                         f"({config['tokens']['context_length']}); the token after the window is the target.")
+
+
+def window_count(n_tokens: int, context_length: int) -> int:
+    """Windows the tokenize stage packs for a split's token budget, when the corpus has text enough."""
+    return max(1, n_tokens // context_length)
+
+
+def split_windows(tokens: dict[str, Any], split: str) -> int:
+    """Windows of a split (`train` or `heldout`) for the config's `tokens` section."""
+    return window_count(tokens[f"{split}_tokens"], tokens["context_length"])
+
+
+def check_window_counts(config: dict[str, Any]) -> None:
+    """Every stage that reads whole windows asks for no more than the token budget packs."""
+    tokens = config["tokens"]
+    needs = {"heldout": [("sae_eval.sequences", config["sae_eval"]["sequences"]),
+                         ("logit_lens.corpus_windows", config["logit_lens"]["corpus_windows"]),
+                         ("clamping.measure_prompts", config["clamping"]["measure_prompts"])],
+             "train": [("clamping.selection_prompts", config["clamping"]["selection_prompts"])]}
+    for split, asked in needs.items():
+        have = split_windows(tokens, split)
+        for key, n in asked:
+            if n > have:
+                raise UserError(f"{key} = {n} asks for more {split} windows than tokens.{split}_tokens = "
+                                f"{tokens[f'{split}_tokens']} packs ({have} of tokens.context_length = "
+                                f"{tokens['context_length']}); raise tokens.{split}_tokens to at least "
+                                f"{n * tokens['context_length']} or lower {key}.")

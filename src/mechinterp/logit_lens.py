@@ -110,7 +110,10 @@ def corpus_inputs(tokenizer, windows: np.ndarray, n_windows: int, n_tokens: int,
     """A seeded sample of corpus windows cut to `n_tokens`; the target is the true next token."""
     if n_windows == 0:
         return []
-    rows = np.sort(np.random.default_rng(seed).choice(len(windows), size=min(n_windows, len(windows)), replace=False))
+    if len(windows) < n_windows:
+        raise UserError(f"logit_lens.corpus_windows = {n_windows} but the heldout split has {len(windows)} windows "
+                        "(the corpus ran short: see the tokenize log); lower logit_lens.corpus_windows or add documents.")
+    rows = np.sort(np.random.default_rng(seed).choice(len(windows), size=n_windows, replace=False))
     vocab = vocabulary_strings(tokenizer)
     inputs = []
     for i, row in enumerate(rows):

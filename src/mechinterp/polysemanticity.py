@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from mechinterp.activations import ActivationCache
-from mechinterp.errors import run_stage
+from mechinterp.errors import UserError, run_stage
 from mechinterp.files import write_parquet
 from mechinterp.saes import load_sae
 from mechinterp.tokens import split_rows
@@ -523,6 +523,21 @@ def site_dictionaries(cache: ActivationCache, sae_ids: list[str], sae_folders: l
     return dictionaries, unit_kinds, min(thresholds, default=float("inf"))
 
 
+def check_alive_units(units: pl.DataFrame, min_active: int) -> None:
+    """Refuse a dictionary none of whose units is scored (every later table and figure needs some),
+    and warn when fewer than half are: the comparison then rests on few units."""
+    n_tokens = units["n_scored_tokens"][0]
+    for (dictionary,), group in units.group_by("dictionary", maintain_order=True):
+        alive = int((group["status"] == "alive").sum())
+        why = (f"{alive} of the {group.height} units of {dictionary} are active on polysemanticity.min_active = "
+               f"{min_active} of the {n_tokens} tokens scored")
+        if alive == 0:
+            raise UserError(f"{why}, so none can be scored; lower polysemanticity.min_active or score more tokens "
+                            "(tokens.heldout_tokens, or polysemanticity.split: all).")
+        if 2 * alive < group.height:
+            log.warning("%s: its scores rest on few units; lower polysemanticity.min_active or score more tokens", why)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of rule `polysemanticity`: `python -m mechinterp.polysemanticity --help`."""
     parser = argparse.ArgumentParser(description="Score neurons and SAE features of one site the same way.")
@@ -547,6 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, positions = split_rows(table, settings.split)
     units, concepts = score_site(cache, table, rows[positions != 0], dictionaries, unit_kinds,
                                  pl.read_parquet(args.lexicons), settings, outlier_threshold)
+    check_alive_units(units, settings.min_active)
     site = cache.site
     site_columns = [pl.lit(site.id).alias("site"), pl.lit(site.kind).alias("site_kind"),
                     pl.lit(site.layer).alias("layer")]

@@ -46,9 +46,9 @@ class Site:
         return cfg.d_model if self.kind == "resid" else cfg.d_mlp
 
 
-def check_layers(cfg, sites: list[Site], config_key: str) -> None:
-    """Refuse sites whose layer the model does not have."""
+def check_layers(n_layers: int, sites: list[Site], config_key: str) -> None:
+    """Refuse sites whose layer a model of `n_layers` blocks does not have."""
     for site in sites:
-        if not 0 <= site.layer < cfg.n_layers:
-            raise UserError(f"{config_key}: layer {site.layer} does not exist; the model has layers "
-                            f"0..{cfg.n_layers - 1}.")
+        if not 0 <= site.layer < n_layers:
+            raise UserError(f"{config_key}: layer {site.layer} ({site.id}) does not exist; the model has layers "
+                            f"0..{n_layers - 1}. Fix the layer in {config_key}.")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from mechinterp.config import window_count
 from mechinterp.errors import UserError, run_stage
 from mechinterp.files import atomic_path, write_parquet
 from mechinterp.model import bos_token_id, vocabulary_strings
@@ -89,11 +90,16 @@ def tokenize_corpus(documents: pl.DataFrame, tokenizer, context_length: int, tok
         part = documents.filter(pl.col("split") == split)
         order = rng.permutation(part.height)
         texts, doc_ids = part["text"].gather(order).to_list(), part["doc_id"].gather(order).to_list()
-        n_windows = max(1, n_tokens // context_length)
+        n_windows = window_count(n_tokens, context_length)
         ids, docs = pack_windows(_tokenized(tokenizer, texts, doc_ids), bos, sep, context_length, n_windows)
         if len(ids) == 0:
-            raise UserError(f"the {split!r} split has too little text for one window of {context_length} tokens; "
-                            "add documents, lower tokens.context_length or corpus.heldout_fraction.")
+            raise UserError(f"the {split!r} split ({part.height} documents) has too little text for one window of "
+                            f"{context_length} tokens; add documents to the corpus, or lower tokens.context_length "
+                            "or (for the heldout split) raise corpus.heldout_fraction.")
+        if len(ids) < n_windows:
+            log.warning("the %r split's %d documents gave %d windows of the %d asked (tokens.%s_tokens = %d): every "
+                        "stage reading it runs on fewer tokens; add documents to the corpus or lower tokens.%s_tokens",
+                        split, part.height, len(ids), n_windows, split, n_tokens, split)
         all_ids.append(ids), all_docs.append(docs), splits.extend([split] * len(ids))
     token_ids, doc_of_token = np.concatenate(all_ids), np.concatenate(all_docs)
     n_seq = len(token_ids)

@@ -9,7 +9,10 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 from mechinterp.config import sae_specs
+from mechinterp.errors import UserError
+from mechinterp.fetch_model import MODEL_FILE_PATTERNS
 from mechinterp.replicates import REPLICATED_TABLES
+from mechinterp.sites import check_layers
 
 # Rules run each stage's entry point as `python -m mechinterp.<stage>`: use the Python running Snakemake
 # even when its virtual environment is not activated; with --use-conda the rule's own environment provides it.
@@ -131,6 +134,41 @@ def notebook(name):
 def settings(section):
     """A config section as JSON, passed to a stage and tracked by Snakemake as a parameter."""
     return json.dumps(config[section], sort_keys=True)
+
+
+def local_sources(section):
+    """The files a `local` model or corpus is read from, as inputs of its fetch rule: editing, adding or
+    removing one reruns the fetch and what depends on it. Nothing for the bundled and hub sources
+    (pinned by sha256 and revision)."""
+    part = config[section]
+    if part["source"] != "local":
+        return []
+    if section == "corpus":
+        return [str(Path(p).expanduser()) for p in part["local"]["paths"]]
+    folder = Path(part["local"]["path"]).expanduser()
+    return sorted(
+        {str(p) for pattern in MODEL_FILE_PATTERNS for p in folder.glob(pattern)}
+    )
+
+
+def check_layers_of_fetched_model():
+    """Refuse, before any job, sites beyond the depth of the model already fetched for this config
+    (its SOURCE.json): a job would first delete the caches it is to replace."""
+    source = Path(RESULTS) / "model" / "SOURCE.json"
+    record = json.loads(source.read_text()) if source.is_file() else {}
+    if record.get("settings") != config["model"] or "n_layers" not in record:
+        return  # not fetched yet, or another model is to be fetched: the activations stage checks then
+    try:
+        check_layers(
+            record["n_layers"], [entry.site for entry in SAES.values()], "sae.sites"
+        )
+    except UserError as err:
+        raise WorkflowError(
+            f"config error: {err} (the model is {source.parent})"
+        ) from None
+
+
+check_layers_of_fetched_model()
 
 
 def wheel_file(name):

