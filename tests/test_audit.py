@@ -247,6 +247,8 @@ def test_the_audit_checks_the_run_beside_its_manifest(tmp_path):
     (run / "corpus.parquet").parent.mkdir(exist_ok=True)
     pl.DataFrame({"text": ["a", "b"]}).write_parquet(run / "corpus.parquet")
     (run / "figure.svg").write_text("<svg/>")
+    (run / "logs").mkdir()
+    (run / "logs" / "manifest.log").write_text("")
     manifest = build_manifest(run, {"run": "r", "seed": 0, "data_seed": 0}, tmp_path, [], 1, [run / "corpus.parquet"])
     ref = Reference(manifest, None, None)
     assert audit(manifest, ref, SETTINGS, run).passed
@@ -256,6 +258,7 @@ def test_the_audit_checks_the_run_beside_its_manifest(tmp_path):
     assert alone.passed and any("only the manifest is compared" in note for note in alone.notes)
 
     (run / "figure.svg").write_text("<svg></svg>")
+    (run / "logs" / "manifest.log").write_text("written after the manifest hashed the run")
     (run / "corpus.parquet").write_bytes((run / "corpus.parquet").read_bytes()[:-20])
     result = audit(manifest, ref, SETTINGS, run)
     assert not result.passed
