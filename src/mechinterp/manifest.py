@@ -1,8 +1,8 @@
 """A run's manifest (`results/<run>/MANIFEST.json`): what a run is. The sha256 of every result
-file (each stage output verified first: see `artifact_problem`), the resolved config, the code version (git commit, dirty or not), Python and package
-versions and the lock file they were installed from, device and threads, seeds, each job's wall
-time and peak memory (Snakemake's `benchmark:` files), and the headline metric tables.
-`mechinterp.audit` compares two manifests."""
+file (each stage output verified first: see `artifact_problems`), the resolved config, the code
+version (git commit, dirty or not), Python and package versions and the lock file they were
+installed from, device and threads, seeds, each job's wall time and peak memory (Snakemake's
+`benchmark:` files), and the headline metric tables. `mechinterp.audit` compares two manifests."""
 
 from __future__ import annotations
 
