@@ -265,3 +265,16 @@ def test_the_audit_checks_the_run_beside_its_manifest(tmp_path):
     assert "figure.svg: size differs since the manifest was written" in result.failures
     assert any(line.startswith("corpus.parquet: cannot be read") for line in result.failures), result.failures
     assert result.failures[-1].endswith(f"rm -r {run / 'corpus.parquet'} {run / 'figure.svg'}")
+
+
+def test_the_model_files_must_match_and_the_fetch_record_is_a_note():
+    ref = reference()
+    ref.manifest["files"]["model/SOURCE.json"] = {"sha256": "c" * 64}
+    mine = seed_manifests()[1]
+    mine["files"]["model/SOURCE.json"] = {"sha256": "d" * 64}  # e.g. another transformers version or local path
+    result = audit(mine, ref, SETTINGS)
+    assert result.passed and result.counts["inputs"] == [1, 1]
+    assert any(n.startswith("model/SOURCE.json: differs (a record of the fetch") for n in result.notes)
+    mine["files"]["model/model.safetensors"] = {"sha256": "e" * 64}
+    assert "model/model.safetensors: sha256 eeeeeeeeeeee differs from the reference aaaaaaaaaaaa" in audit(
+        mine, ref, SETTINGS).failures

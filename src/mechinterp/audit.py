@@ -40,6 +40,9 @@ from mechinterp.manifest import CLAIMS_TABLE, METRIC_TABLES, artifact_problems, 
 from mechinterp.replicates import row_id
 
 EXACT_PREFIXES = ("downloads/", "model/", "corpus/", "tokens/")  # inputs and models: identical or the audit fails
+# The fetch's provenance record (source path, transformers version, settings): the model files it lists
+# are compared one by one; the record itself is information.
+RECORDS = ("model/SOURCE.json",)
 UNCOMPARED_PREFIXES = ("logs/", "benchmarks/")  # differ on every run by nature; hashed, never compared
 # config keys a rerun may change and still be audited against the reference: its name, the stochastic
 # stages' seed, the device, how it is audited and replicated
@@ -185,7 +188,7 @@ def audit_files(manifest: dict[str, Any], reference: dict[str, Any], result: Aud
         if name.startswith(UNCOMPARED_PREFIXES):
             continue
         mine = manifest["files"].get(name)
-        exact = name.startswith(EXACT_PREFIXES)
+        exact = name.startswith(EXACT_PREFIXES) and name not in RECORDS
         if exact:
             result.count("inputs", mine is not None and mine["sha256"] == ref["sha256"])
         if mine is None:
@@ -195,6 +198,8 @@ def audit_files(manifest: dict[str, Any], reference: dict[str, Any], result: Aud
                 result.matches.append(f"{name}: sha256 identical")
         elif exact:
             result.failures.append(f"{name}: sha256 {mine['sha256'][:12]} differs from the reference {ref['sha256'][:12]}")
+        elif name in RECORDS:
+            result.notes.append(f"{name}: differs (a record of the fetch; the model files it lists are compared)")
         else:
             result.notes.append(f"{name}: sha256 differs (checked through its metrics, if any)")
 
