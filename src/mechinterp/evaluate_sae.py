@@ -121,14 +121,18 @@ def evaluate(bridge, sae: SparseAutoencoder, sae_id: str, cache: ActivationCache
     spliced into `bridge`) and each latent's density [d_sae]. `trained` is the SAE's training summary;
     `windows` the token windows [n_windows, context_length]."""
     site = cache.site
-    rows, positions = split_rows(table, "heldout")
-    metrics, density = reconstruction_metrics(sae, cache, rows[positions != 0], trained["outlier_threshold"])
     heldout = split_sequences(table, "heldout")
     if len(heldout) < settings.sequences:
         raise UserError(f"sae_eval.sequences = {settings.sequences} but the heldout split has {len(heldout)} windows "
                         "(the corpus ran short: see the tokenize log); lower sae_eval.sequences or add documents.")
-    heldout = heldout[: settings.sequences]
-    losses = loss_metrics(bridge, sae, site, windows[heldout], trained["outlier_threshold"], settings.batch_sequences)
+    # The model's forward passes come first. After the reconstruction pass, the process's first forward
+    # gave cross-entropies that differed in the sixth digit in 2 of 5 runs of the same command; run
+    # first, they were identical in 8 of 8 (on the Xeon; the lazily chosen CPU kernel behind it is not
+    # pinned down).
+    losses = loss_metrics(bridge, sae, site, windows[heldout[: settings.sequences]], trained["outlier_threshold"],
+                          settings.batch_sequences)
+    rows, positions = split_rows(table, "heldout")
+    metrics, density = reconstruction_metrics(sae, cache, rows[positions != 0], trained["outlier_threshold"])
     row = {"sae": sae_id, "site": site.kind, "layer": site.layer, "architecture": trained["spec"]["architecture"],
            "d_in": sae.d_in, "d_sae": sae.d_sae, "k": getattr(sae, "k", None), **metrics, **losses,
            "n_excluded_bos": int((positions == 0).sum()), "outlier_threshold": trained["outlier_threshold"],
