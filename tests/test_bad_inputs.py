@@ -51,7 +51,7 @@ def polysemanticity(site, **override) -> tuple[int, list[str]]:
     args = {"--cache": site / "mlp0.npy", "--table": site / "table.parquet", "--lexicons": site / "lexicons.parquet",
             "--settings": json.dumps(SPEC), "--seed": "0", "--threads": "1", "--units": site / "out" / "units.parquet",
             "--concepts": site / "out" / "concepts.parquet", "--comparison": site / "out" / "comparison.parquet",
-            **override}
+            "--codes": site / "out" / "codes", **override}
     argv = ["--saes", str(site / "sae"), "--sae-ids", "mlp0-topk"]
     for key, value in args.items():
         argv += [key, str(value)]
@@ -59,7 +59,7 @@ def polysemanticity(site, **override) -> tuple[int, list[str]]:
 
 
 def test_the_consistent_site_scores(site):
-    assert polysemanticity(site) == (0, ["comparison.parquet", "concepts.parquet", "units.parquet"])
+    assert polysemanticity(site) == (0, ["codes", "comparison.parquet", "concepts.parquet", "units.parquet"])
 
 
 def test_no_unit_active_on_min_active_tokens_names_the_key(site, capsys):

@@ -85,6 +85,7 @@ def section_classes():
     """Each config section and the one dataclass that reads it."""
     from mechinterp.activations import CacheSettings
     from mechinterp.audit import AuditSettings
+    from mechinterp.browser import BrowserSettings
     from mechinterp.claims import ClaimsSettings
     from mechinterp.clamping import ClampingSettings
     from mechinterp.evaluate_sae import EvalSettings
@@ -97,7 +98,7 @@ def section_classes():
     return {"model": ModelSettings, "corpus": CorpusSettings, "lexicons": LexiconSettings, "tokens": TokenSettings,
             "logit_lens": LensSettings, "activations": CacheSettings, "sae_eval": EvalSettings,
             "polysemanticity": ScoringSettings, "clamping": ClampingSettings, "audit": AuditSettings,
-            "claims": ClaimsSettings}
+            "claims": ClaimsSettings, "browser": BrowserSettings}
 
 
 def test_every_section_has_one_typed_definition_that_agrees_with_the_schema():

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mechinterp.activations import ActivationCache
-from mechinterp.polysemanticity import (IdentityDictionary, ScoringSettings, accumulate, compare, score_site,
-                                        token_concepts, unit_maxima)
+from mechinterp.polysemanticity import (IdentityDictionary, ScoringSettings, SparseCodes, accumulate, best_features,
+                                        compare, score_site, token_concepts, unit_maxima)
 
 from conftest import write_cache
 
@@ -71,7 +71,7 @@ def planted(tmp_path):
 
 def test_planted_units_are_ranked_by_how_many_concepts_they_serve(planted):
     table, cache, rows = planted
-    units, concepts = score_site(cache, table, rows, {"neurons": IdentityDictionary(6)}, {"neurons": "neuron"},
+    units, concepts, _, _ = score_site(cache, table, rows, {"neurons": IdentityDictionary(6)}, {"neurons": "neuron"},
                                  lexicons(), SETTINGS)
     by_unit = {r["unit"]: r for r in units.iter_rows(named=True)}
     assert [by_unit[u]["status"] for u in range(6)] == ["alive", "alive", "alive", "dead", "rare", "alive"]
@@ -92,6 +92,7 @@ def test_planted_units_are_ranked_by_how_many_concepts_they_serve(planted):
     assert 5 not in fruit["unit"]  # one word, " apple": that word's unit, not the concept's
     contexts = by_unit[5]["top_contexts"]
     assert len(contexts) == 4 and all(c["token"] == " apple" and "[[ apple]]" in c["context"] for c in contexts)
+    assert all(table["token"][c["row"]] == " apple" for c in contexts)
     assert by_unit[3]["top_contexts"] == []
 
 
@@ -126,7 +127,7 @@ def test_identity_dictionary_scores_equal_direct_computation_on_raw_neurons(tmp_
     acts = (rng.standard_normal((table.height, 5)) + planted_neurons(table)[:, [0, 1, 2, 5, 0]]).astype(np.float16)
     rows = np.flatnonzero(table["position"].to_numpy() != 0)
     cache = ActivationCache.open(write_cache(tmp_path / "mlp0.npy", acts))
-    units, _ = score_site(cache, table, rows, {"neurons": IdentityDictionary(5)}, {"neurons": "neuron"}, lexicons(),
+    units, _, _, _ = score_site(cache, table, rows, {"neurons": IdentityDictionary(5)}, {"neurons": "neuron"}, lexicons(),
                           dataclasses.replace(SETTINGS, min_active=1))
     expected = reference_scores(acts.astype(np.float32), table, rows, SETTINGS.active_fraction)
     for row in units.iter_rows(named=True):
@@ -136,7 +137,7 @@ def test_identity_dictionary_scores_equal_direct_computation_on_raw_neurons(tmp_
             assert row[score] == pytest.approx(want[score], rel=1e-4, abs=1e-5), (row["unit"], score)
 
 
-def test_feature_neuron_correlation_is_pearson(planted):
+def test_feature_neuron_correlation_is_pearson(planted, tmp_path):
     table, cache, rows = planted
     torch.manual_seed(0)
     weights = torch.randn(6, 7)
@@ -160,6 +161,23 @@ def test_feature_neuron_correlation_is_pearson(planted):
     np.testing.assert_allclose(acc["features"].correlation.numpy(), expected, atol=1e-4)
     top = acc["features"].top_values[:, 2].numpy()
     np.testing.assert_allclose(top, np.sort(f[:, 2])[::-1][:3], rtol=1e-5)
+    # the browser's codes: every positive activation, row by row (chunked rows joined in order)
+    codes = acc["features"].codes
+    assert acc["neurons"].codes is None and codes.indptr[-1] == (f > 0).sum() == len(codes.values)
+    dense = np.zeros_like(f)
+    for i in range(len(rows)):
+        span = slice(codes.indptr[i], codes.indptr[i + 1])
+        assert (np.diff(codes.indices[span]) > 0).all()
+        dense[i, codes.indices[span]] = codes.values[span]
+    np.testing.assert_allclose(dense, f, rtol=1e-5, atol=1e-6)
+    codes.save(tmp_path, "features")
+    saved = SparseCodes.load(tmp_path, "features")
+    np.testing.assert_array_equal(saved.values, codes.values)
+    # each neuron's best-matching feature: the largest correlation in its column
+    matches = best_features(acc)
+    live = expected.max(0) > 0
+    np.testing.assert_array_equal(matches["best_feature"].to_numpy()[live], expected.argmax(0)[live])
+    assert set(matches["best_feature_sae"]) == {"features"}
 
 
 def test_outlier_rows_are_left_out(planted):

@@ -17,17 +17,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_workflow, snakemake
 from mechinterp.files import sha256_file
 from mechinterp.manifest import TIMING_SUFFIXES
 from mechinterp.plotting import embedded_pngs
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
 
 
 def assert_up_to_date(workdir: Path, *args: str) -> None:
@@ -90,16 +83,6 @@ def assert_same_outputs(rebuilt: dict[str, object], expected: dict[str, object])
             assert value == expected[name], name
 
 
-def copy_workflow(dest: Path) -> Path:
-    """A clean copy of the tracked workflow files, as a fresh clone has them."""
-    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in listed.splitlines():
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target)
-    return dest
-
-
 def test_lint_is_clean():
     result = snakemake(REPO, "--lint")
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
@@ -136,9 +119,9 @@ def test_layers_beyond_the_fetched_model_stop_before_any_job(tmp_path):
 
 
 @pytest.mark.e2e
-def test_smoke_run_end_to_end(tmp_path):
-    workdir = copy_workflow(tmp_path / "repo")
-    snakemake(workdir, "--cores", "2", "--configfile", "config/smoke.yaml")
+def test_smoke_run_end_to_end(smoke_run, tmp_path):
+    workdir = tmp_path / "repo"  # a copy: this test kills, deletes and reruns; others read the shared run
+    shutil.copytree(smoke_run, workdir, symlinks=True)
     results = workdir / "results" / "smoke"
 
     source = json.loads((results / "model" / "SOURCE.json").read_text())
@@ -221,7 +204,8 @@ def test_smoke_run_end_to_end(tmp_path):
 
     for rule in ("fetch_model", "fetch_corpus", "tokenize", "logit_lens", "figures_logit_lens", "cache_activations",
                  "train_sae/resid3-topk", "evaluate_sae/mlp3-relu", "figures_sae", "polysemanticity/mlp3",
-                 "collect_polysemanticity", "figures_polysemanticity", "clamping", "figures_clamping"):
+                 "collect_polysemanticity", "figures_polysemanticity", "clamping", "figures_clamping",
+                 "browser/resid3-topk", "browser/site"):
         assert (results / "logs" / f"{rule}.log").exists()
     assert not list(results.rglob(".*.partial-*"))
 
@@ -278,7 +262,7 @@ def test_smoke_run_end_to_end(tmp_path):
 
     report = workdir / "report.html"
     snakemake(workdir, "--configfile", "config/smoke.yaml", "--report", str(report))
-    assert report.stat().st_size > 100_000
+    assert report.stat().st_size > 100_000 and "browser/index.html" in report.read_text()  # it links the browser
 
     # replicates: the stochastic stages again with seeds 1 and 2, on the main run's inputs
     smoke = ["--configfile", "config/smoke.yaml"]
@@ -317,22 +301,25 @@ def test_smoke_run_end_to_end(tmp_path):
         return {line.split()[0] for line in stats if line.strip()}
 
     claims = {"claims", "figures_claims"}  # the claims read every stage's tables
+    browser = {"browser_sae", "browser"}  # the browser reads the SAEs, their scores and the clamping tables
     downstream_of_training = {"train_sae", "evaluate_sae", "collect_sae_metrics", "figures_sae", "polysemanticity",
                               "collect_polysemanticity", "figures_polysemanticity", "clamping", "figures_clamping",
-                              "manifest", "all", *claims}
+                              "manifest", "all", *claims, *browser}
     for edited, expected in (
         ("src/mechinterp/polysemanticity.py", {"polysemanticity", "collect_polysemanticity",
                                                "figures_polysemanticity", "clamping", "figures_clamping", "manifest",
-                                               "all", *claims}),
-        ("src/mechinterp/clamping.py", {"clamping", "figures_clamping", "manifest", "all", *claims}),
+                                               "all", *claims, *browser}),
+        ("src/mechinterp/clamping.py", {"clamping", "figures_clamping", "manifest", "all", *claims, *browser}),
         ("src/mechinterp/saes/topk.py", downstream_of_training),
         # a stage's entry point lives beside its functions: editing train_sae's main() reruns training and
         # what depends on it, not caching; the stacking entry point reruns the collect rules and after
         ("src/mechinterp/train_sae.py", downstream_of_training),
         ("src/mechinterp/collect.py", {"collect_sae_metrics", "figures_sae", "collect_polysemanticity",
                                        "figures_polysemanticity", "clamping", "figures_clamping", "manifest", "all",
-                                       *claims}),
+                                       *claims, *browser}),
         ("workflow/notebooks/clamping.ipynb", {"figures_clamping", "manifest", "all"}),
+        ("src/mechinterp/browser.py", {*browser, "manifest", "all"}),
+        ("workflow/browser/browser.js", {"browser", "manifest", "all"}),  # the pages only: no SAE's data
     ):
         path = workdir / edited
         original = path.read_text()

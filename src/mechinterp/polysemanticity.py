@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from mechinterp.activations import ActivationCache
 from mechinterp.errors import UserError, run_stage
-from mechinterp.files import write_parquet
+from mechinterp.files import atomic_path, write_parquet
 from mechinterp.saes import load_sae
 from mechinterp.tokens import split_rows
 
@@ -173,6 +173,44 @@ class Accumulated:
     top_values: torch.Tensor  # [top_n, units], descending
     top_rows: torch.Tensor  # [top_n, units] positions in `rows`
     correlation: torch.Tensor | None  # [units, neurons] Pearson, for SAE features
+    codes: SparseCodes | None  # every positive activation, for SAE features
+
+
+@dataclass
+class SparseCodes:
+    """A dictionary's positive activations on the scored rows, row by row (CSR): row i's units are
+    `indices[indptr[i]:indptr[i + 1]]` (ascending) with activations `values[...]`. The feature browser
+    reads its contexts, quantile samples and prompt view from these, so the cache is encoded once."""
+
+    indptr: np.ndarray  # [n rows + 1] int64
+    indices: np.ndarray  # [nnz] int32
+    values: np.ndarray  # [nnz] float32
+
+    @classmethod
+    def from_dense(cls, a: torch.Tensor) -> SparseCodes:
+        """From activations [rows, units]."""
+        row, unit = torch.nonzero(a > 0, as_tuple=True)
+        counts = np.bincount(row.numpy(), minlength=len(a))
+        return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), unit.numpy().astype(np.int32),
+                   a[row, unit].numpy().astype(np.float32))
+
+    @classmethod
+    def concat(cls, parts: list[SparseCodes]) -> SparseCodes:
+        """The rows of `parts`, one after another."""
+        offsets = np.cumsum([0] + [len(p.indices) for p in parts])
+        return cls(np.concatenate([[0], *(p.indptr[1:] + o for p, o in zip(parts, offsets, strict=False))]).astype(np.int64),
+                   np.concatenate([p.indices for p in parts]), np.concatenate([p.values for p in parts]))
+
+    FILES = ("indptr", "indices", "values")
+
+    def save(self, folder: Path, name: str) -> None:
+        for part in self.FILES:
+            np.save(folder / f"{name}.{part}.npy", getattr(self, part))
+
+    @classmethod
+    def load(cls, folder: str | Path, name: str) -> SparseCodes:
+        """Memory-mapped from the files `save` wrote."""
+        return cls(*(np.load(Path(folder) / f"{name}.{part}.npy", mmap_mode="r") for part in cls.FILES))
 
 
 @torch.no_grad()
@@ -182,7 +220,8 @@ def accumulate(dictionaries: dict[str, torch.nn.Module], cache: ActivationCache,
                neurons: str | None = None, chunk: int = 4096) -> dict[str, Accumulated]:
     """Second read over `rows`. `token_index` [n] maps each row to its distinct-token index;
     `row_concept_index` [n, 2] to row concepts (-1: none). When `neurons` names the identity
-    dictionary, every other dictionary's units are correlated (Pearson) with its units."""
+    dictionary, every other dictionary's units are correlated (Pearson) with its units, and their
+    positive activations are kept as `SparseCodes` (the neurons' own are the cache)."""
     acc = {}
     for name, d in dictionaries.items():
         acc[name] = Accumulated(
@@ -190,7 +229,8 @@ def accumulate(dictionaries: dict[str, torch.nn.Module], cache: ActivationCache,
             token_mass={v: torch.zeros(n_tokens, d.n_units) for v in VIEWS},
             row_concept_mass={v: torch.zeros(n_row_concepts + 1, d.n_units) for v in VIEWS},  # last row: none
             top_values=torch.full((top_n, d.n_units), -torch.inf), top_rows=torch.zeros(top_n, d.n_units, dtype=torch.long),
-            correlation=None)
+            correlation=None, codes=None)
+    coded = {name: [] for name in dictionaries if name != neurons}
     moments = {name: [torch.zeros(d.n_units, dtype=torch.float64) for _ in range(2)] for name, d in dictionaries.items()}
     cross = {name: torch.zeros(d.n_units, dictionaries[neurons].n_units, dtype=torch.float64)
              for name, d in dictionaries.items() if neurons is not None and name != neurons}
@@ -216,6 +256,8 @@ def accumulate(dictionaries: dict[str, torch.nn.Module], cache: ActivationCache,
             moments[name][1] += a.double().pow(2).sum(0)
             if name in cross:
                 cross[name] += (a.T @ encoded[neurons]).double()
+            if name in coded:
+                coded[name].append(SparseCodes.from_dense(a))
     n = len(rows)
 
     def std(name: str) -> torch.Tensor:
@@ -227,6 +269,8 @@ def accumulate(dictionaries: dict[str, torch.nn.Module], cache: ActivationCache,
     for name, products in cross.items():
         covariance = products / n - (moments[name][0] / n)[:, None] * (moments[neurons][0] / n)[None, :]
         acc[name].correlation = (covariance / (std(name)[:, None] * std(neurons)[None, :])).float()
+    for name, parts in coded.items():
+        acc[name].codes = SparseCodes.concat(parts)
     for a in acc.values():
         for view in VIEWS:
             a.row_concept_mass[view] = a.row_concept_mass[view][:n_row_concepts]
@@ -324,8 +368,8 @@ def score_dictionary(acc: Accumulated, maxima: torch.Tensor, concepts: Concepts,
 
 def top_contexts(top_rows: torch.Tensor, top_values: torch.Tensor, rows: np.ndarray, table: pl.DataFrame,
                  before: int, after: int) -> list[list[dict]]:
-    """Each unit's top-activating rows as contexts: the token, the surrounding text of its window
-    with the token marked [[like this]], its activation, document source and label."""
+    """Each unit's top-activating rows as contexts: the token-table row, the token, the surrounding
+    text of its window with the token marked [[like this]], its activation, document source and label."""
     tokens = table["token"].to_numpy()
     sequence, position = table["sequence"].to_numpy(), table["position"].to_numpy()
     source, label = table["source"].to_list(), table["label"].to_list()
@@ -341,7 +385,7 @@ def top_contexts(top_rows: torch.Tensor, top_values: torch.Tensor, rows: np.ndar
             while stop < len(tokens) and stop <= row + after and sequence[stop] == sequence[row]:
                 stop += 1
             text = "".join(tokens[start:row]) + "[[" + tokens[row] + "]]" + "".join(tokens[row + 1 : stop])
-            contexts.append({"activation": float(value), "token": tokens[row], "context": text,
+            contexts.append({"row": row, "activation": float(value), "token": tokens[row], "context": text,
                              "source": source[row], "label": label[row]})
         per_unit.append(contexts)
     return per_unit
@@ -386,10 +430,11 @@ def compare(units: pl.DataFrame, n_boot: int, seed: int) -> pl.DataFrame:
 def score_site(cache: ActivationCache, table: pl.DataFrame, rows: np.ndarray, dictionaries: dict[str, torch.nn.Module],
                unit_kinds: dict[str, str], lexicons: pl.DataFrame, settings: ScoringSettings,
                outlier_threshold: float = float("inf")
-               ) -> tuple[pl.DataFrame, pl.DataFrame]:
+               ) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray, dict[str, SparseCodes]]:
     """Score every unit of every dictionary of one site over cache `rows` (indices into the token
     table `table`). The identity dictionary must be named "neurons"; SAE features are correlated
-    with it. Returns the units table (one row per unit, with top contexts) and the concept ranking."""
+    with it. Returns the units table (one row per unit, with top contexts), the concept ranking, the
+    rows scored (`rows` without outliers) and each SAE's `SparseCodes` on them."""
     maxima, kept = unit_maxima(dictionaries, cache, rows, outlier_threshold)
     rows = rows[kept]
     scored = table[rows]
@@ -408,6 +453,7 @@ def score_site(cache: ActivationCache, table: pl.DataFrame, rows: np.ndarray, di
                      settings.active_fraction, settings.top_contexts,
                      neurons="neurons" if "neurons" in dictionaries else None)
     unit_tables, concept_tables = [], []
+    neuron_matches = best_features(acc) if "neurons" in acc else None
     for name, accumulated in acc.items():
         units, ranking = score_dictionary(accumulated, maxima[name], concepts, token_counts, row_counts, len(rows),
                                           settings.min_active, settings.concept_unit_min_words,
@@ -415,13 +461,31 @@ def score_site(cache: ActivationCache, table: pl.DataFrame, rows: np.ndarray, di
         contexts = top_contexts(accumulated.top_rows, accumulated.top_values, rows, table,
                                 settings.context_before, settings.context_after)
         units = units.with_columns(pl.Series("top_contexts", contexts, dtype=CONTEXTS_TYPE))
+        if name == "neurons" and neuron_matches is not None:
+            units = pl.concat([units, neuron_matches], how="horizontal")
         front = {"dictionary": name, "unit_kind": unit_kinds[name], "n_scored_tokens": len(rows)}
         unit_tables.append(units.select(*[pl.lit(v).alias(k) for k, v in front.items()], pl.all()))
         concept_tables.append(ranking.select(pl.lit(name).alias("dictionary"), pl.all()))
-    return (pl.concat(unit_tables, how="diagonal_relaxed"), pl.concat(concept_tables))
+    codes = {name: a.codes for name, a in acc.items() if a.codes is not None}
+    return pl.concat(unit_tables, how="diagonal_relaxed"), pl.concat(concept_tables), rows, codes
 
 
-CONTEXTS_TYPE = pl.List(pl.Struct({"activation": pl.Float64, "token": pl.Utf8, "context": pl.Utf8,
+def best_features(acc: dict[str, Accumulated]) -> pl.DataFrame | None:
+    """For each neuron, the SAE feature most correlated with it over every SAE of the site (the
+    feature the browser's compare view sets beside it): columns best_feature_sae, best_feature,
+    best_feature_correlation; None when the site has no SAE."""
+    saes = [(name, a.correlation) for name, a in acc.items() if a.correlation is not None]
+    if not saes:
+        return None
+    stacked = torch.stack([c.max(0).values for _, c in saes])  # [saes, neurons]
+    best_sae = stacked.argmax(0)
+    features = torch.stack([c.argmax(0) for _, c in saes]).gather(0, best_sae[None])[0]
+    return pl.DataFrame({"best_feature_sae": [saes[i][0] for i in best_sae.tolist()],
+                         "best_feature": features.numpy().astype(np.int64),
+                         "best_feature_correlation": stacked.max(0).values.double().numpy()})
+
+
+CONTEXTS_TYPE = pl.List(pl.Struct({"row": pl.Int64, "activation": pl.Float64, "token": pl.Utf8, "context": pl.Utf8,
                                    "source": pl.Utf8, "label": pl.Utf8}))
 
 
@@ -538,6 +602,15 @@ def check_alive_units(units: pl.DataFrame, min_active: int) -> None:
             log.warning("%s: its scores rest on few units; lower polysemanticity.min_active or score more tokens", why)
 
 
+def write_codes(rows: np.ndarray, codes: dict[str, SparseCodes], folder: str | Path) -> None:
+    """`rows.npy` (the token-table rows scored, in order) and each SAE's `SparseCodes` on them."""
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        np.save(tmp / "rows.npy", rows.astype(np.int64))
+        for name, part in codes.items():
+            part.save(tmp, name)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of rule `polysemanticity`: `python -m mechinterp.polysemanticity --help`."""
     parser = argparse.ArgumentParser(description="Score neurons and SAE features of one site the same way.")
@@ -552,6 +625,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--units", required=True, help="output: one row per unit")
     parser.add_argument("--concepts", required=True, help="output: the most specific units per concept")
     parser.add_argument("--comparison", required=True, help="output: neurons against features, medians and CIs")
+    parser.add_argument("--codes", required=True, help="output folder: the scored rows and each SAE's SparseCodes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = ScoringSettings(**json.loads(args.settings))
@@ -560,8 +634,8 @@ def main(argv: list[str] | None = None) -> None:
     dictionaries, unit_kinds, outlier_threshold = site_dictionaries(cache, args.sae_ids, args.saes)
     table = pl.read_parquet(args.table)
     rows, positions = split_rows(table, settings.split)
-    units, concepts = score_site(cache, table, rows[positions != 0], dictionaries, unit_kinds,
-                                 pl.read_parquet(args.lexicons), settings, outlier_threshold)
+    units, concepts, scored_rows, codes = score_site(cache, table, rows[positions != 0], dictionaries, unit_kinds,
+                                                     pl.read_parquet(args.lexicons), settings, outlier_threshold)
     check_alive_units(units, settings.min_active)
     site = cache.site
     site_columns = [pl.lit(site.id).alias("site"), pl.lit(site.kind).alias("site_kind"),
@@ -571,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     write_parquet(units, args.units)
     write_parquet(concepts.select(*site_columns, pl.all()), args.concepts)
     write_parquet(comparison, args.comparison)
+    write_codes(scored_rows, codes, args.codes)
     log.info("scored %d units on %d tokens in %.1f s", units.height, units["n_scored_tokens"][0],
              time.perf_counter() - start)
     for row in comparison.filter(pl.col("score") == "monosemanticity").iter_rows(named=True):

@@ -101,7 +101,8 @@ def package_imports(path):
 
 def stage_code(entry, *files):
     """sha256 of the code a stage runs: its `entry` module (run as `python -m <entry>`), the package's
-    `__init__`, every package module they import (transitively), and `files` (a notebook). A rule
+    `__init__`, every package module they import (transitively), and `files` (a notebook, the
+    browser's pages). A rule
     carries it as a parameter, so editing a stage's code reruns that stage and what depends on it;
     Snakemake itself tracks only a rule's own script and shell command. Content hashes, not paths or
     times: a run copied to another checkout stays up to date."""
@@ -109,7 +110,12 @@ def stage_code(entry, *files):
     seen, todo = set(), [
         entry,
         "mechinterp",
-        *(n for p in paths for n in package_imports(p)),
+        *(
+            n
+            for p in paths
+            if p.suffix in (".py", ".ipynb")
+            for n in package_imports(p)
+        ),
     ]
     while todo:
         name = todo.pop()
@@ -299,6 +305,7 @@ def all_benchmarks():
             for sae in SAES
         ],
         *[f"{RESULTS}/benchmarks/polysemanticity/{site}.tsv" for site in cache_sites()],
+        *[f"{RESULTS}/benchmarks/browser/{name}.tsv" for name in [*SAES, "site"]],
     ]
 
 
@@ -322,6 +329,8 @@ def run_artifacts():
         *expand(rules.collect_polysemanticity.output, **main),
         *expand(rules.clamping.output, **main),
         *expand(rules.claims.output, **main),
+        *expand(rules.browser_sae.output, sae=SAES),
+        *rules.browser.output,
     ]
 
 

@@ -11,6 +11,7 @@ rule polysemanticity:
         units=f"{RESULTS}/{{replicate}}polysemanticity/{{site}}.units.parquet",
         concepts=f"{RESULTS}/{{replicate}}polysemanticity/{{site}}.concepts.parquet",
         comparison=f"{RESULTS}/{{replicate}}polysemanticity/{{site}}.comparison.parquet",
+        codes=directory(f"{RESULTS}/{{replicate}}polysemanticity/{{site}}.codes"),
     log:
         f"{RESULTS}/{{replicate}}logs/polysemanticity/{{site}}.log",
     benchmark:
@@ -28,7 +29,7 @@ rule polysemanticity:
         " --lexicons {input.lexicons} --saes {input.saes} --sae-ids {params.sae_ids}"
         " --settings {params.settings:q} --seed {params.seed}"
         " --threads {threads} --units {output.units} --concepts {output.concepts}"
-        " --comparison {output.comparison} > {log} 2>&1"
+        " --comparison {output.comparison} --codes {output.codes} > {log} 2>&1"
 
 
 rule collect_polysemanticity:

@@ -1,0 +1,312 @@
+"""The feature browser: its pure functions on small arrays, then the site built by the smoke run, driven
+in headless Chromium (Debian's package, through Playwright) from file:// as a user opens it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from mechinterp.activations import ActivationCache
+from mechinterp.files import sha256_file
+from mechinterp.browser import (Lookup, Windows, data_script, histogram, logit_effects, quantile_samples,
+                                round_value)
+from mechinterp.polysemanticity import SparseCodes
+from mechinterp.saes import load_sae
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+# --- pure functions -------------------------------------------------------------------------------
+
+def test_lookup_reads_activations_at_any_row_and_unit():
+    dense = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    lookup = Lookup.of(SparseCodes.from_dense(dense), 3)
+    rows, units = np.meshgrid(np.arange(4), np.arange(3), indexing="ij")
+    np.testing.assert_array_equal(lookup(rows.ravel(), units.ravel()).reshape(4, 3), dense.numpy())
+
+
+def test_quantile_samples_cover_every_group_once_and_skip_the_top_contexts():
+    rng = np.random.default_rng(0)
+    values = rng.random(1000).astype(np.float32)
+    positions = np.arange(1000) * 3
+    top = set(positions[np.argsort(-values)[:8]].tolist())
+    groups = quantile_samples(positions, values, 10, 2, top, np.random.default_rng(1))
+    assert len(groups) == 10
+    by_position = dict(zip(positions.tolist(), values.tolist(), strict=True))
+    assert all(low >= next_high for (low, _, _), (_, next_high, _) in zip(groups, groups[1:], strict=False))
+    for low, high, picked in groups:
+        assert len(picked) == 2 and not set(picked) & top
+        assert all(low <= by_position[p] <= high for p in picked)
+    again = quantile_samples(positions, values, 10, 2, top, np.random.default_rng(1))
+    assert again == groups  # seeded
+    assert quantile_samples(positions[:3], values[:3], 10, 1, set(), np.random.default_rng(0))[0][2]  # few values
+
+
+def test_window_span_is_the_polysemanticity_context():
+    table = pl.DataFrame({"sequence": [0] * 6 + [1] * 6, "position": list(range(6)) * 2,
+                          "token": [f"t{i}" for i in range(12)]})
+    windows = Windows.of(np.arange(1, 12), table, before=3, after=2)
+    assert windows.span(2) == (0, 5)  # clipped at the window's start
+    assert windows.span(10) == (7, 12)  # at the table's end
+    assert windows.span(5) == (2, 6)  # not into the next window
+    lookup = Lookup.of(SparseCodes.from_dense(torch.arange(11.0)[:, None]), 1)  # activation = scored position
+    assert windows.context(lookup, 0, 8) == [8, [5, 6, 7, 8, 9]]
+    assert windows.context(lookup, 0, 1) == [1, [None, 0, 1, 2]]  # row 0 (BOS) is not scored
+
+
+def test_logit_effects_rank_the_unembedding_of_each_direction():
+    torch.manual_seed(0)
+    directions, weight, unembed = torch.randn(5, 8), torch.rand(8) + 0.5, torch.randn(40, 8)
+    up_ids, up, down_ids, down = logit_effects(directions, weight, False, unembed, k=4, chunk=2)
+    logits = (directions * weight) @ unembed.T
+    torch.testing.assert_close(up, logits.topk(4).values)
+    torch.testing.assert_close(down, -(-logits).topk(4).values)
+    assert torch.equal(up_ids, logits.topk(4).indices)
+    centred = logit_effects(directions, None, True, unembed, k=1)[1]
+    torch.testing.assert_close(centred, ((directions - directions.mean(1, keepdim=True)) @ unembed.T).max(1, keepdim=True).values)
+
+
+def test_histogram_and_rounding():
+    assert histogram(np.array([0.5, 0.9, 2.5, 4.0], np.float32), 4) == {"max": 4.0, "counts": [2, 0, 1, 1]}
+    assert histogram(np.zeros(0, np.float32), 3)["counts"] == [0, 0, 0]
+    assert round_value(0.0) == 0 and isinstance(round_value(0.0), int) and round_value(12.3456) == 12.3
+
+
+def test_data_script_keeps_every_string_inside_the_script():
+    planted = '</script><script>alert(1)</script>"\u2028\u00e9'
+    text = data_script("key", {"s": planted})
+    assert text.isascii() and text.startswith('MI.put("key", {') and text.endswith("});\n")
+    assert json.loads(text[len('MI.put("key", '):-3])["s"] == planted
+
+
+# --- the smoke run's browser, in Chromium -----------------------------------------------------------
+
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is missing: bash scripts/install_browser.sh")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+class Page:
+    """A page of the browser opened from file://, recording console errors and uncaught exceptions."""
+
+    def __init__(self, browser, folder: Path):
+        self.page = browser.new_page(viewport={"width": 1300, "height": 900})
+        self.folder = folder
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def open(self, path: str, ready: str):
+        self.page.goto((self.folder / path.split("#")[0]).as_uri() + ("#" + path.split("#")[1] if "#" in path else ""))
+        self.page.wait_for_selector(ready)
+        return self.page
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_run):
+    results = smoke_run / "results" / "smoke"
+    return {"results": results, "browser": results / "browser",
+            "units": pl.read_parquet(results / "polysemanticity" / "units.parquet"),
+            "table": pl.read_parquet(results / "tokens" / "token_table.parquet")}
+
+
+def live_units(units: pl.DataFrame, site: str, dictionary: str) -> pl.DataFrame:
+    return units.filter((pl.col("site") == site) & (pl.col("dictionary") == dictionary) & (pl.col("status") != "dead"))
+
+
+def table_rows(page) -> list[int]:
+    return [int(u) for u in page.eval_on_selector_all("#units tbody tr", "rows => rows.map(r => r.dataset.unit)")]
+
+
+@pytest.mark.e2e
+@needs_chromium
+def test_index_pages_load_and_list_every_live_unit(browser, smoke):
+    page = Page(browser, smoke["browser"])
+    index = page.open("index.html", "table.saes tbody tr")
+    assert sorted(index.eval_on_selector_all("table.saes tbody tr", "r => r.map(x => x.dataset.sae)")) == [
+        "mlp3-relu", "resid3-topk"]
+    assert index.get_attribute("a[href='../report.html']", "href") == "../report.html"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    index.screenshot(path=ARTIFACTS / "browser-index.png", full_page=True)
+    for sae, site in (("resid3-topk", "resid3"), ("mlp3-relu", "mlp3")):
+        for dictionary, name in (("features", sae), ("neurons", "neurons")):
+            table = page.open(f"features.html#sae={sae}&dict={dictionary}", "#units tbody tr")
+            expected = live_units(smoke["units"], site, name)
+            assert sorted(table_rows(table)) == expected["unit"].sort().to_list()
+            dead = smoke["units"].filter((pl.col("site") == site) & (pl.col("dictionary") == name)
+                                         & (pl.col("status") == "dead")).height
+            assert f"{dead} dead" in table.inner_text("#main")
+    table = page.open("features.html#sae=resid3-topk&dict=features", "#units tbody tr")
+    table.click("th[data-key='monosemanticity']")  # sorted, highest first
+    shown = table.eval_on_selector_all("#units tbody tr td:nth-child(3)", "c => c.map(x => x.textContent)")
+    values = [float(v) for v in shown if v != "–"]
+    assert values == sorted(values, reverse=True) and len(values) > 10
+    table.screenshot(path=ARTIFACTS / "browser-features.png")
+    assert page.errors == []
+
+
+@pytest.mark.e2e
+@needs_chromium
+def test_search_keeps_the_features_whose_top_contexts_contain_the_token(browser, smoke):
+    features = live_units(smoke["units"], "resid3", "resid3-topk")
+    tokens = smoke["table"]["token"].to_list()
+    top_tokens = {row["unit"]: {tokens[c["row"]].strip().lower() for c in row["top_contexts"]}
+                  for row in features.iter_rows(named=True)}
+    concepts = {row["unit"]: (row["best_concept"] or "").lower() for row in features.iter_rows(named=True)}
+    counts: dict[str, int] = {}
+    for found in top_tokens.values():
+        for token in found:
+            counts[token] = counts.get(token, 0) + 1
+    # a word token shared by several features but not all, and inside no concept's name
+    query = next(t for t, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+                 if re.fullmatch(r"[a-z]{3,}", t) and n < len(features) // 2 and not any(t in c for c in concepts.values()))
+    expected = sorted(u for u, found in top_tokens.items() if query in found)
+    page = Page(browser, smoke["browser"])
+    table = page.open("features.html#sae=resid3-topk&dict=features", "#units tbody tr")
+    table.fill("#search", f"  {query.upper()} ")
+    assert sorted(table_rows(table)) == expected and 0 < len(expected) < features.height
+    assert page.errors == []
+
+
+@pytest.mark.e2e
+@needs_chromium
+def test_feature_page_shows_the_cached_activations_and_the_unembedding_of_its_decoder(browser, smoke):
+    results, table = smoke["results"], smoke["table"]
+    features = live_units(smoke["units"], "resid3", "resid3-topk").filter(pl.col("status") == "alive")
+    unit = features.sort("n_active", descending=True)["unit"][0]
+    page = Page(browser, smoke["browser"])
+    listing = page.open("features.html#sae=resid3-topk&dict=features", "#units tbody tr")
+    listing.click(f"#units tbody tr[data-unit='{unit}'] td:first-child a")
+    feature = listing.wait_for_selector(".contexts.top .context") and listing
+    assert f"feature {unit}" in feature.title()
+    feature.screenshot(path=ARTIFACTS / "browser-feature.png", full_page=True)
+
+    sae, _ = load_sae(results / "saes" / "resid3-topk")
+    cache = ActivationCache.open(results / "activations" / "resid3.npy")
+    contexts = feature.query_selector_all(".contexts.top .context")
+    expected_top = features.filter(pl.col("unit") == unit)["top_contexts"][0]
+    assert len(contexts) == len(expected_top)
+    for context, planned in zip(contexts, expected_top, strict=True):
+        first, last, row = (int(context.get_attribute(f"data-{k}")) for k in ("first", "last", "row"))
+        assert row == planned["row"] and first <= row <= last
+        assert context.query_selector(".tokens").text_content() == "".join(table["token"][first : last + 1])
+        shown = [(int(t.get_attribute("data-row")), t.get_attribute("data-act"))
+                 for t in context.query_selector_all(".tok")]
+        scored = [(r, float(a)) for r, a in shown if a != ""]
+        strongest = max(scored, key=lambda p: p[1])[0]
+        with torch.no_grad():
+            cached = sae.encode(cache.rows(np.array([r for r, _ in scored])))[:, unit].numpy()
+        assert strongest == scored[int(np.argmax(cached))][0] == row
+        np.testing.assert_allclose([a for _, a in scored], cached, rtol=2e-3, atol=1e-3)
+
+    # promoted tokens: the decoder row through the final norm's scale and the (tied) unembedding
+    weights = load_file(results / "model" / "model.safetensors")
+    unembed = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    decoder = load_file(results / "saes" / "resid3-topk" / "sae_weights.safetensors")["W_dec"][unit]
+    logits = (decoder * weights["model.norm.weight"]) @ unembed.T
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(results / "model")
+    top = logits.topk(10)
+    rows = feature.query_selector_all(".logits.promoted tr")
+    assert [r.query_selector(".tok-text").text_content() for r in rows] == [
+        tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(top.indices.tolist())]
+    np.testing.assert_allclose([float(r.query_selector(".num").text_content()) for r in rows], top.values.numpy(),
+                               rtol=5e-3)
+    assert page.errors == []
+
+
+@pytest.mark.e2e
+@needs_chromium
+def test_compare_and_prompt_views_read_the_cache(browser, smoke):
+    results = smoke["results"]
+    neurons = live_units(smoke["units"], "resid3", "neurons")
+    neuron = neurons.sort("best_feature_correlation", descending=True).row(0, named=True)
+    page = Page(browser, smoke["browser"])
+    compare = page.open(f"compare.html#sae=resid3-topk&neuron={neuron['unit']}", ".compare .panel")
+    panels = compare.eval_on_selector_all(".compare .panel", "p => p.map(x => [x.dataset.dict, Number(x.dataset.unit)])")
+    assert panels == [["neurons", neuron["unit"]], ["features", neuron["best_feature"]]]
+
+    prompts = page.open("prompts.html#sae=resid3-topk", ".prompt .tok")
+    token = prompts.query_selector_all(".prompt .tok:not(.unscored)")[5]
+    row = int(token.get_attribute("data-row"))
+    token.click()
+    listed = [int(a.get_attribute("href").split("unit=")[1]) for a in prompts.query_selector_all("#firing li a")]
+    sae, _ = load_sae(results / "saes" / "resid3-topk")
+    with torch.no_grad():
+        acts = sae.encode(ActivationCache.open(results / "activations" / "resid3.npy").rows(np.array([row])))[0]
+    assert listed == acts.topk(len(listed)).indices.tolist() and len(listed) == 5
+    assert page.errors == []
+
+
+@pytest.mark.e2e
+@needs_chromium
+def test_markup_planted_in_a_document_is_shown_as_text(browser, smoke, tmp_path):
+    results = smoke["results"]
+    features = live_units(smoke["units"], "resid3", "resid3-topk").filter(pl.col("status") == "alive")
+    unit = features["unit"][0]
+    row = features["top_contexts"][0][0]["row"]
+    planted = {row: '<img src=x onerror="window.__planted = 1">', row - 1: "<script>window.__planted = 2</script>",
+               row + 1: '" onmouseover="window.__planted = 3" x="'}
+    table = smoke["table"].with_row_index("i").with_columns(
+        token=pl.col("i").replace_strict(planted, default=pl.col("token"), return_dtype=pl.Utf8),
+        source=pl.when(pl.col("i") == row).then(pl.lit("</span><b id='planted'>x</b>")).otherwise(pl.col("source")),
+    ).drop("i")
+    table.write_parquet(tmp_path / "token_table.parquet")
+    # the cache as if made from the planted table (a cache is refused with any other token table)
+    (tmp_path / "resid3.npy").symlink_to(results / "activations" / "resid3.npy")
+    header = json.loads((results / "activations" / "resid3.json").read_text())
+    header["token_table_sha256"] = sha256_file(tmp_path / "token_table.parquet")
+    (tmp_path / "resid3.json").write_text(json.dumps(header))
+    out = tmp_path / "browser"
+    poly = results / "polysemanticity"
+    clamping = [f"--{n}={results / 'clamping' / f'{n}.parquet'}" for n in ("targets", "effects", "comparisons",
+                                                                           "continuations")]
+    settings = json.loads((results / "MANIFEST.json").read_text())["config"]
+    build = [sys.executable, "-m", "mechinterp.browser"]
+    subprocess.run([*build, "sae", "--sae-id", "resid3-topk", "--sae", str(results / "saes" / "resid3-topk"),
+                    "--cache", str(tmp_path / "resid3.npy"), "--units", str(poly / "resid3.units.parquet"),
+                    "--codes", str(poly / "resid3.codes"), "--table", str(tmp_path / "token_table.parquet"),
+                    "--model", str(results / "model"), *clamping,
+                    "--polysemanticity", json.dumps(settings["polysemanticity"]),
+                    "--settings", json.dumps(settings["browser"]), "--seed", "0", "--threads", "2",
+                    "--out", str(out / "resid3-topk")], check=True, capture_output=True)
+    subprocess.run([*build, "site", "--summaries", str(out / "resid3-topk" / "summary.json"), "--table",
+                    str(tmp_path / "token_table.parquet"), "--split", "heldout", "--pages", str(REPO / "workflow" / "browser"),
+                    "--run", "planted", "--model-name", "planted", "--out", str(out)], check=True, capture_output=True)
+    page = Page(browser, out)
+    shown = page.open(f"unit.html#sae=resid3-topk&dict=features&unit={unit}", ".contexts.top .context")
+    context = shown.query_selector(f".contexts.top .context[data-row='{row}']")
+    text = context.text_content()
+    for markup in planted.values():
+        assert markup in text
+    assert "</span><b id='planted'>x</b>" in text
+    context.hover()
+    shown.hover(f".tok[data-row='{row + 1}']")
+    assert shown.evaluate("window.__planted") is None
+    assert shown.query_selector("img, b#planted, .context script") is None
+    table_page = page.open("features.html#sae=resid3-topk&dict=features", "#units tbody tr")
+    assert table_page.evaluate("window.__planted") is None and table_page.query_selector("img") is None
+    assert page.errors == []
+    shutil.rmtree(out)
