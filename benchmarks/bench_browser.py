@@ -73,13 +73,13 @@ def main() -> None:
         gemm_s = time.perf_counter() - start
     poly = run / "polysemanticity"
     clamping = [f"--{n}={run / 'clamping' / f'{n}.parquet'}" for n in ("targets", "effects", "comparisons",
-                                                                       "continuations")]
+                                                                       "continuations", "scores")]
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "mechinterp.browser", "sae", "--sae-id", args.sae,
                         "--sae", str(run / "saes" / args.sae),
                         "--cache", str(run / "activations" / f"{site['site']}.npy"),
-                        "--units", str(poly / f"{site['site']}.units.parquet"),
+                        "--units", str(poly / "units.parquet"),
                         "--codes", str(poly / f"{site['site']}.codes"),
                         "--table", str(run / "tokens" / "token_table.parquet"), "--model", str(run / "model"), *clamping,
                         "--polysemanticity", json.dumps(config["polysemanticity"]),

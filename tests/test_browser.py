@@ -163,6 +163,16 @@ def test_index_pages_load_and_list_every_live_unit(browser, smoke):
     values = [float(v) for v in shown if v != "–"]
     assert values == sorted(values, reverse=True) and len(values) > 10
     table.screenshot(path=ARTIFACTS / "browser-features.png")
+
+    # the front page names every unit clamped at the SAE's site (the difference-of-means vector is no unit)
+    targets = pl.read_parquet(smoke["results"] / "clamping" / "targets.parquet").filter(
+        (pl.col("sae") == "resid3-topk") & (pl.col("unit_kind") != "diffmean"))
+    index = page.open("index.html", "details.named")
+    links = index.eval_on_selector_all("details.named[data-sae='resid3-topk'] li", "li => li.map(x => x.textContent)")
+    assert sum("clamped for" in text for text in links) == targets.height
+    index.click("details.named[data-sae='resid3-topk'] summary")
+    index.click("details.named[data-sae='resid3-topk'] li a")
+    index.wait_for_selector(".panel")
     assert page.errors == []
 
 
@@ -239,6 +249,28 @@ def test_feature_page_shows_the_cached_activations_and_the_unembedding_of_its_de
 
 @pytest.mark.e2e
 @needs_chromium
+def test_a_clamped_feature_shows_its_selection_scores_and_effect_curve(browser, smoke):
+    results = smoke["results"]
+    target = pl.read_parquet(results / "clamping" / "targets.parquet").filter(
+        (pl.col("sae") == "resid3-topk") & (pl.col("unit_kind") == "feature") & (pl.col("selection") == "output")).row(
+        0, named=True)
+    scores = pl.read_parquet(results / "clamping" / "scores.parquet").filter(
+        (pl.col("sae") == "resid3-topk") & (pl.col("unit_kind") == "feature") & (pl.col("unit") == target["unit"]))
+    page = Page(browser, smoke["browser"])
+    shown = page.open(f"unit.html#sae=resid3-topk&dict=features&unit={target['unit']}", ".clamping")
+    concepts = shown.eval_on_selector_all("table.selection tbody tr td:first-child", "c => c.map(x => x.textContent)")
+    assert sorted(concepts) == sorted(scores["concept"]) and target["concept"] in concepts
+    output = scores.filter(pl.col("concept") == target["concept"])["output_score"][0]
+    assert output == pytest.approx(target["output_score"])
+    headings = shown.eval_on_selector_all(".clamping h3", "h => h.map(x => x.textContent)")
+    assert f"{target['concept']} — clamped as feature (output)" in headings
+    curves = shown.query_selector_all(".clamping .curves polyline")
+    assert len(curves) >= 5 and all(len(c.get_attribute("points").split()) == 4 for c in curves)  # 4 strengths
+    assert page.errors == []
+
+
+@pytest.mark.e2e
+@needs_chromium
 def test_compare_and_prompt_views_read_the_cache(browser, smoke):
     results = smoke["results"]
     neurons = live_units(smoke["units"], "resid3", "neurons")
@@ -282,11 +314,11 @@ def test_markup_planted_in_a_document_is_shown_as_text(browser, smoke, tmp_path)
     out = tmp_path / "browser"
     poly = results / "polysemanticity"
     clamping = [f"--{n}={results / 'clamping' / f'{n}.parquet'}" for n in ("targets", "effects", "comparisons",
-                                                                           "continuations")]
+                                                                           "continuations", "scores")]
     settings = json.loads((results / "MANIFEST.json").read_text())["config"]
     build = [sys.executable, "-m", "mechinterp.browser"]
     subprocess.run([*build, "sae", "--sae-id", "resid3-topk", "--sae", str(results / "saes" / "resid3-topk"),
-                    "--cache", str(tmp_path / "resid3.npy"), "--units", str(poly / "resid3.units.parquet"),
+                    "--cache", str(tmp_path / "resid3.npy"), "--units", str(poly / "units.parquet"),
                     "--codes", str(poly / "resid3.codes"), "--table", str(tmp_path / "token_table.parquet"),
                     "--model", str(results / "model"), *clamping,
                     "--polysemanticity", json.dumps(settings["polysemanticity"]),

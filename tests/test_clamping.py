@@ -12,7 +12,7 @@ import torch
 from conftest import topk_sae
 from mechinterp.clamping import (ClampedNextToken, Units, boundary_prompts, clamp_hook, clamp_rows, coordinate_units,
                                  concept_tokens, continue_prompt, direct_logit_effects, frequency_matched, load_parts,
-                                 measure, normed_directions, perplexity, sae_units, site_statistics,
+                                 measure, normed_directions, perplexity, sae_units, selection_scores, site_statistics,
                                  unambiguous_terms, word_list_tokens, word_tokens)
 from mechinterp.errors import UserError
 from mechinterp.sites import Site
@@ -261,3 +261,15 @@ def test_neuron_and_residual_units_are_coordinates():
     units = coordinate_units(5, torch.tensor([1, 3]), torch.tensor([2.0, 7.0]))
     assert torch.equal(units.read, units.write) and units.read[1, 3] == 1 and units.read.sum() == 2
     assert (units.sae_index == -1).all()
+
+
+def test_selection_scores_list_each_features_best_concepts_and_every_output_candidate():
+    input_score = torch.tensor([[0.9, -torch.inf, 0.1], [0.2, 0.5, -torch.inf], [-torch.inf, 0.4, 0.3]])
+    measured = [{"concept": "b", "unit_kind": "feature", "unit": 1, "output_score": 1.5, "direct_logit_effect": 0.2},
+                {"concept": "a", "unit_kind": "neuron", "unit": 7, "output_score": -0.1, "direct_logit_effect": 0.3}]
+    table = selection_scores(input_score, ["a", "b", "c"], measured, best=2)
+    rows = {(r["unit_kind"], r["unit"], r["concept"]): (r["input_score"], r["output_score"]) for r in table.iter_rows(named=True)}
+    assert rows == {("feature", 0, "a"): (pytest.approx(0.9), None), ("feature", 0, "b"): (pytest.approx(0.2), None),
+                    ("feature", 1, "b"): (pytest.approx(0.5), 1.5), ("feature", 1, "c"): (pytest.approx(0.4), None),
+                    ("feature", 2, "c"): (pytest.approx(0.3), None), ("feature", 2, "a"): (pytest.approx(0.1), None),
+                    ("neuron", 7, "a"): (None, -0.1)}

@@ -42,7 +42,7 @@ from mechinterp.saes import load_sae
 from mechinterp.tokens import split_rows
 
 log = logging.getLogger(__name__)
-SCORES = ("density", "n_active", "max_activation", "effective_tokens", "token_focus", "monosemanticity",
+SCORES = ("density", "density_positive", "n_active", "max_activation", "effective_tokens", "token_focus", "monosemanticity",
           "best_concept", "concept_specificity", "concept_share", "concept_base_rate")
 
 
@@ -249,6 +249,20 @@ def clamping_records(dictionary: str, sae: str, site: str, targets: pl.DataFrame
     return out
 
 
+KIND = {"features": "feature", "neurons": "neuron"}
+
+
+def selection_records(scores: pl.DataFrame) -> dict[int, list[dict]]:
+    """Per unit, its selection scores from the clamping stage (`scores`: its rows of clamping/scores.parquet):
+    each concept it is among the best by input score, or was an output candidate for, highest first."""
+    out: dict[int, list[dict]] = {}
+    for row in scores.sort("unit", "input_score", "output_score", descending=[False, True, True],
+                           nulls_last=True).iter_rows(named=True):
+        out.setdefault(row["unit"], []).append({k: finite(row[k]) if k != "concept" else row[k] for k in
+                                                ("concept", "input_score", "output_score", "direct_logit_effect")})
+    return out
+
+
 def finite(value: float | None) -> float | None:
     """JSON has no NaN: None instead (and four significant digits)."""
     return round_value(value) if value is not None and np.isfinite(value) else None
@@ -257,10 +271,11 @@ def finite(value: float | None) -> float | None:
 # --- one dictionary's data ------------------------------------------------------------------------
 
 def unit_records(units: pl.DataFrame, codes: SparseCodes, windows: Windows, writes: tuple, vocabulary: list[str],
-                 clamped: dict[int, list[dict]], settings: BrowserSettings, seed: int) -> list[dict]:
+                 clamped: dict[int, list[dict]], selected: dict[int, list[dict]], settings: BrowserSettings,
+                 seed: int) -> list[dict]:
     """The page data of every live unit of one dictionary (`units`: its rows of the units table, sorted
     by unit), its scores left to the index (`index_table`), which every page loads. `writes` is
-    `logit_effects`'s result."""
+    `logit_effects`'s result; `clamped` and `selected` are `clamping_records` and `selection_records`."""
     n_units = units.height
     ptr, positions, values = unit_columns(codes, n_units)
     lookup = Lookup.of(codes, n_units)
@@ -286,6 +301,7 @@ def unit_records(units: pl.DataFrame, codes: SparseCodes, windows: Windows, writ
                                                                         strict=True)],
             "suppressed": [[vocabulary[t], round_value(v)] for t, v in zip(suppressed[u].tolist(),
                                                                           suppressed_values[u].tolist(), strict=True)],
+            "selection": selected.get(u, []),
             "clamping": clamped.get(u, []),
         }
         records.append(record)
@@ -341,13 +357,15 @@ def write_chunks(folder: Path, prefix: str, key: str, records: list[dict], per_f
 
 
 def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_folder: str, cache: ActivationCache,
-                      table: pl.DataFrame, model_dir: str, clamping: dict[str, pl.DataFrame], context: tuple[int, int],
+                      table: pl.DataFrame, model_dir: str, clamping: dict[str, pl.DataFrame], scores: pl.DataFrame,
+                      scoring: dict[str, object],
                       settings: BrowserSettings, seed: int, device: str, out: Path) -> dict[str, object]:
-    """Write one SAE's browser folder `out`; returns its summary (counts, sizes)."""
+    """Write one SAE's browser folder `out` (`scoring`: the config's `polysemanticity` section, whose
+    context span and active fraction the pages share); returns its summary."""
     sae, _ = load_sae(sae_folder)
     site = cache.site
     rows = np.load(Path(codes_folder) / "rows.npy")
-    windows = Windows.of(rows, table, *context)
+    windows = Windows.of(rows, table, scoring["context_before"], scoring["context_after"])
     site_units = units.filter(pl.col("site") == site.id)
     dictionaries = {
         "features": (site_units.filter(pl.col("dictionary") == sae_id).sort("unit"),
@@ -366,7 +384,8 @@ def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_f
     unembed = parts.model.get_submodule(parts.unembed).weight.detach().cpu()
     summary = {"sae": sae_id, "site": site.id, "site_kind": site.kind, "layer": site.layer,
                "unit_kind": "neuron" if site.kind == "mlp" else "residual_dim", "dictionaries": {},
-               "context_before": context[0], "context_after": context[1]}
+               "context_before": scoring["context_before"], "context_after": scoring["context_after"],
+               "active_fraction": scoring["active_fraction"]}
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for name, (frame, codes, directions) in dictionaries.items():
@@ -376,12 +395,14 @@ def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_f
             effects = logit_effects(writes, norm_weight.detach().cpu() if norm_weight is not None else None,
                                     isinstance(norm, torch.nn.LayerNorm), unembed, settings.logit_tokens)
             clamped = clamping_records(name, sae_id, site.id, **clamping)
-            records = unit_records(frame, codes, windows, effects, vocabulary, clamped, settings, seed)
+            selected = selection_records(scores.filter((pl.col("sae") == sae_id) & (pl.col("unit_kind") == KIND[name])))
+            records = unit_records(frame, codes, windows, effects, vocabulary, clamped, selected, settings, seed)
             where = write_chunks(tmp, name, f"{sae_id}/{name}", records, settings.units_per_file, lambda r: r["unit"])
             index = index_table(frame, table, name == "features") | {"file_of": where}
             (tmp / f"{name}-index.js").write_text(data_script(f"{sae_id}/{name}-index", index))
             summary["dictionaries"][name] = {"units": frame.height, "live": len(records), "dead": len(index["dead"]),
                                              "dense": len(index["dense"]), "clamped": len(clamped)}
+        summary["named"] = named_units(units, sae_id, site.id, clamping["targets"])
         by_window = prompt_view(dictionaries["features"][1], windows, settings.prompt_features)
         sequences = sorted(by_window)
         per_file = max(1, settings.units_per_file // 16)
@@ -391,6 +412,37 @@ def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_f
         summary["windows"] = {str(s): i // per_file for i, s in enumerate(sequences)}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
+
+
+def named_units(units: pl.DataFrame, sae_id: str, site: str, targets: pl.DataFrame, n_extreme: int = 3
+                ) -> list[dict]:
+    """The units the study names at one SAE's site, for the browser's front page: the polysemanticity
+    figures' example cards (when at this site), every clamped feature and neuron, and the `n_extreme`
+    highest and lowest by monosemanticity of the features and of the neurons. `units`: the units table
+    of every site."""
+    from mechinterp.polysemanticity import example_units
+
+    named = []
+    try:
+        cards = example_units(units)
+    except ValueError:
+        cards = ()
+    for card, label in zip(cards, ("example card: the most polysemantic neuron", "example card: the cleanest feature"),
+                           strict=False):
+        if card["site"] == site and card["dictionary"] in ("neurons", sae_id):
+            named.append({"label": label, "dict": "features" if card["dictionary"] == sae_id else "neurons",
+                          "unit": card["unit"]})
+    clamped = targets.filter((pl.col("site") == site) & (pl.col("sae") == sae_id))
+    for row in clamped.filter(pl.col("unit_kind") != "diffmean").iter_rows(named=True):
+        named.append({"label": f"clamped for {row['concept']} as {unit_label(row['unit_kind'], row['selection'])}",
+                      "dict": "neurons" if row["unit_kind"] in CLAMPED_AS["neurons"] else "features", "unit": row["unit"]})
+    for dictionary, name in (("features", sae_id), ("neurons", "neurons")):
+        scored = units.filter((pl.col("site") == site) & (pl.col("dictionary") == name)
+                              & pl.col("monosemanticity").is_not_null()).sort("monosemanticity", "unit")
+        for end, rows in (("lowest", scored.head(n_extreme)), ("highest", scored.reverse().head(n_extreme))):
+            named += [{"label": f"{end} monosemanticity ({row['monosemanticity']:.3f})", "dict": dictionary,
+                       "unit": row["unit"]} for row in rows.iter_rows(named=True)]
+    return named
 
 
 # --- the site ----------------------------------------------------------------------------------------
@@ -434,11 +486,11 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("--sae-id", required=True)
     one.add_argument("--sae", required=True, help="the SAE folder")
     one.add_argument("--cache", required=True, help="the site's activation cache")
-    one.add_argument("--units", required=True, help="the site's polysemanticity units table")
+    one.add_argument("--units", required=True, help="the polysemanticity units table of every site")
     one.add_argument("--codes", required=True, help="the site's polysemanticity codes folder")
     one.add_argument("--table", required=True)
     one.add_argument("--model", required=True)
-    for name in ("targets", "effects", "comparisons", "continuations"):
+    for name in ("targets", "effects", "comparisons", "continuations", "scores"):
         one.add_argument(f"--{name}", required=True, help=f"clamping/{name}.parquet")
     one.add_argument("--polysemanticity", required=True, help="the config's `polysemanticity` section as JSON")
     one.add_argument("--settings", required=True, help="the config's `browser` section as JSON")
@@ -462,14 +514,15 @@ def main(argv: list[str] | None = None) -> None:
         scoring = json.loads(args.polysemanticity)
         clamping = {name: pl.read_parquet(getattr(args, name))
                     for name in ("targets", "effects", "comparisons", "continuations")}
+        scores = pl.read_parquet(args.scores)
         cache = ActivationCache.open(args.cache, args.table)
         units = pl.read_parquet(args.units)
         if args.sae_id not in set(units["dictionary"]):
             raise UserError(f"{args.units} has no units of SAE {args.sae_id!r}; rerun its polysemanticity stage.")
         from mechinterp.model import resolve_device
 
-        summary = build_sae_browser(args.sae_id, args.sae, units, args.codes, cache, table, args.model, clamping,
-                                    (scoring["context_before"], scoring["context_after"]),
+        summary = build_sae_browser(args.sae_id, args.sae, units, args.codes, cache, table, args.model, clamping, scores,
+                                    scoring,
                                     BrowserSettings(**json.loads(args.settings)), args.seed,
                                     resolve_device(args.device), Path(args.out))
         log.info("%s: %s; %.1f MB in %.1f s", args.sae_id, summary["dictionaries"], folder_bytes(Path(args.out)) / 1e6,

@@ -636,15 +636,16 @@ def concat_units(parts: list[Units]) -> Units:
 def choose_units(parts: ModelParts, site: Site, sae: SparseAutoencoder, stats: SiteStatistics, concepts: list[str],
                  concept_sets: list[list[int]], control_sets: list[list[int]], correlated: dict[int, int],
                  selection_step: ClampedNextToken, reference: torch.Tensor, settings: ClampingSettings, seed: int
-                 ) -> tuple[list[Chosen], Units]:
+                 ) -> tuple[list[Chosen], Units, pl.DataFrame]:
     """Per concept: the feature with the best input score, the feature and the neuron with the best
     output score (among the `output_candidates` with the largest direct logit effect), the input
-    feature's best-correlated neuron, the difference-of-means vector and a random live feature."""
+    feature's best-correlated neuron, the difference-of-means vector and a random live feature.
+    Also every selection score computed (`selection_scores`)."""
     rng = np.random.default_rng(seed)
     alive_features = torch.nonzero(stats.feature_active > 0).squeeze(1)
     alive_neurons = torch.nonzero(stats.neuron_active > 0).squeeze(1)
     width = stats.neuron_max.numel()
-    chosen, units = [], []
+    chosen, units, measured = [], [], []
     with torch.no_grad():
         normed_features = normed_directions(parts, site, sae.W_dec[alive_features], stats.feature_max[alive_features],
                                             reference)
@@ -677,6 +678,10 @@ def choose_units(parts: ModelParts, site: Site, sae: SparseAutoencoder, stats: S
         random_feature = int(rng.choice(pool))
         output_of = {("f", int(u)): float(s) for u, s in zip(feature_candidates, output[:n_f], strict=True)}
         output_of.update({("n", int(u)): float(s) for u, s in zip(neuron_candidates, output[n_f:], strict=True)})
+        measured += [{"concept": concept, "unit_kind": "feature" if space == "f" else "neuron", "unit": unit,
+                      "output_score": score,
+                      "direct_logit_effect": (effect_of if space == "f" else neuron_effect_of)[unit]}
+                     for (space, unit), score in output_of.items()]
         rows = [("feature", "input", input_feature, "f"), ("feature", "output", int(feature_candidates[best_f]), "f"),
                 ("neuron", "output", int(neuron_candidates[best_n]), "n"), ("correlated_neuron", "", neuron, "n"),
                 ("diffmean", "", c, "d"), ("random", "", random_feature, "f")]
@@ -694,7 +699,24 @@ def choose_units(parts: ModelParts, site: Site, sae: SparseAutoencoder, stats: S
                              stats.neuron_max[[int(neuron_candidates[best_n]), neuron]]),
             Units(torch.tensor([-1]), stats.diffmean[c : c + 1], stats.diffmean[c : c + 1], stats.diffmean_max[c : c + 1]),
             sae_units(sae, torch.tensor([random_feature]), stats.feature_max[[random_feature]])]))
-    return chosen, concat_units(units)
+    return chosen, concat_units(units), selection_scores(stats.input_score, concepts, measured)
+
+
+def selection_scores(input_score: torch.Tensor, concepts: list[str], measured: list[dict], best: int = 3
+                     ) -> pl.DataFrame:
+    """Every selection score of one site, for the feature browser: each feature's `best` concepts by input
+    score (`input_score` [concepts, features], -inf where not eligible), and the output score and direct
+    logit effect of every output candidate (features and neurons), joined on (concept, unit_kind, unit)."""
+    values, index = input_score.topk(min(best, len(concepts)), dim=0)
+    finite = torch.isfinite(values)
+    rank, feature = torch.nonzero(finite, as_tuple=True)
+    inputs = pl.DataFrame({"concept": [concepts[i] for i in index[rank, feature].tolist()], "unit_kind": "feature",
+                           "unit": feature.numpy().astype(np.int64), "input_score": values[finite].double().numpy()},
+                          schema_overrides={"concept": pl.Utf8})
+    outputs = pl.DataFrame(measured, schema={"concept": pl.Utf8, "unit_kind": pl.Utf8, "unit": pl.Int64,
+                                             "output_score": pl.Float64, "direct_logit_effect": pl.Float64})
+    return (inputs.join(outputs, on=["concept", "unit_kind", "unit"], how="full", coalesce=True)
+            .sort("unit_kind", "unit", "concept"))
 
 
 # --- continuations --------------------------------------------------------------------------------
@@ -775,8 +797,9 @@ class StatisticsTokens:
 def run_site(parts: ModelParts, inputs: SiteInputs, concepts: list[str], token_sets: dict[str, list[int]],
              controls: dict[str, list[int]], statistics: StatisticsTokens, units_table: pl.DataFrame,
              selection_prompts: torch.Tensor, measure_prompts: torch.Tensor, settings: ClampingSettings, seed: int
-             ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Choose and measure every unit of every concept at one site: the targets and the effects tables."""
+             ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Choose and measure every unit of every concept at one site: the targets, effects and selection
+    scores tables."""
     site, sae = inputs.site, inputs.sae
     concept_sets = [token_sets[c] for c in concepts]
     control_sets = [controls[c] for c in concepts]
@@ -790,8 +813,8 @@ def run_site(parts: ModelParts, inputs: SiteInputs, concepts: list[str], token_s
     selection_step = ClampedNextToken(parts, selection_prompts, site, sae, settings.batch_rows)
     reference = final_residual(parts, selection_prompts)
     started = time.perf_counter()
-    chosen, units = choose_units(parts, site, sae, stats, concepts, concept_sets, control_sets, correlated,
-                                 selection_step, reference, settings, seed)
+    chosen, units, scores = choose_units(parts, site, sae, stats, concepts, concept_sets, control_sets, correlated,
+                                         selection_step, reference, settings, seed)
     log.info("%s: %d units chosen for %d concepts in %.1f s", site.id, len(units), len(concepts),
              time.perf_counter() - started)
     started = time.perf_counter()
@@ -815,7 +838,8 @@ def run_site(parts: ModelParts, inputs: SiteInputs, concepts: list[str], token_s
     effects = effects.with_columns(relative_effect=pl.col("concept_logprob_change") - pl.col("control_logprob_change"))
     keys = chosen_table.select("concept", "site", "layer", "unit_kind", "selection", "unit").with_row_index("unit_row")
     effects = keys.join(effects.with_columns(pl.col("unit_row").cast(pl.UInt32)), on="unit_row").drop("unit_row")
-    return chosen_table, effects
+    scores = scores.select(pl.lit(site.id).alias("site"), pl.lit(inputs.sae_id).alias("sae"), pl.all())
+    return chosen_table, effects, scores
 
 
 def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: pl.DataFrame, windows: np.ndarray,
@@ -846,13 +870,14 @@ def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: p
                                                           settings.selection_prompts, settings.prompt_tokens, seed))
     measure_prompts = torch.from_numpy(boundary_prompts(windows[split_sequences(table, "heldout")], word_start,
                                                         settings.measure_prompts, settings.prompt_tokens, seed))
-    targets, effects = [], []
+    targets, effects, site_scores = [], [], []
     for inputs in sites:
         concepts = named + sampled if inputs.sae_id == settings.sae else named
-        chosen, measured = run_site(parts, inputs, concepts, token_sets, controls, statistics, units_table,
-                                    selection_prompts, measure_prompts, settings, seed)
+        chosen, measured, scored = run_site(parts, inputs, concepts, token_sets, controls, statistics, units_table,
+                                            selection_prompts, measure_prompts, settings, seed)
         targets.append(chosen)
         effects.append(measured)
+        site_scores.append(scored)
     tokens_of = pl.DataFrame({"concept": named + sampled,
                               "concept_tokens": [[vocabulary[t] for t in token_sets[c]] for c in named + sampled]})
     targets_table = (pl.concat(targets).with_columns(named=pl.col("concept").is_in(named))
@@ -886,7 +911,7 @@ def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: p
                             "prompt": prompt_index, "prompt_text": text, "mode": mode, "strength": float(strength),
                             "continuation": tokenizer.decode(sequence), "perplexity": ppl})
     return {"targets": targets_table, "effects": effects_table, "summary": summary, "comparisons": comparisons,
-            "verdict": verdict, "continuations": pl.DataFrame(continuation_rows)}
+            "verdict": verdict, "continuations": pl.DataFrame(continuation_rows), "scores": pl.concat(site_scores)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -129,7 +129,7 @@ function contextView(corpus, context, maxActivation, before) {
     tokens, el("span", { class: "source" }, `${w.source[at] ?? "?"}${w.label[at] ? ` · ${w.label[at]}` : ""} · doc ${w.doc[at]}`));
 }
 
-function histogramView(hist, density) {
+function histogramView(hist, positiveDensity) {
   const width = 320, height = 90, n = hist.counts.length, top = Math.max(1, ...hist.counts);
   const bars = hist.counts.map((c, i) => svg("rect", {
     x: (i * width) / n, y: height - (c / top) * height, width: width / n - 1, height: (c / top) * height, class: "bar",
@@ -138,8 +138,11 @@ function histogramView(hist, density) {
     svg("svg", { viewBox: `0 0 ${width} ${height + 14}`, width, height: height + 14 }, bars,
       svg("text", { x: 0, y: height + 12, class: "axis" }, "0"),
       svg("text", { x: width, y: height + 12, class: "axis", "text-anchor": "end" }, fmt(hist.max))),
-    el("figcaption", {}, `positive activations (density ${fmt(density)})`));
+    el("figcaption", {}, `its positive activations: on ${fmt(positiveDensity * 100)}% of the scored tokens`));
 }
+
+// Tokens as framed chips, so leading spaces show.
+function chips(tokens) { return tokens.map((t) => el("span", { class: "chip tok-text" }, t)); }
 
 function logitList(title, pairs, cls) {
   return el("table", { class: `logits ${cls}` }, el("caption", {}, title),
@@ -147,7 +150,7 @@ function logitList(title, pairs, cls) {
 }
 
 function scoresTable(row, sae, dict) {
-  const rows = [["status", row.status], ["density", row.density], ["tokens active", row.n_active],
+  const rows = [["status", row.status], [`density (active: ≥ ${fmt(sae.active_fraction * 100)}% of its maximum)`, row.density], ["tokens active", row.n_active],
     ["max activation", row.max_activation], ["monosemanticity", row.monosemanticity],
     ["effective tokens", row.effective_tokens], ["token focus", row.token_focus],
     ["best concept", row.best_concept], ["concept specificity", row.concept_specificity],
@@ -197,7 +200,7 @@ function clampingView(records) {
   return el("div", {}, records.map((r) => el("section", { class: "clamping" },
     el("h3", {}, `${r.concept} — clamped as ${r.label}`),
     el("p", {}, `selection scores: input ${fmt(r.input_score)}, output ${fmt(r.output_score)}, direct logit effect ${fmt(r.direct_logit_effect)}; concept tokens: `,
-      el("span", { class: "tok-text" }, r.concept_tokens.join(" |"))),
+      chips(r.concept_tokens)),
     curveChart(r.curves),
     r.comparisons.length ? el("table", { class: "comparisons" }, el("caption", {}, "feature minus baseline at equal KL (95% CI)"),
       el("thead", {}, el("tr", {}, ["feature", "baseline", "KL", "difference", "CI", "beats"].map((h) => el("th", {}, h)))),
@@ -214,7 +217,7 @@ function unitPanel(sae, dict, row, data, corpus) {
   const max = row.max_activation || 1;
   return el("div", { class: "panel", "data-dict": dict, "data-unit": row.unit },
     el("h2", {}, unitLink(sae, dict, row.unit)),
-    el("div", { class: "row" }, scoresTable(row, sae, dict), histogramView(data.histogram, row.density),
+    el("div", { class: "row" }, scoresTable(row, sae, dict), histogramView(data.histogram, row.density_positive),
       logitList("promoted tokens (direct logit effect)", data.promoted, "promoted"),
       logitList("suppressed tokens", data.suppressed, "suppressed")),
     el("h3", {}, "Top-activating contexts"),
@@ -223,7 +226,17 @@ function unitPanel(sae, dict, row, data, corpus) {
     el("div", { class: "quantiles" }, data.quantiles.map((q, i) => el("div", { class: "quantile" },
       el("h4", {}, `quantile ${data.quantiles.length - i} of ${data.quantiles.length}: activations ${fmt(q.low)}–${fmt(q.high)}`),
       q.contexts.map((c) => contextView(corpus, c, max, sae.context_before))))),
+    el("h3", {}, "Selection scores (clamping stage)"), selectionView(data.selection),
     el("h3", {}, "Clamping"), clampingView(data.clamping));
+}
+
+// The concepts a unit scores best for by input score, and those it was an output candidate for.
+function selectionView(rows) {
+  if (!rows.length) return el("p", {}, "Among no concept's best units by input score, and no output candidate.");
+  return el("table", { class: "selection" },
+    el("thead", {}, el("tr", {}, ["concept", "input score", "output score", "direct logit effect"].map((h) => el("th", {}, h)))),
+    el("tbody", {}, rows.map((r) => el("tr", {}, el("td", {}, r.concept), el("td", { class: "num" }, fmt(r.input_score)),
+      el("td", { class: "num" }, fmt(r.output_score)), el("td", { class: "num" }, fmt(r.direct_logit_effect))))));
 }
 
 // --- pages -----------------------------------------------------------------------------------------
@@ -246,6 +259,9 @@ async function siteIndexPage() {
         el("td", {}, el("a", { href: pageLink("features.html", { sae: s.sae, dict: "features" }), class: "features-link" }, "features"), " · ",
           el("a", { href: pageLink("features.html", { sae: s.sae, dict: "neurons" }) }, s.unit_kind.replace("_", " ") + "s"), " · ",
           el("a", { href: pageLink("prompts.html", { sae: s.sae }) }, "prompts")))))),
+    el("h2", {}, "Units the study names"),
+    el("div", {}, site.saes.map((s) => el("details", { class: "named", "data-sae": s.sae }, el("summary", {}, `${s.sae}: ${s.named.length} units`),
+      el("ul", {}, s.named.map((n) => el("li", {}, unitLink(s, n.dict, n.unit), ` — ${n.label}`)))))),
     el("h2", {}, "The study"),
     el("ul", {}, el("li", {}, el("a", { href: "../report.html" }, "Snakemake report"),
       " (made by ", el("code", {}, `snakemake --report results/${site.run}/report.html`), "; it links back here)"),
@@ -291,7 +307,7 @@ async function tablePage() {
       return el("td", {}, unitLink(other, dict === "features" ? "neurons" : "features", row.match, String(row.match)), ` r=${fmt(row.match_r, 2)}`,
         " ", el("a", { href: pageLink("compare.html", dict === "features" ? { sae: sae.sae, neuron: row.match, feature: row.unit } : { sae: row.best_feature_sae, neuron: row.unit, feature: row.match }) }, "compare"));
     }
-    if (key === "top_tokens") return el("td", { class: "tok-text" }, row.top_tokens.join(" |"));
+    if (key === "top_tokens") return el("td", {}, chips(row.top_tokens));
     return el("td", { class: typeof row[key] === "number" ? "num" : "" }, fmt(row[key]));
   }
   function render() {

@@ -8,9 +8,7 @@ rule browser_sae:
         sae=main_run(rules.train_sae.output[0]),
         cache=lambda wc: activation_file(wc.sae, "npy"),
         header=lambda wc: activation_file(wc.sae, "json"),
-        units=lambda wc: expand(
-            main_run(rules.polysemanticity.output.units), site=SAES[wc.sae].site.id
-        ),
+        units=main_run(rules.collect_polysemanticity.output.units),
         codes=lambda wc: expand(
             main_run(rules.polysemanticity.output.codes), site=SAES[wc.sae].site.id
         ),
@@ -20,6 +18,7 @@ rule browser_sae:
         effects=main_run(rules.clamping.output.effects),
         comparisons=main_run(rules.clamping.output.comparisons),
         continuations=main_run(rules.clamping.output.continuations),
+        scores=main_run(rules.clamping.output.scores),
     output:
         directory(f"{RESULTS}/browser/{{sae}}"),
     log:
@@ -39,7 +38,7 @@ rule browser_sae:
         "python -m mechinterp.browser sae --sae-id {wildcards.sae} --sae {input.sae} --cache {input.cache}"
         " --units {input.units} --codes {input.codes} --table {input.table} --model {input.model}"
         " --targets {input.targets} --effects {input.effects} --comparisons {input.comparisons}"
-        " --continuations {input.continuations} --polysemanticity {params.polysemanticity:q}"
+        " --continuations {input.continuations} --scores {input.scores} --polysemanticity {params.polysemanticity:q}"
         " --settings {params.settings:q} --seed {params.seed} --device {params.device}"
         " --threads {threads} --out {output} > {log} 2>&1"
 

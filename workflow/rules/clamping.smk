@@ -23,6 +23,8 @@ rule clamping:
             name: f"{RESULTS}/{{replicate}}clamping/{name}.parquet"
             for name in CLAMPING_TABLES
         },
+        # every selection score computed, read by the feature browser (not by the figures)
+        scores=f"{RESULTS}/{{replicate}}clamping/scores.parquet",
     log:
         f"{RESULTS}/{{replicate}}logs/clamping.log",
     benchmark:
