@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from mechinterp.activations import ActivationCache
-from mechinterp.files import sha256_file
 from mechinterp.browser import (Lookup, Windows, data_script, histogram, logit_effects, quantile_samples,
                                 round_value)
+from mechinterp.files import sha256_file
 from mechinterp.polysemanticity import SparseCodes
 from mechinterp.saes import load_sae
 

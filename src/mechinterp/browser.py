@@ -33,15 +33,18 @@ import torch
 from tqdm import tqdm
 
 from mechinterp.activations import ActivationCache
+from mechinterp.clamping import load_parts
 from mechinterp.clamping_stats import mean_effects, unit_label
 from mechinterp.errors import UserError, run_stage
 from mechinterp.evaluate_sae import DENSE_THRESHOLD
 from mechinterp.files import atomic_path
-from mechinterp.polysemanticity import SparseCodes
+from mechinterp.model import resolve_device, vocabulary_strings
+from mechinterp.polysemanticity import SparseCodes, example_units
 from mechinterp.saes import load_sae
 from mechinterp.tokens import split_rows
 
 log = logging.getLogger(__name__)
+PROMPT_WINDOWS_PER_FILE = 16  # the prompt view's data files: 16 windows of every token's strongest features
 SCORES = ("density", "density_positive", "n_active", "max_activation", "effective_tokens", "token_focus", "monosemanticity",
           "best_concept", "concept_specificity", "concept_share", "concept_base_rate")
 
@@ -373,11 +376,7 @@ def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_f
         "neurons": (site_units.filter(pl.col("dictionary") == "neurons").sort("unit"),
                     cached_codes(cache, rows), torch.eye(cache.header["shape"][1])),
     }
-    from mechinterp.clamping import load_parts
-
     parts, tokenizer = load_parts(model_dir, device)
-    from mechinterp.model import vocabulary_strings
-
     vocabulary = vocabulary_strings(tokenizer)
     norm = parts.model.get_submodule(parts.final_norm)
     norm_weight = getattr(norm, "weight", None)
@@ -404,12 +403,9 @@ def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_f
                                              "dense": len(index["dense"]), "clamped": len(clamped)}
         summary["named"] = named_units(units, sae_id, site.id, clamping["targets"])
         by_window = prompt_view(dictionaries["features"][1], windows, settings.prompt_features)
-        sequences = sorted(by_window)
-        per_file = max(1, settings.units_per_file // 16)
-        for n, start in enumerate(range(0, len(sequences), per_file)):
-            chunk = {str(s): by_window[s] for s in sequences[start : start + per_file]}
-            (tmp / f"prompts-{n}.js").write_text(data_script(f"{sae_id}/prompts/{n}", chunk))
-        summary["windows"] = {str(s): i // per_file for i, s in enumerate(sequences)}
+        summary["windows"] = write_chunks(tmp, "prompts", f"{sae_id}/prompts",
+                                          [{"sequence": s, "tokens": by_window[s]} for s in sorted(by_window)],
+                                          PROMPT_WINDOWS_PER_FILE, lambda r: r["sequence"])
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
 
@@ -420,8 +416,6 @@ def named_units(units: pl.DataFrame, sae_id: str, site: str, targets: pl.DataFra
     figures' example cards (when at this site), every clamped feature and neuron, and the `n_extreme`
     highest and lowest by monosemanticity of the features and of the neurons. `units`: the units table
     of every site."""
-    from mechinterp.polysemanticity import example_units
-
     named = []
     try:
         cards = example_units(units)
@@ -519,8 +513,6 @@ def main(argv: list[str] | None = None) -> None:
         units = pl.read_parquet(args.units)
         if args.sae_id not in set(units["dictionary"]):
             raise UserError(f"{args.units} has no units of SAE {args.sae_id!r}; rerun its polysemanticity stage.")
-        from mechinterp.model import resolve_device
-
         summary = build_sae_browser(args.sae_id, args.sae, units, args.codes, cache, table, args.model, clamping, scores,
                                     scoring,
                                     BrowserSettings(**json.loads(args.settings)), args.seed,

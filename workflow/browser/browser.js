@@ -374,7 +374,7 @@ async function promptsPage() {
   const chosen = params.has("window") ? Number(params.get("window")) : windows[0];
   if (!(String(chosen) in sae.windows)) throw new Error(`window ${chosen} has no scored tokens for ${sae.sae}`);
   const file = sae.windows[String(chosen)];
-  const data = (await MI.load(`${sae.sae}/prompts-${file}.js`, `${sae.sae}/prompts/${file}`))[String(chosen)];
+  const data = (await MI.load(`${sae.sae}/prompts-${file}.js`, `${sae.sae}/prompts/${file}`))[String(chosen)].tokens;
   header(site, [`${sae.sae} prompts`, `window ${chosen}`]);
   const picker = el("select", { id: "window", onchange: (e) => { location.hash = new URLSearchParams({ sae: sae.sae, window: e.target.value }); } },
     windows.map((s) => {
