@@ -131,6 +131,8 @@ def test_another_config_is_refused():
     other["config"] = {**CONFIG, "data_seed": 1}  # other inputs: refused too
     with pytest.raises(UserError, match="data_seed"):
         audit(other, reference(), SETTINGS)
+    other["config"] = {**CONFIG, "seed": 7, "browser": {"quantiles": 4}}  # another seed, another browser: audited
+    assert audit(other, reference(), SETTINGS).passed
 
 
 def write_run(run_dir, seeds: dict[int, dict]) -> None:

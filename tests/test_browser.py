@@ -118,6 +118,8 @@ class Page:
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
 
     def open(self, path: str, ready: str):
+        """Load `path` (index.html and its hash) afresh, and wait for the `ready` selector."""
+        self.page.goto("about:blank")  # else a new hash re-renders in place, and `ready` may match the old view
         self.page.goto((self.folder / path.split("#")[0]).as_uri() + ("#" + path.split("#")[1] if "#" in path else ""))
         self.page.wait_for_selector(ready)
         return self.page
@@ -151,13 +153,13 @@ def test_index_pages_load_and_list_every_live_unit(browser, smoke):
     index.screenshot(path=ARTIFACTS / "browser-index.png", full_page=True)
     for sae, site in (("resid3-topk", "resid3"), ("mlp3-relu", "mlp3")):
         for dictionary, name in (("features", sae), ("neurons", "neurons")):
-            table = page.open(f"features.html#sae={sae}&dict={dictionary}", "#units tbody tr")
+            table = page.open(f"index.html#view=table&sae={sae}&dict={dictionary}", "#units tbody tr")
             expected = live_units(smoke["units"], site, name)
             assert sorted(table_rows(table)) == expected["unit"].sort().to_list()
             dead = smoke["units"].filter((pl.col("site") == site) & (pl.col("dictionary") == name)
                                          & (pl.col("status") == "dead")).height
             assert f"{dead} dead" in table.inner_text("#main")
-    table = page.open("features.html#sae=resid3-topk&dict=features", "#units tbody tr")
+    table = page.open("index.html#view=table&sae=resid3-topk&dict=features", "#units tbody tr")
     table.click("th[data-key='monosemanticity']")  # sorted, highest first
     shown = table.eval_on_selector_all("#units tbody tr td:nth-child(3)", "c => c.map(x => x.textContent)")
     values = [float(v) for v in shown if v != "–"]
@@ -193,7 +195,7 @@ def test_search_keeps_the_features_whose_top_contexts_contain_the_token(browser,
                  if re.fullmatch(r"[a-z]{3,}", t) and n < len(features) // 2 and not any(t in c for c in concepts.values()))
     expected = sorted(u for u, found in top_tokens.items() if query in found)
     page = Page(browser, smoke["browser"])
-    table = page.open("features.html#sae=resid3-topk&dict=features", "#units tbody tr")
+    table = page.open("index.html#view=table&sae=resid3-topk&dict=features", "#units tbody tr")
     table.fill("#search", f"  {query.upper()} ")
     assert sorted(table_rows(table)) == expected and 0 < len(expected) < features.height
     assert page.errors == []
@@ -206,7 +208,7 @@ def test_feature_page_shows_the_cached_activations_and_the_unembedding_of_its_de
     features = live_units(smoke["units"], "resid3", "resid3-topk").filter(pl.col("status") == "alive")
     unit = features.sort("n_active", descending=True)["unit"][0]
     page = Page(browser, smoke["browser"])
-    listing = page.open("features.html#sae=resid3-topk&dict=features", "#units tbody tr")
+    listing = page.open("index.html#view=table&sae=resid3-topk&dict=features", "#units tbody tr")
     listing.click(f"#units tbody tr[data-unit='{unit}'] td:first-child a")
     feature = listing.wait_for_selector(".contexts.top .context") and listing
     assert f"feature {unit}" in feature.title()
@@ -257,7 +259,7 @@ def test_a_clamped_feature_shows_its_selection_scores_and_effect_curve(browser, 
     scores = pl.read_parquet(results / "clamping" / "scores.parquet").filter(
         (pl.col("sae") == "resid3-topk") & (pl.col("unit_kind") == "feature") & (pl.col("unit") == target["unit"]))
     page = Page(browser, smoke["browser"])
-    shown = page.open(f"unit.html#sae=resid3-topk&dict=features&unit={target['unit']}", ".clamping")
+    shown = page.open(f"index.html#view=unit&sae=resid3-topk&dict=features&unit={target['unit']}", ".clamping")
     concepts = shown.eval_on_selector_all("table.selection tbody tr td:first-child", "c => c.map(x => x.textContent)")
     assert sorted(concepts) == sorted(scores["concept"]) and target["concept"] in concepts
     output = scores.filter(pl.col("concept") == target["concept"])["output_score"][0]
@@ -276,11 +278,11 @@ def test_compare_and_prompt_views_read_the_cache(browser, smoke):
     neurons = live_units(smoke["units"], "resid3", "neurons")
     neuron = neurons.sort("best_feature_correlation", descending=True).row(0, named=True)
     page = Page(browser, smoke["browser"])
-    compare = page.open(f"compare.html#sae=resid3-topk&neuron={neuron['unit']}", ".compare .panel")
+    compare = page.open(f"index.html#view=compare&sae=resid3-topk&neuron={neuron['unit']}", ".compare .panel")
     panels = compare.eval_on_selector_all(".compare .panel", "p => p.map(x => [x.dataset.dict, Number(x.dataset.unit)])")
     assert panels == [["neurons", neuron["unit"]], ["features", neuron["best_feature"]]]
 
-    prompts = page.open("prompts.html#sae=resid3-topk", ".prompt .tok")
+    prompts = page.open("index.html#view=prompts&sae=resid3-topk", ".prompt .tok")
     token = prompts.query_selector_all(".prompt .tok:not(.unscored)")[5]
     row = int(token.get_attribute("data-row"))
     token.click()
@@ -328,7 +330,7 @@ def test_markup_planted_in_a_document_is_shown_as_text(browser, smoke, tmp_path)
                     str(tmp_path / "token_table.parquet"), "--split", "heldout", "--pages", str(REPO / "workflow" / "browser"),
                     "--run", "planted", "--model-name", "planted", "--out", str(out)], check=True, capture_output=True)
     page = Page(browser, out)
-    shown = page.open(f"unit.html#sae=resid3-topk&dict=features&unit={unit}", ".contexts.top .context")
+    shown = page.open(f"index.html#view=unit&sae=resid3-topk&dict=features&unit={unit}", ".contexts.top .context")
     context = shown.query_selector(f".contexts.top .context[data-row='{row}']")
     text = context.text_content()
     for markup in planted.values():
@@ -338,7 +340,7 @@ def test_markup_planted_in_a_document_is_shown_as_text(browser, smoke, tmp_path)
     shown.hover(f".tok[data-row='{row + 1}']")
     assert shown.evaluate("window.__planted") is None
     assert shown.query_selector("img, b#planted, .context script") is None
-    table_page = page.open("features.html#sae=resid3-topk&dict=features", "#units tbody tr")
+    table_page = page.open("index.html#view=table&sae=resid3-topk&dict=features", "#units tbody tr")
     assert table_page.evaluate("window.__planted") is None and table_page.query_selector("img") is None
     assert page.errors == []
     shutil.rmtree(out)

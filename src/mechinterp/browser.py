@@ -8,13 +8,13 @@ Two entry points, one per rule:
   its clamping selection scores and results; and for each scored window the features firing on each
   token. Everything is read from the polysemanticity stage (its top contexts and `SparseCodes`: the
   cache is not encoded again; a neuron's activation is the cache itself) and the clamping tables.
-- `python -m mechinterp.browser site` (rule `browser`) copies the pages (workflow/browser/) and writes
+- `python -m mechinterp.browser site` (rule `browser`) copies the page, its script and CSS (workflow/browser/), writes
   the text of the scored windows (`corpus.js`) and the list of SAEs (`site.js`).
 
 Data files are JavaScript, `MI.put("<key>", <JSON>)`, loaded by <script> tags: the site opens from
-file:// with no server (browsers refuse fetch() of local files). JSON is written with ensure_ascii, so
-no corpus string can end the script early, and the pages put every string into the DOM as text
-(textContent, never innerHTML): a document containing markup is shown, not run.
+file:// with no server (browsers refuse fetch() of local files). A JSON string cannot leave its
+literal, and it is written ASCII-only, so no charset guess changes it; the pages put every string into
+the DOM as text (text nodes, never innerHTML): a document containing markup is shown, not run.
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ def prompt_view(codes: SparseCodes, windows: Windows, n_features: int) -> dict[i
 
 
 def data_script(key: str, data: object) -> str:
-    """A data file: `MI.put(key, data)` with the data as ASCII-only JSON (safe inside a script)."""
+    """A data file: `MI.put(key, data)` with the data as ASCII-only JSON."""
     return f"MI.put({json.dumps(key)}, {json.dumps(data, ensure_ascii=True, separators=(',', ':'))});\n"
 
 

@@ -45,7 +45,8 @@ function svg(tag, attrs = {}, ...children) {
 }
 
 function hashParams() { return new URLSearchParams(location.hash.slice(1)); }
-function pageLink(page, params) { return `${page}#${new URLSearchParams(params)}`; }
+// Every view is index.html with its name and arguments in the hash: #view=unit&sae=...&dict=...&unit=...
+function pageLink(view, params) { return `index.html#${new URLSearchParams({ view, ...params })}`; }
 function fmt(value, digits = 3) {
   if (value === null || value === undefined) return "–";
   if (typeof value !== "number") return String(value);
@@ -103,7 +104,7 @@ function unitTitle(sae, dict, unit) {
   return dict === "features" ? `${sae.sae} feature ${unit}` : `${sae.site} ${sae.unit_kind.replace("_", " ")} ${unit}`;
 }
 function unitLink(sae, dict, unit, text) {
-  return el("a", { href: pageLink("unit.html", { sae: sae.sae, dict, unit }) }, text ?? unitTitle(sae, dict, unit));
+  return el("a", { href: pageLink("unit", { sae: sae.sae, dict, unit }) }, text ?? unitTitle(sae, dict, unit));
 }
 
 // One context [row, activations]: its tokens coloured by the unit's activation (title: the value), the
@@ -256,9 +257,9 @@ async function siteIndexPage() {
         el("td", {}, `${s.dictionaries.features.live} / ${s.dictionaries.features.dead} / ${s.dictionaries.features.dense}`),
         el("td", {}, `${s.dictionaries.neurons.live} ${s.unit_kind.replace("_", " ")}s`),
         el("td", {}, `${s.dictionaries.features.clamped} features, ${s.dictionaries.neurons.clamped} ${s.unit_kind.replace("_", " ")}s`),
-        el("td", {}, el("a", { href: pageLink("features.html", { sae: s.sae, dict: "features" }), class: "features-link" }, "features"), " · ",
-          el("a", { href: pageLink("features.html", { sae: s.sae, dict: "neurons" }) }, s.unit_kind.replace("_", " ") + "s"), " · ",
-          el("a", { href: pageLink("prompts.html", { sae: s.sae }) }, "prompts")))))),
+        el("td", {}, el("a", { href: pageLink("table", { sae: s.sae, dict: "features" }), class: "features-link" }, "features"), " · ",
+          el("a", { href: pageLink("table", { sae: s.sae, dict: "neurons" }) }, s.unit_kind.replace("_", " ") + "s"), " · ",
+          el("a", { href: pageLink("prompts", { sae: s.sae }) }, "prompts")))))),
     el("h2", {}, "Units the study names"),
     el("div", {}, site.saes.map((s) => el("details", { class: "named", "data-sae": s.sae }, el("summary", {}, `${s.sae}: ${s.named.length} units`),
       el("ul", {}, s.named.map((n) => el("li", {}, unitLink(s, n.dict, n.unit), ` — ${n.label}`)))))),
@@ -305,7 +306,7 @@ async function tablePage() {
       if (row.match === undefined || row.match === null) return el("td", {}, "–");
       const other = dict === "features" ? sae : { ...sae, sae: row.best_feature_sae };
       return el("td", {}, unitLink(other, dict === "features" ? "neurons" : "features", row.match, String(row.match)), ` r=${fmt(row.match_r, 2)}`,
-        " ", el("a", { href: pageLink("compare.html", dict === "features" ? { sae: sae.sae, neuron: row.match, feature: row.unit } : { sae: row.best_feature_sae, neuron: row.unit, feature: row.match }) }, "compare"));
+        " ", el("a", { href: pageLink("compare", dict === "features" ? { sae: sae.sae, neuron: row.match, feature: row.unit } : { sae: row.best_feature_sae, neuron: row.unit, feature: row.match }) }, "compare"));
     }
     if (key === "top_tokens") return el("td", {}, chips(row.top_tokens));
     return el("td", { class: typeof row[key] === "number" ? "num" : "" }, fmt(row[key]));
@@ -340,12 +341,12 @@ async function unitPage() {
   if (!row) throw new Error(`${dict} ${unit} of ${sae.sae} is dead or does not exist`);
   const data = await loadUnit(sae.sae, dict, index, unit);
   document.title = unitTitle(sae, dict, unit);
-  header(site, [el("a", { href: pageLink("features.html", { sae: sae.sae, dict }) }, dict === "features" ? `${sae.sae} features` : `${sae.site} ${sae.unit_kind.replace("_", " ")}s`), String(unit)]);
+  header(site, [el("a", { href: pageLink("table", { sae: sae.sae, dict }) }, dict === "features" ? `${sae.sae} features` : `${sae.site} ${sae.unit_kind.replace("_", " ")}s`), String(unit)]);
   const compare = dict === "features"
     ? (row.best_neuron !== null && row.best_neuron !== undefined ? { sae: sae.sae, neuron: row.best_neuron, feature: unit } : null)
     : (row.best_feature !== null && row.best_feature !== undefined ? { sae: row.best_feature_sae, neuron: unit, feature: row.best_feature } : null);
   document.getElementById("main").replaceChildren(
-    compare ? el("p", {}, el("a", { href: pageLink("compare.html", compare), id: "compare-link" }, "compare side by side with its best-correlated " + (dict === "features" ? sae.unit_kind.replace("_", " ") : "feature"))) : null,
+    compare ? el("p", {}, el("a", { href: pageLink("compare", compare), id: "compare-link" }, "compare side by side with its best-correlated " + (dict === "features" ? sae.unit_kind.replace("_", " ") : "feature"))) : null,
     unitPanel(sae, dict, row, data, corpus));
 }
 
@@ -376,7 +377,7 @@ async function promptsPage() {
   const file = sae.windows[String(chosen)];
   const data = (await MI.load(`${sae.sae}/prompts-${file}.js`, `${sae.sae}/prompts/${file}`))[String(chosen)].tokens;
   header(site, [`${sae.sae} prompts`, `window ${chosen}`]);
-  const picker = el("select", { id: "window", onchange: (e) => { location.hash = new URLSearchParams({ sae: sae.sae, window: e.target.value }); } },
+  const picker = el("select", { id: "window", onchange: (e) => { location.href = pageLink("prompts", { sae: sae.sae, window: e.target.value }); } },
     windows.map((s) => {
       const w = corpus.windows.find((x) => x.sequence === s);
       return el("option", { value: s, selected: s === chosen ? "" : null }, `${s}: ${w ? w.tokens.slice(1, 9).join("").slice(0, 50) : ""}…`);
@@ -396,8 +397,13 @@ async function promptsPage() {
     el("p", {}, `source: ${w.source[1] ?? "?"}${w.label[1] ? ` · ${w.label[1]}` : ""}; colour: the strongest feature on each token`), tokens, detail);
 }
 
-// Each page's <body data-page="..."> names its view; browser.js is the last element of the body.
-const PAGES = { index: siteIndexPage, table: tablePage, unit: unitPage, compare: comparePage, prompts: promptsPage };
-const showPage = () => PAGES[document.body.dataset.page]().catch(fail);
-window.addEventListener("hashchange", showPage);
-showPage();
+// The view the hash names (the index without one); browser.js is the last element of the body.
+const VIEWS = { index: siteIndexPage, table: tablePage, unit: unitPage, compare: comparePage, prompts: promptsPage };
+function showView() {
+  const name = hashParams().get("view") || "index";
+  window.scrollTo(0, 0);
+  document.title = "Feature browser";
+  (VIEWS[name] || (() => Promise.reject(new Error(`no view ${name}`))))().catch(fail);
+}
+window.addEventListener("hashchange", showView);
+showView();
