@@ -63,8 +63,8 @@ def test_window_span_is_the_polysemanticity_context():
     assert windows.span(10) == (7, 12)  # at the table's end
     assert windows.span(5) == (2, 6)  # not into the next window
     lookup = Lookup.of(SparseCodes.from_dense(torch.arange(11.0)[:, None]), 1)  # activation = scored position
-    assert windows.context(lookup, 0, 8) == [8, [5, 6, 7, 8, 9]]
-    assert windows.context(lookup, 0, 1) == [1, [None, 0, 1, 2]]  # row 0 (BOS) is not scored
+    assert windows.contexts(lookup, 0, [8, 1]) == [[8, [5, 6, 7, 8, 9]], [1, [None, 0, 1, 2]]]  # row 0 (BOS): not scored
+    assert windows.contexts(lookup, 0, []) == []
 
 
 def test_logit_effects_rank_the_unembedding_of_each_direction():

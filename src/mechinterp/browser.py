@@ -128,9 +128,9 @@ def quantile_samples(positions: np.ndarray, values: np.ndarray, groups: int, per
     order = np.argsort(-values, kind="stable")
     out = []
     for part in np.array_split(order, min(groups, len(order))) if len(order) else []:
-        pool = [int(p) for p in positions[part] if int(p) not in exclude]
-        chosen = rng.choice(len(pool), size=min(per_group, len(pool)), replace=False) if pool else []
-        out.append((float(values[part].min()), float(values[part].max()), sorted(pool[i] for i in chosen)))
+        pool = positions[part][~np.isin(positions[part], list(exclude))]
+        chosen = rng.choice(len(pool), size=min(per_group, len(pool)), replace=False) if len(pool) else []
+        out.append((float(values[part].min()), float(values[part].max()), sorted(int(pool[i]) for i in chosen)))
     return out
 
 
@@ -162,15 +162,18 @@ class Windows:
             stop += 1
         return first, stop
 
-    def context(self, lookup: Lookup, unit: int, row: int) -> list:
-        """One context of a unit, compact: [row, activations], the unit's activation on every token of
-        `span(row)` (None on tokens not scored: BOS, attention sinks, other splits). The pages find the
-        span's first row by the same rule, max(first row of the window, row - before)."""
-        first, stop = self.span(row)
-        span = np.arange(first, stop)
-        where = self.position_of[span]
-        acts = lookup(np.maximum(where, 0), np.full(len(span), unit))
-        return [row, [round_value(a) if p >= 0 else None for a, p in zip(acts.tolist(), where, strict=True)]]
+    def contexts(self, lookup: Lookup, unit: int, rows: list[int]) -> list[list]:
+        """Contexts of a unit, compact: per row [row, activations], the unit's activation on every token
+        of `span(row)` (None on tokens not scored: BOS, attention sinks, other splits). The pages find
+        the span's first row by the same rule, max(first row of the window, row - before)."""
+        spans = [np.arange(*self.span(row)) for row in rows]
+        if not spans:
+            return []
+        where = self.position_of[np.concatenate(spans)]
+        acts = lookup(np.maximum(where, 0), np.full(len(where), unit)).tolist()
+        shown = [round_value(a) if p >= 0 else None for a, p in zip(acts, where, strict=True)]
+        ends = np.cumsum([len(span) for span in spans]).tolist()
+        return [[row, shown[end - len(span) : end]] for row, span, end in zip(rows, spans, ends, strict=True)]
 
 
 def round_value(value: float) -> float | int:
@@ -296,9 +299,9 @@ def unit_records(units: pl.DataFrame, codes: SparseCodes, windows: Windows, writ
         record = {
             "unit": u,
             "histogram": histogram(values[mine], settings.histogram_bins),
-            "top": [windows.context(lookup, u, r) for r in top_rows],
+            "top": windows.contexts(lookup, u, top_rows),
             "quantiles": [{"low": round_value(low), "high": round_value(high),
-                           "contexts": [windows.context(lookup, u, int(windows.rows[p])) for p in picked]}
+                           "contexts": windows.contexts(lookup, u, windows.rows[picked].tolist())}
                           for low, high, picked in groups],
             "promoted": [[vocabulary[t], round_value(v)] for t, v in zip(promoted[u].tolist(), promoted_values[u].tolist(),
                                                                         strict=True)],

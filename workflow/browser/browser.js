@@ -94,7 +94,6 @@ class Corpus {
     if (!w || row < w.first || row >= w.first + w.tokens.length) throw new Error(`token row ${row} is not in the browser's corpus`);
     return w;
   }
-  token(row) { const w = this.windowOf(row); return w.tokens[row - w.first]; }
 }
 function loadCorpus() { return MI.load("corpus.js", "corpus").then((data) => new Corpus(data)); }
 
