@@ -126,9 +126,10 @@ def quantile_samples(positions: np.ndarray, values: np.ndarray, groups: int, per
     activations, highest first): per group its lowest and highest activation and up to `per_group`
     positions drawn without replacement, leaving out `exclude` (the top contexts already shown)."""
     order = np.argsort(-values, kind="stable")
+    shown = np.isin(positions, list(exclude))
     out = []
     for part in np.array_split(order, min(groups, len(order))) if len(order) else []:
-        pool = positions[part][~np.isin(positions[part], list(exclude))]
+        pool = positions[part][~shown[part]]
         chosen = rng.choice(len(pool), size=min(per_group, len(pool)), replace=False) if len(pool) else []
         out.append((float(values[part].min()), float(values[part].max()), sorted(int(pool[i]) for i in chosen)))
     return out
