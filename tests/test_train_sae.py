@@ -11,7 +11,7 @@ from conftest import relu_sae
 from mechinterp.activations import ActivationCache, header_path
 from mechinterp.sites import Site
 from mechinterp.errors import UserError
-from mechinterp.evaluate_sae import loss_metrics, reconstruction_metrics
+from mechinterp.evaluate_sae import loss_metrics, quality_flags, reconstruction_metrics, warn_of_flags
 from mechinterp.train_sae import SaeSpec, batch_rows, lr_multiplier, select_rows, train_sae
 
 SETTINGS = {"architecture": "topk", "d_sae": 128, "k": 3, "l1_coefficient": 1.0, "lr": 3e-3, "batch_size": 512,
@@ -118,3 +118,26 @@ def test_splicing_an_identity_sae_leaves_the_loss_unchanged(tiny_bridge, site):
     assert abs(metrics["kl_sae"]) < 1e-5
     assert metrics["ce_zero"] != pytest.approx(metrics["ce_clean"], abs=1e-4)  # ablating the site does matter
     assert metrics["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_degenerate_saes_are_flagged_with_a_warning_that_names_the_fix(tmp_path, caplog):
+    cache, _, _ = planted_cache(tmp_path, n=4000)
+    d_in = cache.header["shape"][1]
+    identity = relu_sae(d_in, 2 * d_in)  # [x, -x] through a ReLU and back: exact, but every latent fires often
+    blind = relu_sae(d_in, 2 * d_in)  # every latent always on, the decoder rows summed: far from x
+    with torch.no_grad():
+        eye = torch.eye(d_in)
+        identity.W_enc.copy_(torch.cat([eye, -eye], 1))
+        identity.W_dec.copy_(torch.cat([eye, -eye], 0))
+        blind.b_enc.fill_(1.0)
+        blind.W_dec.copy_(torch.cat([eye, eye], 0))
+    rows = np.arange(4000)
+    exact, _ = reconstruction_metrics(identity, cache, rows)
+    wrong, _ = reconstruction_metrics(blind, cache, rows)
+    assert exact["fvu"] < 1e-3 and exact["dense_fraction"] > 0.5 and quality_flags(exact) == ["mostly_dense"]
+    assert wrong["fvu"] > 1 and quality_flags(wrong) == ["fvu_above_1", "mostly_dense"]
+    caplog.set_level("WARNING")
+    warn_of_flags("resid0-relu", {**wrong, "d_sae": 2 * d_in}, quality_flags(wrong))
+    assert "resid0-relu: FVU" in caplog.text and "sae.training_tokens" in caplog.text and "l1_coefficient" in caplog.text
+    trained = {**exact, "dense_fraction": 0.01}
+    assert quality_flags(trained) == []

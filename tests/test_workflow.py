@@ -154,6 +154,10 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     topk = metrics.filter(pl.col("sae") == "resid3-topk").row(0, named=True)
     assert topk["l0"] == pytest.approx(32, abs=0.5) and 0 < topk["fvu"] < 1
     assert topk["ce_clean"] < topk["ce_sae"] < topk["ce_zero"]
+    # the smoke config's briefly trained ReLU SAE comes out with every latent dense: flagged, and warned of
+    assert topk["quality_flags"] == [] and metrics.filter(pl.col("sae") == "mlp3-relu")["quality_flags"][0].to_list() == [
+        "mostly_dense"]
+    assert "mlp3-relu: 100% of its latents are dense" in (results / "logs/evaluate_sae/mlp3-relu.log").read_text()
     cfg = json.loads((results / "saes" / "resid3-topk" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
     assert json.loads((results / "saes" / "mlp3-relu" / "cfg.json").read_text())["architecture"] == "standard"

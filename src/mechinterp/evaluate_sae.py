@@ -31,6 +31,26 @@ from mechinterp.tokens import split_rows, split_sequences
 log = logging.getLogger(__name__)
 
 DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
+MOSTLY_DENSE = 0.5  # an SAE with more dense latents than this share is flagged: its features mean little
+
+
+def quality_flags(metrics: dict[str, float]) -> list[str]:
+    """Gross failures to see before any other number of an SAE: `fvu_above_1` (its reconstruction is
+    worse than the mean activation) and `mostly_dense` (more than half its latents dense, as a ReLU SAE
+    trained too briefly on a small model comes out). The claims stage holds SAEs to finer bounds."""
+    return [flag for flag, failed in (("fvu_above_1", metrics["fvu"] > 1),
+                                      ("mostly_dense", metrics["dense_fraction"] > MOSTLY_DENSE)) if failed]
+
+
+def warn_of_flags(sae_id: str, metrics: dict[str, float], flags: list[str]) -> None:
+    """A warning in the stage's log for each quality flag, with what to change."""
+    if "fvu_above_1" in flags:
+        log.warning("%s: FVU %.3f > 1, worse than reconstructing every token as the mean activation; train on more "
+                    "tokens (sae.training_tokens) or lower the learning rate (sae.lr)", sae_id, metrics["fvu"])
+    if "mostly_dense" in flags:
+        log.warning("%s: %.0f%% of its latents are dense (active on more than %.0f%% of tokens; mean L0 %.0f of %d); "
+                    "train longer (sae.training_tokens), or raise the sparsity (l1_coefficient, or a smaller k)",
+                    sae_id, 100 * metrics["dense_fraction"], 100 * DENSE_THRESHOLD, metrics["l0"], metrics["d_sae"])
 
 
 @dataclass(frozen=True)
@@ -139,6 +159,8 @@ def evaluate(bridge, sae: SparseAutoencoder, sae_id: str, cache: ActivationCache
            "train_seconds": trained["train_seconds"], "train_tokens_per_s": trained["tokens_per_s"],
            "training_tokens": trained["spec"]["training_tokens"],
            "excluded": "BOS and tokens with norm > outlier_norm_ratio x median: left out of FVU, kept clean when spliced"}
+    row["quality_flags"] = quality_flags(row)
+    warn_of_flags(sae_id, row, row["quality_flags"])
     return row, density
 
 
@@ -167,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     sae.to(bridge.cfg.device)
     row, density = evaluate(bridge, sae, args.sae_id, cache, pl.read_parquet(args.table), np.load(args.tokens, mmap_mode="r"),
                             trained, EvalSettings(**json.loads(args.settings)))
-    write_parquet(pl.DataFrame([row]), args.out)
+    write_parquet(pl.DataFrame([row], schema_overrides={"quality_flags": pl.List(pl.Utf8)}), args.out)
     write_parquet(pl.DataFrame({"sae": args.sae_id, "latent": np.arange(sae.d_sae), "density": density}),
                   args.density_out)
     log.info("%s: %s", args.sae_id, {k: v for k, v in row.items() if isinstance(v, float)})
