@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from mechinterp.activations import ActivationCache
-from mechinterp.browser import (Lookup, Windows, data_script, histogram, logit_effects, quantile_samples,
-                                round_value)
+from mechinterp.browser import (Lookup, Windows, aligned_features, data_script, histogram, logit_effects,
+                                quantile_samples, round_value)
 from mechinterp.files import sha256_file
 from mechinterp.polysemanticity import SparseCodes
 from mechinterp.saes import load_sae
@@ -70,13 +70,25 @@ def test_window_span_is_the_polysemanticity_context():
 def test_logit_effects_rank_the_unembedding_of_each_direction():
     torch.manual_seed(0)
     directions, weight, unembed = torch.randn(5, 8), torch.rand(8) + 0.5, torch.randn(40, 8)
-    up_ids, up, down_ids, down = logit_effects(directions, weight, False, unembed, k=4, chunk=2)
+    effects = logit_effects(directions, weight, False, unembed, k=4, bins=5, chunk=2)
     logits = (directions * weight) @ unembed.T
-    torch.testing.assert_close(up, logits.topk(4).values)
-    torch.testing.assert_close(down, -(-logits).topk(4).values)
-    assert torch.equal(up_ids, logits.topk(4).indices)
-    centred = logit_effects(directions, None, True, unembed, k=1)[1]
+    torch.testing.assert_close(effects.promoted, logits.topk(4).values)
+    torch.testing.assert_close(effects.suppressed, -(-logits).topk(4).values)
+    assert torch.equal(effects.promoted_ids, logits.topk(4).indices)
+    for u in range(5):  # the histogram of every token's effect, from the lowest to the highest
+        expected = np.histogram(logits[u].numpy(), bins=5, range=(float(effects.low[u]), float(effects.high[u])))[0]
+        assert np.abs(effects.counts[u].numpy() - expected).sum() <= 2 and effects.counts[u].sum() == 40  # edges: ulps
+    centred = logit_effects(directions, None, True, unembed, k=1, bins=2).promoted
     torch.testing.assert_close(centred, ((directions - directions.mean(1, keepdim=True)) @ unembed.T).max(1, keepdim=True).values)
+
+
+def test_aligned_features_are_the_closest_decoder_directions():
+    decoder = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 2.0], [-1.0, -0.1]])
+    ids, cosine = aligned_features(decoder, decoder, 2, exclude_self=True)
+    assert ids.tolist() == [[1, 2], [0, 2], [1, 0], [2, 0]]
+    assert cosine[0, 0] == pytest.approx(0.9 / (0.81 + 0.01) ** 0.5)
+    ids, _ = aligned_features(decoder, torch.eye(2), 1, exclude_self=False)  # a coordinate: who writes most into it
+    assert ids.tolist() == [[0], [2]]
 
 
 def test_histogram_and_rounding():
@@ -246,6 +258,13 @@ def test_feature_page_shows_the_cached_activations_and_the_unembedding_of_its_de
         tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(top.indices.tolist())]
     np.testing.assert_allclose([float(r.query_selector(".num").text_content()) for r in rows], top.values.numpy(),
                                rtol=5e-3)
+    # aligned features: the other decoder rows of the largest cosine similarity
+    rows_all = load_file(results / "saes" / "resid3-topk" / "sae_weights.safetensors")["W_dec"]
+    rows_all = rows_all / rows_all.norm(dim=1, keepdim=True)
+    cosine = rows_all @ rows_all[unit]
+    cosine[unit] = -2
+    shown = [int(a.get_attribute("href").split("unit=")[1]) for a in feature.query_selector_all("table.aligned a")]
+    assert shown == cosine.topk(3).indices.tolist()
     assert page.errors == []
 
 

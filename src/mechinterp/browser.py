@@ -44,6 +44,7 @@ from mechinterp.saes import load_sae
 from mechinterp.tokens import split_rows
 
 log = logging.getLogger(__name__)
+ALIGNED_FEATURES = 3  # the features listed per unit whose decoder direction is closest to the unit's
 PROMPT_WINDOWS_PER_FILE = 16  # the prompt view's data files: 16 windows of every token's strongest features
 SCORES = ("density", "density_positive", "n_active", "max_activation", "effective_tokens", "token_focus", "monosemanticity",
           "best_concept", "concept_specificity", "concept_share", "concept_base_rate")
@@ -60,7 +61,7 @@ class BrowserSettings:
     logit_tokens: int
     """promoted and suppressed tokens listed per unit"""
     histogram_bins: int
-    """bins of the activation histogram, from 0 to the unit's maximum"""
+    """bins of a unit's histograms: its activations (from 0 to its maximum) and its logit effects"""
     units_per_file: int
     """units per data file (a page loads only its unit's file)"""
     prompt_features: int
@@ -185,25 +186,61 @@ def round_value(value: float) -> float | int:
 
 # --- direct logit effects ---------------------------------------------------------------------------
 
+@dataclass
+class LogitEffects:
+    """What `logit_effects` returns, each row one unit."""
+
+    promoted_ids: torch.Tensor  # [U, k] the most promoted tokens, descending
+    promoted: torch.Tensor  # [U, k]
+    suppressed_ids: torch.Tensor  # [U, k] the most suppressed, ascending
+    suppressed: torch.Tensor  # [U, k]
+    counts: torch.Tensor  # [U, bins] histogram of the logit effects over the whole vocabulary
+    low: torch.Tensor  # [U] its range: the smallest and largest effect
+    high: torch.Tensor  # [U]
+
+
 @torch.no_grad()
 def logit_effects(directions: torch.Tensor, norm_weight: torch.Tensor | None, centre: bool, unembed: torch.Tensor,
-                  k: int, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  k: int, bins: int, chunk: int = 512) -> LogitEffects:
     """The direct logit effect of each write direction [U, d_model] (in the residual stream): its
     logits through the final norm's scale and the unembedding [vocab, d_model], the norm's 1/rms
     factor left out (it is positive and shared by all tokens, so the ranking is the norm's). For a
-    LayerNorm the direction is centred first. Returns the `k` most promoted token ids and values,
-    and the `k` most suppressed, each [U, k], descending and ascending."""
+    LayerNorm the direction is centred first. The `k` most promoted and suppressed tokens, and the
+    histogram of every token's effect in `bins` equal bins."""
     if centre:
         directions = directions - directions.mean(1, keepdim=True)
     if norm_weight is not None:
         directions = directions * norm_weight
-    parts = [[], [], [], []]
+    parts: list[list[torch.Tensor]] = [[] for _ in range(7)]
     for i in range(0, len(directions), chunk):
         logits = directions[i : i + chunk] @ unembed.T
         up, down = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
-        for store, value in zip(parts, (up.indices, up.values, down.indices, down.values), strict=True):
+        low, high = down.values[:, 0], up.values[:, 0]
+        width = (high - low).clamp_min(torch.finfo(logits.dtype).tiny) / bins
+        which = ((logits - low[:, None]) / width[:, None]).long().clamp_(0, bins - 1)
+        counts = torch.zeros(len(logits), bins, dtype=torch.long).scatter_add_(1, which, torch.ones_like(which))
+        for store, value in zip(parts, (up.indices, up.values, down.indices, down.values, counts, low, high),
+                                strict=True):
             store.append(value)
-    return tuple(torch.cat(p) for p in parts)
+    return LogitEffects(*(torch.cat(p) for p in parts))
+
+
+@torch.no_grad()
+def aligned_features(decoder: torch.Tensor, directions: torch.Tensor, n: int, exclude_self: bool,
+                     chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each unit's direction [U, d_site], the `n` SAE features whose decoder rows [F, d_site] point
+    most the same way (cosine similarity, descending); `exclude_self` when the units are the features."""
+    rows = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    ids, values = [], []
+    for i in range(0, len(directions), chunk):
+        part = directions[i : i + chunk]
+        cosine = (part / part.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ rows.T
+        if exclude_self:
+            cosine[torch.arange(len(part)), torch.arange(i, i + len(part))] = -torch.inf
+        best = cosine.topk(n, dim=1)
+        ids.append(best.indices)
+        values.append(best.values)
+    return torch.cat(ids), torch.cat(values)
 
 
 # --- clamping on a unit's page -------------------------------------------------------------------
@@ -277,16 +314,17 @@ def finite(value: float | None) -> float | None:
 
 # --- one dictionary's data ------------------------------------------------------------------------
 
-def unit_records(units: pl.DataFrame, codes: SparseCodes, windows: Windows, writes: tuple, vocabulary: list[str],
+def unit_records(units: pl.DataFrame, codes: SparseCodes, windows: Windows, writes: LogitEffects,
+                 aligned: tuple[torch.Tensor, torch.Tensor], vocabulary: list[str],
                  clamped: dict[int, list[dict]], selected: dict[int, list[dict]], settings: BrowserSettings,
                  seed: int) -> list[dict]:
     """The page data of every live unit of one dictionary (`units`: its rows of the units table, sorted
     by unit), its scores left to the index (`index_table`), which every page loads. `writes` is
-    `logit_effects`'s result; `clamped` and `selected` are `clamping_records` and `selection_records`."""
+    `logit_effects`'s result, `aligned` `aligned_features`'; `clamped` and `selected` are `clamping_records` and `selection_records`."""
     n_units = units.height
     ptr, positions, values = unit_columns(codes, n_units)
     lookup = Lookup.of(codes, n_units)
-    promoted, promoted_values, suppressed, suppressed_values = writes
+    aligned_ids, aligned_values = aligned
     records = []
     for row in tqdm(units.filter(pl.col("status") != "dead").iter_rows(named=True), desc="unit pages", unit="unit",
                     total=int((units["status"] != "dead").sum())):
@@ -304,10 +342,14 @@ def unit_records(units: pl.DataFrame, codes: SparseCodes, windows: Windows, writ
             "quantiles": [{"low": round_value(low), "high": round_value(high),
                            "contexts": windows.contexts(lookup, u, windows.rows[picked].tolist())}
                           for low, high, picked in groups],
-            "promoted": [[vocabulary[t], round_value(v)] for t, v in zip(promoted[u].tolist(), promoted_values[u].tolist(),
-                                                                        strict=True)],
-            "suppressed": [[vocabulary[t], round_value(v)] for t, v in zip(suppressed[u].tolist(),
-                                                                          suppressed_values[u].tolist(), strict=True)],
+            "promoted": [[vocabulary[t], round_value(v)] for t, v in zip(writes.promoted_ids[u].tolist(),
+                                                                        writes.promoted[u].tolist(), strict=True)],
+            "suppressed": [[vocabulary[t], round_value(v)] for t, v in zip(writes.suppressed_ids[u].tolist(),
+                                                                          writes.suppressed[u].tolist(), strict=True)],
+            "logit_histogram": {"low": round_value(float(writes.low[u])), "high": round_value(float(writes.high[u])),
+                                "counts": writes.counts[u].tolist()},
+            "aligned": [[f, round_value(c)] for f, c in zip(aligned_ids[u].tolist(), aligned_values[u].tolist(),
+                                                            strict=True)],
             "selection": selected.get(u, []),
             "clamping": clamped.get(u, []),
         }
@@ -396,10 +438,12 @@ def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_f
                 writes = torch.cat([parts.to_residual(site, directions[i : i + 1024].to(parts.model.device)).cpu()
                                     for i in range(0, len(directions), 1024)])
             effects = logit_effects(writes, norm_weight.detach().cpu() if norm_weight is not None else None,
-                                    isinstance(norm, torch.nn.LayerNorm), unembed, settings.logit_tokens)
+                                    isinstance(norm, torch.nn.LayerNorm), unembed, settings.logit_tokens,
+                                    settings.histogram_bins)
+            aligned = aligned_features(sae.W_dec.detach(), directions, ALIGNED_FEATURES, name == "features")
             clamped = clamping_records(name, sae_id, site.id, **clamping)
             selected = selection_records(scores.filter((pl.col("sae") == sae_id) & (pl.col("unit_kind") == KIND[name])))
-            records = unit_records(frame, codes, windows, effects, vocabulary, clamped, selected, settings, seed)
+            records = unit_records(frame, codes, windows, effects, aligned, vocabulary, clamped, selected, settings, seed)
             where = write_chunks(tmp, name, f"{sae_id}/{name}", records, settings.units_per_file, lambda r: r["unit"])
             index = index_table(frame, table, name == "features") | {"file_of": where}
             (tmp / f"{name}-index.js").write_text(data_script(f"{sae_id}/{name}-index", index))

@@ -129,16 +129,24 @@ function contextView(corpus, context, maxActivation, before) {
     tokens, el("span", { class: "source" }, `${w.source[at] ?? "?"}${w.label[at] ? ` · ${w.label[at]}` : ""} · doc ${w.doc[at]}`));
 }
 
-function histogramView(hist, positiveDensity) {
-  const width = 320, height = 90, n = hist.counts.length, top = Math.max(1, ...hist.counts);
-  const bars = hist.counts.map((c, i) => svg("rect", {
+// A histogram of `counts` in equal bins from `low` to `high` (hover a bar for its range and count).
+function histogramView(counts, low, high, caption, cls) {
+  const width = 320, height = 90, n = counts.length, top = Math.max(1, ...counts), step = (high - low) / n;
+  const bars = counts.map((c, i) => svg("rect", {
     x: (i * width) / n, y: height - (c / top) * height, width: width / n - 1, height: (c / top) * height, class: "bar",
-  }, svg("title", {}, `${fmt((i * hist.max) / n)}–${fmt(((i + 1) * hist.max) / n)}: ${c} tokens`)));
-  return el("figure", { class: "histogram" },
+  }, svg("title", {}, `${fmt(low + i * step)}–${fmt(low + (i + 1) * step)}: ${c} tokens`)));
+  return el("figure", { class: `histogram ${cls}` },
     svg("svg", { viewBox: `0 0 ${width} ${height + 14}`, width, height: height + 14 }, bars,
-      svg("text", { x: 0, y: height + 12, class: "axis" }, "0"),
-      svg("text", { x: width, y: height + 12, class: "axis", "text-anchor": "end" }, fmt(hist.max))),
-    el("figcaption", {}, `its positive activations: on ${fmt(positiveDensity * 100)}% of the scored tokens`));
+      svg("text", { x: 0, y: height + 12, class: "axis" }, fmt(low)),
+      svg("text", { x: width, y: height + 12, class: "axis", "text-anchor": "end" }, fmt(high))),
+    el("figcaption", {}, caption));
+}
+
+function alignedView(sae, dict, aligned) {
+  return el("table", { class: "aligned" },
+    el("caption", {}, dict === "features" ? "features with the closest decoder directions (cosine)" : "features whose decoder writes most along it (cosine)"),
+    el("tbody", {}, aligned.map(([feature, cosine]) => el("tr", {}, el("td", {}, unitLink(sae, "features", feature, `feature ${feature}`)),
+      el("td", { class: "num" }, fmt(cosine))))));
 }
 
 // Tokens as framed chips, so leading spaces show.
@@ -217,9 +225,13 @@ function unitPanel(sae, dict, row, data, corpus) {
   const max = row.max_activation || 1;
   return el("div", { class: "panel", "data-dict": dict, "data-unit": row.unit },
     el("h2", {}, unitLink(sae, dict, row.unit)),
-    el("div", { class: "row" }, scoresTable(row, sae, dict), histogramView(data.histogram, row.density_positive),
+    el("div", { class: "row" }, scoresTable(row, sae, dict),
+      el("div", {}, histogramView(data.histogram.counts, 0, data.histogram.max,
+        `its positive activations: on ${fmt(row.density_positive * 100)}% of the scored tokens`, "activations"),
+      histogramView(data.logit_histogram.counts, data.logit_histogram.low, data.logit_histogram.high,
+        "direct logit effect on every token of the vocabulary", "logits")),
       logitList("promoted tokens (direct logit effect)", data.promoted, "promoted"),
-      logitList("suppressed tokens", data.suppressed, "suppressed")),
+      logitList("suppressed tokens", data.suppressed, "suppressed"), alignedView(sae, dict, data.aligned)),
     el("h3", {}, "Top-activating contexts"),
     el("div", { class: "contexts top" }, data.top.map((c) => contextView(corpus, c, max, sae.context_before))),
     el("h3", {}, "Samples from activation quantiles (highest first)"),
