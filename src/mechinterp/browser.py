@@ -44,6 +44,7 @@ from mechinterp.saes import load_sae
 from mechinterp.tokens import split_rows
 
 log = logging.getLogger(__name__)
+LOGIT_BINS = 16  # bins of the histogram of a unit's logit effects: its shape is what it shows
 ALIGNED_FEATURES = 3  # the features listed per unit whose decoder direction is closest to the unit's
 PROMPT_WINDOWS_PER_FILE = 16  # the prompt view's data files: 16 windows of every token's strongest features
 SCORES = ("density", "density_positive", "n_active", "max_activation", "effective_tokens", "token_focus", "monosemanticity",
@@ -61,7 +62,7 @@ class BrowserSettings:
     logit_tokens: int
     """promoted and suppressed tokens listed per unit"""
     histogram_bins: int
-    """bins of a unit's histograms: its activations (from 0 to its maximum) and its logit effects"""
+    """bins of the activation histogram, from 0 to the unit's maximum"""
     units_per_file: int
     """units per data file (a page loads only its unit's file)"""
     prompt_features: int
@@ -439,7 +440,7 @@ def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_f
                                     for i in range(0, len(directions), 1024)])
             effects = logit_effects(writes, norm_weight.detach().cpu() if norm_weight is not None else None,
                                     isinstance(norm, torch.nn.LayerNorm), unembed, settings.logit_tokens,
-                                    settings.histogram_bins)
+                                    LOGIT_BINS)
             aligned = aligned_features(sae.W_dec.detach(), directions, ALIGNED_FEATURES, name == "features")
             clamped = clamping_records(name, sae_id, site.id, **clamping)
             selected = selection_records(scores.filter((pl.col("sae") == sae_id) & (pl.col("unit_kind") == KIND[name])))
