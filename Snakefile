@@ -41,6 +41,10 @@ include: "workflow/rules/replicates.smk"
 include: "workflow/rules/audit.smk"
 
 
+onstart:
+    check_cluster_requests()
+
+
 rule all:
     default_target: True
     input:

@@ -4,7 +4,8 @@
 
 1. Training step throughput (tokens/s) at d_in 576, d_sae 4608, k 32, batch 4096 on 2 threads: the dense
    encoder product alone (the floor of any TopK step), a straightforward dense PyTorch TopK step
-   (autograd, Adam), this project's TopK step and its ReLU + L1 step, measured in one process.
+   (autograd, Adam), this project's TopK step (without and with the aux-k loss, a quarter of the
+   latents dead) with its profile, and its ReLU + L1 step, measured in one process.
 2. Caching throughput against a bare forward pass to the same depth, on the run's model and tokens.
 3. Peak memory (RSS, and its anonymous part) of caching and of training at two token counts.
 Writes results/benchmarks/sae.json and prints it."""
@@ -45,9 +46,12 @@ def naive_topk_step(params: dict[str, torch.Tensor], optimizer, x: torch.Tensor,
 
 
 def bench_steps(repeats: int) -> dict[str, float]:
+    """Each step against the floor, measured side by side in this process; the TopK step also with a
+    quarter of its latents dead (the aux-k loss active), and its profile: the time of each part."""
+    from mechinterp.manifest import cpu_model
     from mechinterp.saes import ReluSAE, TopKSAE
     from mechinterp.saes.relu import ReluSettings
-    from mechinterp.saes.topk import TopKSettings
+    from mechinterp.saes.topk import TopKSettings, sparse_decode, sparse_dots, sparse_outers, top_k
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -61,12 +65,15 @@ def bench_steps(repeats: int) -> dict[str, float]:
     naive_opt = torch.optim.Adam(params.values(), lr=1e-4)
     naive = per_call_seconds(lambda: naive_topk_step(params, naive_opt, x, k), repeats)
 
+    no_dead = torch.zeros(d_sae, dtype=torch.bool)
+    quarter_dead = torch.arange(d_sae) % 4 == 0
     results = {}
-    for name, sae in (("topk", TopKSAE(d_in, TopKSettings(d_sae, k, auxk_coefficient=1 / 32, auxk_k=64))),
-                      ("relu", ReluSAE(d_in, ReluSettings(d_sae, l1_coefficient=5.0, l1_warmup_fraction=0.02)))):
+    for name, sae, dead in (
+            ("topk", TopKSAE(d_in, TopKSettings(d_sae, k, auxk_coefficient=1 / 32, auxk_k=64)), no_dead),
+            ("topk_auxk", TopKSAE(d_in, TopKSettings(d_sae, k, auxk_coefficient=1 / 32, auxk_k=64)), quarter_dead),
+            ("relu", ReluSAE(d_in, ReluSettings(d_sae, l1_coefficient=5.0, l1_warmup_fraction=0.02)), no_dead)):
         sae.initialise(x[:1024], torch.Generator().manual_seed(0))
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-        dead = torch.zeros(d_sae, dtype=torch.bool)
 
         def step(sae=sae, optimizer=optimizer, dead=dead):
             sae.training_step(x, dead, 0.5)
@@ -75,11 +82,40 @@ def bench_steps(repeats: int) -> dict[str, float]:
             sae.after_step()
 
         results[name] = per_call_seconds(step, repeats)
-    return {"floor_encoder_product_ms": 1000 * floor, "naive_dense_topk_step_ms": 1000 * naive,
-            "topk_step_ms": 1000 * results["topk"], "relu_step_ms": 1000 * results["relu"],
+
+    # the TopK step's parts, on the same inputs (the step runs the encoder in chunks of 1024 rows)
+    sae = TopKSAE(d_in, TopKSettings(d_sae, k, auxk_coefficient=1 / 32, auxk_k=64))
+    sae.initialise(x[:1024], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        centred = x - sae.b_dec
+        pre = torch.mm(centred[:1024], sae.W_enc).add_(sae.b_enc)
+        vals, idx, _, _ = sae._top_latents(centred)
+        latents, values, error = idx.reshape(-1), vals.reshape(-1), torch.randn(batch, d_in)
+        row_ptr = torch.arange(0, batch * k + 1, k)
+        rows = torch.arange(batch).repeat_interleave(k)
+        chunks = batch // 1024
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+        for p in sae.parameters():
+            p.grad = torch.randn_like(p)
+        profile = {
+            "encoder_product": per_call_seconds(lambda: torch.mm(centred[:1024], sae.W_enc).add_(sae.b_enc), repeats) * chunks,
+            "top_k": per_call_seconds(lambda: top_k(pre, k), repeats) * chunks,
+            "torch_topk_for_comparison": per_call_seconds(lambda: torch.topk(pre, k, dim=1, sorted=False), repeats) * chunks,
+            "decode": per_call_seconds(lambda: sparse_decode(idx, vals, sae.W_dec), repeats),
+            "value_gradients": per_call_seconds(lambda: sparse_dots(row_ptr, latents, error, sae.W_dec), repeats),
+            "weight_gradients": per_call_seconds(
+                lambda: sparse_outers(latents, d_sae, [rows, rows], [values, values], [error, centred]), repeats),
+            "encoder_gradient_transpose": per_call_seconds(lambda: sae.W_dec.T.contiguous(), repeats),
+            "adam_and_decoder_norm": per_call_seconds(lambda: (optimizer.step(), sae.after_step()), repeats),
+        }
+    return {"cpu": cpu_model(), "floor_encoder_product_ms": 1000 * floor, "naive_dense_topk_step_ms": 1000 * naive,
+            "topk_step_ms": 1000 * results["topk"], "topk_auxk_step_ms": 1000 * results["topk_auxk"],
+            "relu_step_ms": 1000 * results["relu"],
+            "topk_step_over_floor": results["topk"] / floor, "topk_auxk_step_over_floor": results["topk_auxk"] / floor,
             "floor_tokens_per_s": batch / floor, "naive_topk_tokens_per_s": batch / naive,
             "topk_tokens_per_s": batch / results["topk"], "relu_tokens_per_s": batch / results["relu"],
-            "topk_speedup_over_naive": naive / results["topk"], "topk_share_of_floor_speed": floor / results["topk"]}
+            "topk_speedup_over_naive": naive / results["topk"],
+            "topk_step_profile_ms": {part: 1000 * seconds for part, seconds in profile.items()}}
 
 
 def bench_caching(run: Path, n_windows: int) -> dict[str, float]:

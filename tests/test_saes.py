@@ -9,6 +9,7 @@ import torch
 from conftest import relu_sae, topk_sae
 from mechinterp.saes import TopKSAE, load_sae
 from mechinterp.saes.base import geometric_median
+from mechinterp.saes.topk import top_k
 
 
 def dense_topk_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -46,6 +47,18 @@ def test_topk_sparse_gradients_match_autograd(with_dead):
     for name, p in sae.named_parameters():
         assert torch.allclose(sparse_grads[name], p.grad, atol=1e-5, rtol=1e-4), name
     assert metrics["l0"] <= 4 and (metrics["auxk"] > 0) == with_dead
+
+
+@pytest.mark.parametrize("m, k", [(4608, 32), (1152, 32), (96, 4), (97, 5), (64, 64 - 1)])
+def test_grouped_top_k_is_torch_topk(m, k):
+    torch.manual_seed(m)
+    pre = torch.randn(300, m)
+    pre[:10] = torch.randint(0, 4, (10, m)).float()  # rows full of ties: the values still agree
+    vals, idx = top_k(pre, k)
+    expected = pre.topk(k, dim=1)
+    assert torch.equal(vals.sort(1).values, expected.values.sort(1).values)
+    assert torch.equal(pre.gather(1, idx), vals)  # each index points at its value
+    assert torch.equal(idx[10:].sort(1).values, expected.indices[10:].sort(1).values)
 
 
 def test_geometric_median_resists_outliers():

@@ -94,6 +94,35 @@ def test_snakefmt_is_clean():
     assert result.returncode == 0, result.stderr
 
 
+def planned_jobs(dry_run: str) -> dict[str, list[str]]:
+    """Each planned job's rule and its `resources:` line, from `snakemake -n` output."""
+    jobs, rule = {}, None
+    for line in dry_run.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+            jobs.setdefault(rule, [])
+        elif line.strip().startswith("resources:") and rule:
+            jobs[rule].append(line.strip())
+    return jobs
+
+
+@pytest.mark.parametrize("name", ["gpt2-small", "pythia-70m", "gemma-2-2b"])
+def test_hub_model_configs_plan_their_dag(name):
+    """Each hub model's config plans the whole study (nothing is fetched by a dry run); the Gemma one,
+    with `device: cuda`, asks for a GPU for the model stages only, and loads its Gemma Scope SAE."""
+    result = snakemake(REPO, "-n", "--configfile", f"config/{name}.yaml")
+    jobs = planned_jobs(result.stdout)
+    assert {"fetch_model", "logit_lens", "cache_activations", "clamping", "manifest"} <= set(jobs)
+    with_gpu = {rule for rule, lines in jobs.items() if any("gpu=1" in line for line in lines)}
+    if name == "gemma-2-2b":
+        assert "load_sae" in jobs and "train_sae" in jobs
+        assert {"cache_activations", "train_sae", "evaluate_sae", "clamping", "logit_lens"} <= with_gpu
+        assert not with_gpu & {"fetch_model", "polysemanticity", "figures_sae", "manifest", "load_sae"}
+        assert all("mem_mb=24000" in line and "runtime=240" in line for line in jobs["clamping"])
+    else:
+        assert not with_gpu and "load_sae" not in jobs
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: bad\nmodel: {source: hub}\n")

@@ -46,16 +46,18 @@ def validate_config(config: dict[str, Any], schema_path: str | Path) -> dict[str
     settings = schema["properties"]["sae"]["properties"]
     for index, entry in enumerate(config["sae"]["sites"]):
         for key, value in entry.items():
-            if key in ("site", "layer"):
+            if key in ENTRY_KEYS:
                 continue
             if key not in settings or key == "sites":
-                raise UserError(f"config key sae.sites.{index}.{key}: not a setting of `sae` (an entry may override "
-                                f"{sorted(set(settings) - {'sites'})}). Fix it in your config file.")
+                raise UserError(f"config key sae.sites.{index}.{key}: not a setting of `sae` (an entry has "
+                                f"{list(ENTRY_KEYS)} and may override {sorted(set(settings) - {'sites'})}). "
+                                "Fix it in your config file.")
             _raise_first(validator_class(settings[key]), value, ["sae", "sites", index, key], schema_path)
     check_config(config)
     return config
 
 
+ENTRY_KEYS = ("site", "layer", "pretrained")  # an entry of sae.sites's own keys; any other overrides `sae`
 REPOSITORY = Path(__file__).resolve().parents[2]  # the checkout (the package is installed editable)
 SCHEMA = REPOSITORY / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -79,6 +81,8 @@ class SaeEntry:
     id: str
     site: Site
     settings: dict[str, Any]
+    pretrained: dict[str, Any] | None = None
+    """the entry's `pretrained` (load this SAE instead of training it), or None"""
 
 
 def sae_specs(config: dict[str, Any]) -> dict[str, SaeEntry]:
@@ -87,17 +91,22 @@ def sae_specs(config: dict[str, Any]) -> dict[str, SaeEntry]:
     specs = {}
     for entry in config["sae"]["sites"]:
         site = Site(entry["site"], entry["layer"])
-        settings = {**defaults, **{k: v for k, v in entry.items() if k not in ("site", "layer")}}
+        settings = {**defaults, **{k: v for k, v in entry.items() if k not in ENTRY_KEYS}}
         sae_id = f"{site.id}-{settings['architecture']}"
         if sae_id in specs:
             raise UserError(f"sae.sites lists {sae_id} twice; give each site, layer and architecture once.")
-        specs[sae_id] = SaeEntry(sae_id, site, settings)
+        specs[sae_id] = SaeEntry(sae_id, site, settings, entry.get("pretrained"))
     return specs
 
 
-def check_sae_settings(sae_id: str, index: int, settings: dict[str, Any]) -> None:
+def check_sae_settings(sae_id: str, index: int, settings: dict[str, Any], pretrained: dict[str, Any] | None) -> None:
     """The SAE settings that contradict each other (`index`: the entry of sae.sites, for the message)."""
     where = f"sae (or sae.sites.{index}) for {sae_id}"
+    if settings["architecture"] == "jumprelu" and pretrained is None:
+        raise UserError(f"{where}: architecture jumprelu is loaded, not trained; give sae.sites.{index} a "
+                        "`pretrained` SAE (e.g. Gemma Scope's params.npz), or use topk or relu.")
+    if pretrained is not None:
+        return  # its size comes from its weights, and it is not trained
     if settings["architecture"] == "topk" and settings["k"] >= settings["d_sae"]:
         raise UserError(f"{where}: k = {settings['k']} must be below d_sae = {settings['d_sae']} (a TopK SAE keeps k "
                         "of d_sae latents); lower sae.k or raise sae.d_sae.")
@@ -141,7 +150,7 @@ def check_config(config: dict[str, Any]) -> None:
         raise UserError(f"clamping.sae is {config['clamping']['sae']!r}, which is not one of the SAEs of sae.sites "
                         f"{sorted(saes)}; name one of them.")
     for index, (sae_id, entry) in enumerate(saes.items()):
-        check_sae_settings(sae_id, index, entry.settings)
+        check_sae_settings(sae_id, index, entry.settings, entry.pretrained)
     lens = config["logit_lens"]
     if not lens["prompts"] and lens["corpus_windows"] == 0:
         raise UserError("logit_lens.prompts is empty and logit_lens.corpus_windows is 0: the logit lens would decode "

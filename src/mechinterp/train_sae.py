@@ -56,6 +56,11 @@ class TrainingSettings:
     """steps between checkpoints (a killed run resumes from the last one)"""
 
 
+# one row per `log_every` steps (the figures' training curves)
+TRAINING_LOG_SCHEMA = {"step": pl.Int64, "tokens": pl.Int64, "lr": pl.Float64, "mse": pl.Float64, "fvu": pl.Float64,
+                       "l0": pl.Float64, "auxk": pl.Float64, "l1": pl.Float64, "dead_fraction": pl.Float64}
+
+
 def _pick(cls: type, flat: dict[str, Any]) -> Any:
     return cls(**{f.name: flat[f.name] for f in fields(cls)})
 
@@ -117,6 +122,11 @@ def batch_rows(rows: np.ndarray, batch_size: int, seed: int, step: int) -> np.nd
     epoch, index = divmod(step, steps_per_epoch)
     order = _epoch_order(len(rows), seed, epoch)
     return np.sort(rows[order[index * batch_size : (index + 1) * batch_size]])
+
+
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """Total variance of a batch [n, d] (sum over dimensions): the denominator of the FVU."""
+    return x.sub(x.mean(0)).pow(2).sum(1).mean()
 
 
 def lr_multiplier(step: int, total: int, warmup_fraction: float, decay_fraction: float) -> float:
@@ -182,7 +192,7 @@ def train_sae(cache: ActivationCache, selection: RowSelection, spec: SaeSpec, se
         since_fired[metrics["active"]] = 0
         if step % training.log_every == 0 or step == total_steps - 1:
             rows_log.append({"step": step, "tokens": (step + 1) * batch_size, "lr": optimizer.param_groups[0]["lr"],
-                             "mse": float(metrics["mse"]), "fvu": float(metrics["mse"] / metrics["variance"]),
+                             "mse": float(metrics["mse"]), "fvu": float(metrics["mse"] / batch_variance(x)),
                              "l0": float(metrics["l0"]), "auxk": float(metrics.get("auxk", 0.0)),
                              "l1": float(metrics.get("l1", 0.0)),
                              "dead_fraction": float((since_fired >= training.dead_after_tokens).float().mean())})
@@ -201,7 +211,7 @@ def train_sae(cache: ActivationCache, selection: RowSelection, spec: SaeSpec, se
                "n_train_rows": len(selection.rows), "n_excluded_bos": selection.n_bos,
                "n_excluded_outliers": selection.n_outliers, "median_norm": selection.median_norm,
                "outlier_threshold": selection.outlier_threshold}
-    return sae, pl.DataFrame(rows_log), summary
+    return sae, pl.DataFrame(rows_log, schema=TRAINING_LOG_SCHEMA), summary
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:

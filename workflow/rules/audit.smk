@@ -9,8 +9,9 @@ rule manifest:
         f"{RESULTS}/logs/manifest.log",
     conda:
         ENV
-    # the run's thread count, recorded in the manifest (the last job: it blocks nothing)
-    threads: workflow.cores
+    threads: 1
+    resources:
+        **job_resources("table"),
     params:
         code=stage_code("mechinterp.manifest"),
         config=json.dumps(
@@ -18,9 +19,10 @@ rule manifest:
             sort_keys=True,
         ),
         run_dir=lambda wc, output: Path(output[0]).parent,
+        threads=THREADS,  # the stages' thread count, recorded in the manifest
     shell:
         "python -m mechinterp.manifest --run-dir {params.run_dir} --config {params.config:q}"
-        " --artifacts {input.artifacts} --benchmarks {input.benchmarks} --threads {threads}"
+        " --artifacts {input.artifacts} --benchmarks {input.benchmarks} --threads {params.threads}"
         " --out {output} > {log} 2>&1"
 
 
@@ -35,6 +37,8 @@ rule audit_report:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         code=stage_code("mechinterp.audit"),
         settings=settings("audit"),
@@ -55,5 +59,7 @@ rule audit:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     shell:
         "(head -n 1 {input.report}; grep -q '^AUDIT PASSED' {input.report}) > {log} 2>&1"

@@ -27,7 +27,9 @@ rule browser_sae:
         f"{RESULTS}/benchmarks/browser/{{sae}}.tsv"
     conda:
         ENV
-    threads: workflow.cores
+    threads: THREADS
+    resources:
+        **job_resources("model"),
     params:
         code=stage_code("mechinterp.browser"),
         settings=settings("browser"),
@@ -61,6 +63,8 @@ rule browser:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         code=stage_code(
             "mechinterp.browser",

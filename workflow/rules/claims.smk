@@ -15,6 +15,8 @@ rule claims:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         code=stage_code("mechinterp.claims"),
         settings=settings("claims"),

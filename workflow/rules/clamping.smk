@@ -31,7 +31,9 @@ rule clamping:
         f"{RESULTS}/{{replicate}}benchmarks/clamping.tsv"
     conda:
         ENV
-    threads: workflow.cores
+    threads: THREADS
+    resources:
+        **job_resources("model"),
     params:
         code=stage_code("mechinterp.clamping"),
         settings=settings("clamping"),

@@ -8,6 +8,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
+from mechinterp.cluster import Request, sinfo_partitions, unfit_requests
 from mechinterp.config import sae_specs
 from mechinterp.errors import UserError
 from mechinterp.fetch_model import MODEL_FILE_PATTERNS
@@ -21,18 +22,112 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
 
 RESULTS = f"results/{config['run']}"
 SAES = sae_specs(config)  # id -> config.SaeEntry (id, Site, resolved settings)
+PRETRAINED = [sae_id for sae_id, entry in SAES.items() if entry.pretrained]
+TRAINED = [sae_id for sae_id in SAES if sae_id not in PRETRAINED]
 SITES = {
     entry.site.id: entry.site for entry in SAES.values()
 }  # every SAE's site, cached once
 ENV = "../../envs/mechinterp.yaml"
 
 
+def id_pattern(ids):
+    """A wildcard constraint matching exactly these ids (none: a pattern that matches nothing)."""
+    return "|".join(re.escape(i) for i in ids) or "(?!)"
+
+
 wildcard_constraints:
-    wheel="|".join(re.escape(name) for name in config["wheels"]),
-    sae="|".join(re.escape(name) for name in SAES),
+    wheel=id_pattern(config["wheels"]),
+    sae=id_pattern(SAES),
     # the stochastic stages' outputs: the main run's (the config's seed) in results/<run>/, a
     # replicate's (another seed, the same inputs) in results/<run>/replicates/seed<N>/
     replicate="(replicates/seed[0-9]+/)?",
+
+
+THREADS = config["resources"][
+    "threads"
+]  # of every stage that runs the model, trains or scores an SAE
+
+
+def job_resources(kind):
+    """What one job asks of a cluster scheduler, from the config's `resources`: `table` (tables and
+    figures), `compute` (scores SAEs; many threads, more memory) or `model` (runs the model or trains
+    an SAE: a `compute` job with a GPU when `device` is cuda)."""
+    part = config["resources"]
+    resources = {"runtime": part["runtime"], "mem_mb": part["mem_mb"]}
+    if kind in ("compute", "model"):
+        resources["mem_mb"] = part["model_mem_mb"]
+    if kind == "model" and config["device"].startswith("cuda") and part["gpus"]:
+        resources["gpu"] = part["gpus"]
+    return resources
+
+
+# each resource a job asks of SLURM: its name in Snakemake, and the setting that sets it (named in
+# the message of a request that no node can hold)
+REQUEST_SETTINGS = {
+    "cpus": ("cpus_per_task", "config resources.threads"),
+    "mem_mb": ("mem_mb", "config resources.mem_mb or resources.model_mem_mb"),
+    "runtime": ("runtime", "config resources.runtime"),
+    "gpus": ("gpu", "config resources.gpus"),
+    "partition": ("slurm_partition", "the profile's default-resources slurm_partition"),
+}
+
+
+def cluster_requests():
+    """Each rule's request as SLURM will see it: the config's resources, unless the profile or the
+    command line overrides them (set-threads, set-resources, default-resources)."""
+    settings = workflow.resource_settings
+    defaults = dict(
+        arg.split("=", 1) for arg in (settings.default_resources.args or [])
+    )
+    default_partition = defaults.get("slurm_partition", "").strip("'\"") or None
+    requests = []
+    for step in workflow.rules:
+        if step.norun:
+            continue
+        resources = {
+            name: res.value
+            for name, res in step.resources.items()
+            if not res.is_evaluable()
+        }
+        overridden = settings.overwrite_resources.get(step.name, {})
+        sources = {
+            key: f"set-resources {step.name}:{name}" if name in overridden else setting
+            for key, (name, setting) in REQUEST_SETTINGS.items()
+        }
+        if (
+            step.name in settings.overwrite_threads
+            and "cpus_per_task" not in overridden
+        ):
+            sources["cpus"] = f"set-threads {step.name}"
+        requests.append(
+            Request(
+                name=step.name,
+                cpus=int(resources.get("cpus_per_task") or resources["_cores"]),
+                mem_mb=int(resources.get("mem_mb", 0)),
+                runtime=int(resources.get("runtime", 0)),
+                gpus=int(resources.get("gpu") or 0),
+                partition=resources.get("slurm_partition") or default_partition,
+                sources=sources,
+            )
+        )
+    return requests
+
+
+def check_cluster_requests():
+    """On SLURM, refuse at the start a job that no node could ever hold: SLURM would keep it pending
+    (Reason=PartitionConfig) and Snakemake would wait on it without a word."""
+    if getattr(workflow.executor_plugin, "name", None) != "slurm":
+        return
+    problems = unfit_requests(cluster_requests(), sinfo_partitions())
+    if problems:
+        raise WorkflowError(
+            "these jobs could never start on this cluster:\n  " + "\n  ".join(problems)
+        )
+
+
+def sae_rule(sae_id):
+    """Which of `load_sae` (a pretrained SAE) and `train_sae` makes an SAE's folder."""
+    return "load_sae" if sae_id in PRETRAINED else "train_sae"
 
 
 def replicate_dir(seed):
@@ -206,7 +301,7 @@ def saes_at(site_id):
 
 
 wildcard_constraints:
-    site="|".join(re.escape(site_id) for site_id in cache_sites()),
+    site=id_pattern(cache_sites()),
 
 
 def activation_file(sae_id, ext):
@@ -299,11 +394,8 @@ def all_benchmarks():
     return [
         *[f"{RESULTS}/benchmarks/download_wheel/{w}.tsv" for w in used_wheels()],
         *[f"{RESULTS}/benchmarks/{job}.tsv" for job in per_job],
-        *[
-            f"{RESULTS}/benchmarks/{rule}/{sae}.tsv"
-            for rule in ("train_sae", "evaluate_sae")
-            for sae in SAES
-        ],
+        *[f"{RESULTS}/benchmarks/{sae_rule(sae)}/{sae}.tsv" for sae in SAES],
+        *[f"{RESULTS}/benchmarks/evaluate_sae/{sae}.tsv" for sae in SAES],
         *[f"{RESULTS}/benchmarks/polysemanticity/{site}.tsv" for site in cache_sites()],
         *[f"{RESULTS}/benchmarks/browser/{name}.tsv" for name in [*SAES, "site"]],
     ]

@@ -8,6 +8,8 @@ rule download_wheel:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         code=stage_code("mechinterp.download"),
         version=lambda wc: config["wheels"][wc.wheel]["version"],
@@ -30,6 +32,8 @@ rule fetch_model:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("compute"),
     params:
         code=stage_code("mechinterp.fetch_model"),
         settings=settings("model"),
@@ -53,6 +57,8 @@ rule fetch_corpus:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         code=stage_code("mechinterp.fetch_corpus"),
         settings=settings("corpus"),
@@ -80,6 +86,8 @@ rule tokenize:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         code=stage_code("mechinterp.tokens"),
         settings=settings("tokens"),

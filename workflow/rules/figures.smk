@@ -37,6 +37,8 @@ rule figures_logit_lens:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         notebook=notebook("logit_lens"),
         code=stage_code("mechinterp.plotting", notebook("logit_lens")),
@@ -74,6 +76,8 @@ rule figures_sae:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         notebook=notebook("sae_quality"),
         code=stage_code("mechinterp.plotting", notebook("sae_quality")),
@@ -114,6 +118,8 @@ rule figures_polysemanticity:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         notebook=notebook("polysemanticity"),
         code=stage_code("mechinterp.plotting", notebook("polysemanticity")),
@@ -147,6 +153,8 @@ rule figures_clamping:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         notebook=notebook("clamping"),
         code=stage_code("mechinterp.plotting", notebook("clamping")),
@@ -183,6 +191,8 @@ rule figures_claims:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         notebook=notebook("claims"),
         code=stage_code("mechinterp.plotting", notebook("claims")),

@@ -14,7 +14,9 @@ rule logit_lens:
         f"{RESULTS}/benchmarks/logit_lens.tsv"
     conda:
         ENV
-    threads: workflow.cores
+    threads: THREADS
+    resources:
+        **job_resources("model"),
     params:
         code=stage_code("mechinterp.logit_lens"),
         settings=settings("logit_lens"),

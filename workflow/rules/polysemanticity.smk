@@ -18,7 +18,9 @@ rule polysemanticity:
         f"{RESULTS}/{{replicate}}benchmarks/polysemanticity/{{site}}.tsv"
     conda:
         ENV
-    threads: workflow.cores
+    threads: THREADS
+    resources:
+        **job_resources("compute"),
     params:
         code=stage_code("mechinterp.polysemanticity"),
         settings=settings("polysemanticity"),
@@ -58,6 +60,8 @@ rule collect_polysemanticity:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         code=stage_code("mechinterp.collect"),
     shell:

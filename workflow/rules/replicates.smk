@@ -14,6 +14,8 @@ rule replicates:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         code=stage_code("mechinterp.replicates"),
         run_dir=lambda wc, output: Path(output.spread).parent.parent,

@@ -12,7 +12,9 @@ rule cache_activations:
         f"{RESULTS}/benchmarks/cache_activations.tsv"
     conda:
         ENV
-    threads: workflow.cores
+    threads: THREADS
+    resources:
+        **job_resources("model"),
     params:
         code=stage_code("mechinterp.activations"),
         settings=settings("activations"),
@@ -36,9 +38,13 @@ rule train_sae:
         f"{RESULTS}/{{replicate}}logs/train_sae/{{sae}}.log",
     benchmark:
         f"{RESULTS}/{{replicate}}benchmarks/train_sae/{{sae}}.tsv"
+    wildcard_constraints:
+        sae=id_pattern(TRAINED),
     conda:
         ENV
-    threads: workflow.cores
+    threads: THREADS
+    resources:
+        **job_resources("model"),
     params:
         code=stage_code("mechinterp.train_sae"),
         spec=lambda wc: json.dumps(SAES[wc.sae].settings, sort_keys=True),
@@ -51,6 +57,39 @@ rule train_sae:
         "python -m mechinterp.train_sae --cache {input.cache} --table {input.table} --spec {params.spec:q}"
         " --seed {params.seed} --threads {threads} --checkpoint {params.checkpoint} --device {params.device}"
         " --model-name {params.model_name:q} --dataset {params.dataset:q} --out {output} > {log} 2>&1"
+
+
+rule load_sae:
+    input:
+        cache=lambda wc: activation_file(wc.sae, "npy"),
+        header=lambda wc: activation_file(wc.sae, "json"),
+        table=rules.tokenize.output.table,
+    output:
+        directory(f"{RESULTS}/{{replicate}}saes/{{sae}}"),
+    log:
+        f"{RESULTS}/{{replicate}}logs/load_sae/{{sae}}.log",
+    benchmark:
+        f"{RESULTS}/{{replicate}}benchmarks/load_sae/{{sae}}.tsv"
+    wildcard_constraints:
+        sae=id_pattern(PRETRAINED),
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **job_resources("compute"),
+    params:
+        code=stage_code("mechinterp.pretrained_sae"),
+        spec=lambda wc: json.dumps(
+            {**SAES[wc.sae].settings, "pretrained": SAES[wc.sae].pretrained},
+            sort_keys=True,
+        ),
+        where=lambda wc: f"sae.sites.{list(SAES).index(wc.sae)}",
+        model_name=config["model"]["name"],
+        dataset=dataset_name(),
+    shell:
+        "python -m mechinterp.pretrained_sae --cache {input.cache} --table {input.table} --spec {params.spec:q}"
+        " --where {params.where} --model-name {params.model_name:q} --dataset {params.dataset:q}"
+        " --out {output} > {log} 2>&1"
 
 
 rule evaluate_sae:
@@ -69,7 +108,9 @@ rule evaluate_sae:
         f"{RESULTS}/{{replicate}}benchmarks/evaluate_sae/{{sae}}.tsv"
     conda:
         ENV
-    threads: workflow.cores
+    threads: THREADS
+    resources:
+        **job_resources("model"),
     params:
         code=stage_code("mechinterp.evaluate_sae"),
         settings=settings("sae_eval"),
@@ -95,6 +136,8 @@ rule collect_sae_metrics:
     conda:
         ENV
     threads: 1
+    resources:
+        **job_resources("table"),
     params:
         code=stage_code("mechinterp.collect"),
     shell:

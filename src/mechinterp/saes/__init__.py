@@ -2,9 +2,10 @@
 `base.SparseAutoencoder` and registering it here."""
 
 from mechinterp.saes.base import SparseAutoencoder, load_sae
+from mechinterp.saes.jumprelu import JumpReluSAE
 from mechinterp.saes.relu import ReluSAE
 from mechinterp.saes.topk import TopKSAE
 
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {cls.architecture: cls for cls in (TopKSAE, ReluSAE)}
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {cls.architecture: cls for cls in (TopKSAE, ReluSAE, JumpReluSAE)}
 
-__all__ = ["ARCHITECTURES", "ReluSAE", "SparseAutoencoder", "TopKSAE", "load_sae"]
+__all__ = ["ARCHITECTURES", "JumpReluSAE", "ReluSAE", "SparseAutoencoder", "TopKSAE", "load_sae"]

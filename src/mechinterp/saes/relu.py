@@ -52,5 +52,4 @@ class ReluSAE(SparseAutoencoder):
             (mse + ramp * self.settings.l1_coefficient * l1).backward()
         with torch.no_grad():
             active = (z > 0).any(0)
-            return {"mse": mse.detach(), "l1": l1.detach(), "l0": (z > 0).sum(1).float().mean(), "active": active,
-                    "variance": x.sub(x.mean(0)).pow(2).sum(1).mean()}
+            return {"mse": mse.detach(), "l1": l1.detach(), "l0": (z > 0).sum(1).float().mean(), "active": active}
