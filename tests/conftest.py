@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
 from mechinterp.activations import header_path
+from mechinterp.files import sha256_file
+from mechinterp.manifest import TIMING_SUFFIXES
 from mechinterp.saes import ReluSAE, TopKSAE
 from mechinterp.saes.relu import ReluSettings
 from mechinterp.saes.topk import TopKSettings
@@ -88,6 +91,45 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: float | No
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def without_timings(value: object) -> object:
+    """A JSON value with its run-time entries left out, at any depth (they differ on every run by nature)."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if not k.endswith(TIMING_SUFFIXES)}
+    return value
+
+
+def stage_outputs(results: Path) -> dict[str, object]:
+    """The content of every stage output the manifest lists: tables without their run-time columns,
+    JSON files without their run-time entries, every other file (arrays, weights) by its sha256."""
+    manifest = json.loads((results / "MANIFEST.json").read_text())
+    content = {}
+    for name in sorted(manifest["files"]):
+        if not any(name == a or name.startswith(f"{a}/") for a in manifest["artifacts"]):
+            continue
+        path = results / name
+        if path.suffix == ".parquet":
+            frame = pl.read_parquet(path)
+            content[name] = frame.drop([c for c in frame.columns if c.endswith(TIMING_SUFFIXES)])
+        elif path.suffix == ".json":
+            content[name] = without_timings(json.loads(path.read_text()))
+        else:
+            content[name] = sha256_file(path)
+    return content
+
+
+def assert_same_outputs(rebuilt: dict[str, object], expected: dict[str, object]) -> None:
+    """Every stage output the same: arrays and weights byte for byte, tables and JSON values exactly
+    (a NaN matches a NaN)."""
+    from polars.testing import assert_frame_equal
+
+    assert rebuilt.keys() == expected.keys()
+    for name, value in rebuilt.items():
+        if isinstance(value, pl.DataFrame):
+            assert_frame_equal(value, expected[name], check_exact=True)
+        else:
+            assert value == expected[name], name
 
 
 def copy_workflow(dest: Path) -> Path:

@@ -163,3 +163,27 @@ def test_a_corpus_too_small_to_split_says_so():
     with pytest.raises(UserError, match=r"the corpus has 1 documents, .*leaves none for the heldout split; add "
                                         r"documents \(a \.txt file is one document"):
         assign_splits(one, 0.1, seed=0)
+
+
+def test_a_converted_tokenizer_is_the_same_whatever_the_hub_offline_flag(tiny_model_dir, tmp_path, monkeypatch):
+    """transformers records the hub's offline flag in a saved tokenizer_config.json; the conversion
+    clears it, so the bundled model's folder (compared byte for byte by the audit) does not depend on
+    HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+
+    from mechinterp.fetch_model import as_online_hub
+
+    def saved_config(folder, online: bool) -> dict:
+        if online:
+            with as_online_hub():
+                tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        tokenizer.save_pretrained(folder)
+        return json.loads((folder / "tokenizer_config.json").read_text())
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert saved_config(tmp_path / "plain", online=False)["local_files_only"] is True
+    assert saved_config(tmp_path / "converted", online=True)["local_files_only"] is False
+    assert constants.HF_HUB_OFFLINE is True  # restored after the block

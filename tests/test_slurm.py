@@ -3,7 +3,6 @@ machine (scripts/slurm_cluster.sh: Debian's slurmctld, slurmd and munge; needs r
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -13,14 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, SMOKE, copy_workflow, snakemake
+from conftest import REPO, SMOKE, assert_same_outputs, copy_workflow, snakemake, stage_outputs
 
 pytestmark = pytest.mark.slurm
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 # the first status check after a second, not the profile's five: the smoke jobs are short
 FAST_POLLING = ("--slurm-init-seconds-before-status-checks", "1")
-# outputs that record how fast a stage ran: compared without those fields
-SPEED_FIELD = re.compile(r"seconds|per_s$")
 
 
 @pytest.fixture(scope="module")
@@ -35,23 +32,6 @@ def slurm_cluster(tmp_path_factory):
         yield folder
     finally:
         subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", str(folder)], check=True)
-
-
-def without_speed(value):
-    """A JSON value with every timing field dropped, at any depth."""
-    if isinstance(value, dict):
-        return {k: without_speed(v) for k, v in value.items() if not SPEED_FIELD.search(k)}
-    if isinstance(value, list):
-        return [without_speed(v) for v in value]
-    return value
-
-
-def result_files(run: Path) -> dict[str, str]:
-    """sha256 of every result file of a run (from its manifest) that does not depend on when or how
-    fast it ran: not the logs, benchmarks or rendered figures (their timestamps and timings)."""
-    files = json.loads((run / "MANIFEST.json").read_text())["files"]
-    return {name: entry["sha256"] for name, entry in files.items()
-            if not name.startswith(("logs/", "benchmarks/", "figures/"))}
 
 
 def test_smoke_dag_on_slurm_equals_the_local_run(slurm_cluster, smoke_run, tmp_path):
@@ -69,15 +49,8 @@ def test_smoke_dag_on_slurm_equals_the_local_run(slurm_cluster, smoke_run, tmp_p
     assert local == {"all"}  # the target rule has no command
     assert "threads: 2" in log and "--threads 2" in log  # the config's resources.threads, not --cores
 
-    mine, theirs = workdir / "results" / "smoke", smoke_run / "results" / "smoke"
-    hashes, local_hashes = result_files(mine), result_files(theirs)
-    assert hashes.keys() == local_hashes.keys()
-    timed = {name for name in hashes if name.endswith("summary.json") or name.endswith("cfg.json")}
-    differing = {name for name in hashes.keys() - timed if hashes[name] != local_hashes[name]}
-    assert not differing, sorted(differing)
-    for name in timed:
-        assert without_speed(json.loads((mine / name).read_text())) == \
-            without_speed(json.loads((theirs / name).read_text())), name
+    # arrays and weights byte for byte, tables and JSON values exactly, run times aside
+    assert_same_outputs(stage_outputs(workdir / "results" / "smoke"), stage_outputs(smoke_run / "results" / "smoke"))
 
 
 def test_a_job_no_node_can_hold_fails_at_once(slurm_cluster, tmp_path):

@@ -17,9 +17,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, copy_workflow, snakemake
+from conftest import REPO, assert_same_outputs, copy_workflow, snakemake, stage_outputs
 from mechinterp.files import sha256_file
-from mechinterp.manifest import TIMING_SUFFIXES
 from mechinterp.plotting import embedded_pngs
 
 
@@ -42,45 +41,6 @@ def kill_when_logged(workdir: Path, log: Path, text: str, *args: str) -> None:
     time.sleep(0.3)  # into the writing
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-
-
-def without_timings(value: object) -> object:
-    """A JSON value with its run-time entries left out, at any depth (they differ on every run by nature)."""
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if not k.endswith(TIMING_SUFFIXES)}
-    return value
-
-
-def stage_outputs(results: Path) -> dict[str, object]:
-    """The content of every stage output the manifest lists: tables without their run-time columns,
-    JSON files without their run-time entries, every other file (arrays, weights) by its sha256."""
-    manifest = json.loads((results / "MANIFEST.json").read_text())
-    content = {}
-    for name in sorted(manifest["files"]):
-        if not any(name == a or name.startswith(f"{a}/") for a in manifest["artifacts"]):
-            continue
-        path = results / name
-        if path.suffix == ".parquet":
-            frame = pl.read_parquet(path)
-            content[name] = frame.drop([c for c in frame.columns if c.endswith(TIMING_SUFFIXES)])
-        elif path.suffix == ".json":
-            content[name] = without_timings(json.loads(path.read_text()))
-        else:
-            content[name] = sha256_file(path)
-    return content
-
-
-def assert_same_outputs(rebuilt: dict[str, object], expected: dict[str, object]) -> None:
-    """Every stage output the same: arrays and weights byte for byte, tables and JSON values exactly
-    (a NaN matches a NaN)."""
-    from polars.testing import assert_frame_equal
-
-    assert rebuilt.keys() == expected.keys()
-    for name, value in rebuilt.items():
-        if isinstance(value, pl.DataFrame):
-            assert_frame_equal(value, expected[name], check_exact=True)
-        else:
-            assert value == expected[name], name
 
 
 def test_lint_is_clean():

@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +54,27 @@ def folder_hashes(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "SOURCE.json"}
 
 
+@contextmanager
+def as_online_hub() -> Iterator[None]:
+    """The hub client's offline flag cleared for the block. transformers writes it into a saved
+    tokenizer_config.json (`local_files_only`), so a conversion that reads local files only runs
+    under it, and writes the same bytes whatever HF_HUB_OFFLINE says (the audit compares them)."""
+    from huggingface_hub import constants
+
+    offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, False
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantise a GGUF checkpoint to a float32 Hugging Face folder (needs the `gguf` package)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with as_online_hub():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
     # The weights are plain float32 now; transformers refuses to save a model it still thinks is quantised.
     model.hf_quantizer = None
