@@ -71,7 +71,10 @@ def test_a_new_architecture_runs_the_smoke_dag(architecture, smoke_run, tmp_path
     folder = build_model(architecture, smoke_run / "results" / "smoke" / "model", tmp_path / architecture)
     sites = [{"site": "resid", "layer": 1}, {"site": "mlp", "layer": 1, "architecture": "relu", "d_sae": 1024}]
     overlay = {"run": run, "model": {"name": run, "source": "local", "local": {"path": str(folder)}},
-               "sae": {"sites": sites}, "clamping": {"sae": "resid1-topk"}}
+               "sae": {"sites": sites}, "clamping": {"sae": "resid1-topk"}, "crosscoder": {"sites": ["resid1", "mlp1"]},
+               # the toy model does not read the model: as small as it runs; one translator step
+               "toy": {"sparsities": [0.99], "phase_grid": 2, "steps": 50, "sae_steps": 50},
+               "tuned_lens": {"train_tokens": 64}}
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(overlay))
     with_overlay = ["--cores", "2", "--configfile", SMOKE[1], str(config)]
@@ -99,6 +102,9 @@ def test_a_new_architecture_runs_the_smoke_dag(architecture, smoke_run, tmp_path
     assert pl.read_parquet(results / "logit_lens" / "targets.parquet")["layer"].n_unique() == n_layers + 1
     assert pl.read_parquet(results / "clamping" / "effects.parquet").height > 0
     assert (results / "browser" / "index.html").is_file()
+    assert pl.read_parquet(results / "crosscoder" / "metrics.parquet")["dictionary"].to_list() == [
+        "crosscoder", "resid1-topk", "crosscoder", "mlp1-relu"]
+    assert pl.read_parquet(results / "tuned_lens" / "heldout_kl.parquet")["layer"].n_unique() == n_layers + 1
     if architecture == "gpt_neox":
         loaded = json.loads((results / "saes" / "resid1-jumprelu" / "training_summary.json").read_text())
         assert loaded["pretrained"]["hub"]["repo_id"] == SCOPE_REPO and loaded["total_steps"] == 0

@@ -20,10 +20,11 @@ from safetensors.torch import load_file
 from conftest import REPO
 from mechinterp.activations import ActivationCache
 from mechinterp.browser import (Lookup, Windows, aligned_features, data_script, histogram, logit_effects,
-                                quantile_samples, round_value)
+                                quantile_samples, round_value, write_directions)
 from mechinterp.files import sha256_file
 from mechinterp.polysemanticity import SparseCodes
 from mechinterp.saes import load_sae
+from mechinterp.sites import Site
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -89,6 +90,23 @@ def test_aligned_features_are_the_closest_decoder_directions():
     assert cosine[0, 0] == pytest.approx(0.9 / (0.81 + 0.01) ** 0.5)
     ids, _ = aligned_features(decoder, torch.eye(2), 1, exclude_self=False)  # a coordinate: who writes most into it
     assert ids.tolist() == [[0], [2]]
+
+
+def test_write_directions_take_each_unit_at_its_deepest_site():
+    sites = [Site("resid", 1), Site("mlp", 2)]
+    mlp_out = torch.randn(6, 4)  # an MLP site of width 6 writes into a residual stream of width 4
+
+    def to_residual(site, block):
+        return block if site.kind == "resid" else block @ mlp_out
+
+    directions = torch.zeros(3, 4 + 6)
+    directions[0, :4] = torch.tensor([1.0, 2, 3, 4])  # only at the first site: read there
+    directions[1, 4:] = 1.0  # only at the deeper site: through its output weights
+    directions[2] = 1.0  # at both: the deeper site's block, what the unembedding reads
+    writes = write_directions(to_residual, sites, [slice(0, 4), slice(4, 10)], directions)
+    torch.testing.assert_close(writes[0], directions[0, :4])
+    torch.testing.assert_close(writes[1], torch.ones(6) @ mlp_out)
+    torch.testing.assert_close(writes[2], torch.ones(6) @ mlp_out)
 
 
 def test_histogram_and_rounding():
@@ -159,17 +177,20 @@ def test_index_pages_load_and_list_every_live_unit(browser, smoke):
     page = Page(browser, smoke["browser"])
     index = page.open("index.html", "table.saes tbody tr")
     assert sorted(index.eval_on_selector_all("table.saes tbody tr", "r => r.map(x => x.dataset.sae)")) == [
-        "mlp3-relu", "resid3-topk"]
+        "crosscoder", "mlp3-relu", "resid3-topk"]
     assert index.get_attribute("a[href='../report.html']", "href") == "../report.html"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     index.screenshot(path=ARTIFACTS / "browser-index.png", full_page=True)
-    for sae, site in (("resid3-topk", "resid3"), ("mlp3-relu", "mlp3")):
+    # the crosscoder's latents beside the dimensions of its stacked sites, as an SAE's features beside neurons
+    crosscoder_units = pl.read_parquet(smoke["results"] / "crosscoder" / "units.parquet")
+    for sae, site, units in (("resid3-topk", "resid3", smoke["units"]), ("mlp3-relu", "mlp3", smoke["units"]),
+                             ("crosscoder", "resid3+mlp3", crosscoder_units)):
         for dictionary, name in (("features", sae), ("neurons", "neurons")):
             table = page.open(f"index.html#view=table&sae={sae}&dict={dictionary}", "#units tbody tr")
-            expected = live_units(smoke["units"], site, name)
+            expected = live_units(units, site, name)
             assert sorted(table_rows(table)) == expected["unit"].sort().to_list()
-            dead = smoke["units"].filter((pl.col("site") == site) & (pl.col("dictionary") == name)
-                                         & (pl.col("status") == "dead")).height
+            dead = units.filter((pl.col("site") == site) & (pl.col("dictionary") == name)
+                                & (pl.col("status") == "dead")).height
             assert f"{dead} dead" in table.inner_text("#main")
     table = page.open("index.html#view=table&sae=resid3-topk&dict=features", "#units tbody tr")
     table.click("th[data-key='monosemanticity']")  # sorted, highest first

@@ -69,6 +69,11 @@ def test_schema_fills_defaults():
         (lambda c: c["sae"]["sites"][0].update(k=0), r"config key sae\.sites\.0\.k: 0 is less than the minimum"),
         (lambda c: c["sae"]["sites"][1].update(kk=3), r"config key sae\.sites\.1\.kk: not a setting of `sae`"),
         (lambda c: c["sae"]["sites"][1].update(architecture="gated"), r"sae\.sites\.1\.architecture: 'gated' is not one"),
+        (lambda c: c.update(crosscoder={"sites": ["resid7"]}), r"crosscoder\.sites lists resid7, which no SAE of sae\.sites"),
+        (lambda c: c.update(crosscoder={"sites": ["resid"]}), r"config key crosscoder\.sites\.0: 'resid' does not match"),
+        (lambda c: c.update(crosscoder={"k": 20000}), r"crosscoder: k = 20000 must be below d_sae = 13824"),
+        (lambda c: c.update(sae={"sites": [{"site": "mlp", "layer": 3}]}, clamping={"sae": "mlp3-topk"}),
+         r"crosscoder\.sites is not set and sae\.sites"),
     ],
 )
 def test_bad_config_names_the_key(default_config, change, message):
@@ -88,17 +93,21 @@ def section_classes():
     from mechinterp.browser import BrowserSettings
     from mechinterp.claims import ClaimsSettings
     from mechinterp.clamping import ClampingSettings
+    from mechinterp.crosscoder_latents import CrosscoderSettings
     from mechinterp.evaluate_sae import EvalSettings
     from mechinterp.fetch_corpus import CorpusSettings, LexiconSettings
     from mechinterp.fetch_model import ModelSettings
     from mechinterp.logit_lens import LensSettings
     from mechinterp.polysemanticity import ScoringSettings
     from mechinterp.tokens import TokenSettings
+    from mechinterp.toy_superposition import ToySettings
+    from mechinterp.tuned_lens import TunedLensSettings
 
     return {"model": ModelSettings, "corpus": CorpusSettings, "lexicons": LexiconSettings, "tokens": TokenSettings,
             "logit_lens": LensSettings, "activations": CacheSettings, "sae_eval": EvalSettings,
             "polysemanticity": ScoringSettings, "clamping": ClampingSettings, "audit": AuditSettings,
-            "claims": ClaimsSettings, "browser": BrowserSettings}
+            "claims": ClaimsSettings, "browser": BrowserSettings, "toy": ToySettings,
+            "crosscoder": CrosscoderSettings, "tuned_lens": TunedLensSettings}
 
 
 def test_every_section_has_one_typed_definition_that_agrees_with_the_schema():

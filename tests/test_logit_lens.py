@@ -103,3 +103,15 @@ def test_more_corpus_windows_than_the_heldout_split_has_names_the_key(tiny_bridg
     windows = np.arange(3 * 8).reshape(3, 8) % 50
     with pytest.raises(UserError, match=r"logit_lens\.corpus_windows = 4 but the heldout split has 3 windows"):
         corpus_inputs(tiny_bridge.tokenizer, windows, n_windows=4, n_tokens=6, seed=0)
+
+
+def test_a_translator_acts_before_the_final_norm(tiny_bridge):
+    """The translator sees the stacked residuals and the norm is recomputed after it: scaling every
+    residual changes nothing, shifting them changes every layer's decoding."""
+    ids = encode(tiny_bridge.tokenizer, "The capital of France is")
+    plain, model_lp = lens_log_probs(tiny_bridge, ids)
+    scaled, _ = lens_log_probs(tiny_bridge, ids, translator=lambda resid: 3.0 * resid)
+    shifted, shifted_model_lp = lens_log_probs(tiny_bridge, ids, translator=lambda resid: resid + 1.0)
+    assert torch.allclose(scaled, plain, atol=1e-4)
+    assert (shifted - plain).abs().amax(dim=(1, 2)).min() > 1e-2
+    assert torch.equal(shifted_model_lp, model_lp)  # the model's own output is never translated

@@ -195,10 +195,28 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     assert set(continuations["mode"]) == {"greedy", "sampled"} and set(continuations["strength"]) == {-1, 0, 1, 2}
     assert continuations["continuation"].str.len_chars().min() > 0 and (continuations["perplexity"] >= 1).all()
 
+    # beyond the study: a crosscoder over resid3 and mlp3 against their own SAEs; the tuned lens
+    crosscoder_metrics = pl.read_parquet(results / "crosscoder" / "metrics.parquet")
+    assert crosscoder_metrics.select("site", "dictionary").rows() == [
+        ("resid3", "crosscoder"), ("resid3", "resid3-topk"), ("mlp3", "crosscoder"), ("mlp3", "mlp3-relu")]
+    assert crosscoder_metrics["fvu"].is_between(0, 1).all() and (crosscoder_metrics["kl"] > 0).all()
+    crosscoder_cfg = json.loads((results / "crosscoder" / "sae" / "cfg.json").read_text())
+    assert crosscoder_cfg["d_in"] == 576 + 1536 and crosscoder_cfg["d_sae"] == 2 * 1152 and crosscoder_cfg["k"] == 64
+    assert crosscoder_cfg["mechinterp"]["crosscoder"]["sites"] == ["resid3", "mlp3"]
+    latents = pl.read_parquet(results / "crosscoder" / "latents.parquet")
+    assert latents.height == 2304 and latents["effective_sites"].is_between(1, 2).all()
+    assert latents["driving_sites"].drop_nulls().is_between(0, 2).all()
+    lens_kl = pl.read_parquet(results / "tuned_lens" / "heldout_kl.parquet").filter(
+        pl.col("position_kind") == "other").pivot(on="lens", index="layer", values="mean_kl").sort("layer")
+    # four translator steps of smoke: closer than the logit lens over the first two thirds of the layers at least
+    assert (lens_kl["tuned"] < lens_kl["logit"])[: 2 * lens_kl.height // 3].all()
+    assert lens_kl.row(-1, named=True)["tuned"] == lens_kl.row(-1, named=True)["logit"] == pytest.approx(0, abs=1e-4)
+
     for rule in ("fetch_model", "fetch_corpus", "tokenize", "logit_lens", "figures_logit_lens", "cache_activations",
                  "train_sae/resid3-topk", "evaluate_sae/mlp3-relu", "figures_sae", "polysemanticity/mlp3",
                  "collect_polysemanticity", "figures_polysemanticity", "clamping", "figures_clamping",
-                 "browser/resid3-topk", "browser/site"):
+                 "browser/resid3-topk", "browser/site", "train_crosscoder", "evaluate_crosscoder",
+                 "crosscoder_latents", "tuned_lens", "toy_superposition"):
         assert (results / "logs" / f"{rule}.log").exists()
     assert not list(results.rglob(".*.partial-*"))
 
@@ -208,8 +226,8 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     assert claims.filter(pl.col("claim") == "logit_lens.final_layer_is_output")["verdict"].to_list() == ["holds"]
     assert claims.filter(pl.col("claim").str.starts_with("sae.")).height == 2 * 4
     assert claims.filter(pl.col("claim").str.starts_with("clamping.resid3.")).height == 10
-    for notebook in ("logit_lens", "sae", "polysemanticity", "clamping", "claims"):
-        html = "sae_quality" if notebook == "sae" else notebook
+    for notebook in ("logit_lens", "sae", "polysemanticity", "clamping", "claims", "toy", "tuned_lens", "crosscoder"):
+        html = {"sae": "sae_quality", "toy": "toy_superposition"}.get(notebook, notebook)
         shown = embedded_pngs((figures / f"{html}.html").read_text(encoding="utf-8"))
         pngs = sorted((figures / notebook).glob("*.png"))
         assert pngs and all(png.read_bytes() in shown for png in pngs), notebook
@@ -295,21 +313,28 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
 
     claims = {"claims", "figures_claims"}  # the claims read every stage's tables
     browser = {"browser_sae", "browser"}  # the browser reads the SAEs, their scores and the clamping tables
+    # the crosscoder is compared with the per-site SAEs: its evaluation and analysis follow them
+    crosscoder = {"evaluate_crosscoder", "crosscoder_latents", "figures_crosscoder"}
     downstream_of_training = {"train_sae", "evaluate_sae", "collect_sae_metrics", "figures_sae", "polysemanticity",
                               "collect_polysemanticity", "figures_polysemanticity", "clamping", "figures_clamping",
-                              "manifest", "all", *claims, *browser}
+                              "manifest", "all", *claims, *browser, *crosscoder}
     for edited, expected in (
         ("src/mechinterp/polysemanticity.py", {"polysemanticity", "collect_polysemanticity",
                                                "figures_polysemanticity", "clamping", "figures_clamping", "manifest",
-                                               "all", *claims, *browser}),
+                                               "all", *claims, *browser, "crosscoder_latents", "figures_crosscoder"}),
         ("src/mechinterp/clamping.py", {"clamping", "figures_clamping", "manifest", "all", *claims, *browser}),
-        ("src/mechinterp/saes/topk.py", downstream_of_training),
+        # the toy model's SAE and the crosscoder are TopK SAEs too, the crosscoder trained by train_sae's loop
+        ("src/mechinterp/saes/topk.py", downstream_of_training | {"toy_superposition", "figures_toy", "train_crosscoder"}),
+        ("src/mechinterp/toy_superposition.py", {"toy_superposition", "figures_toy", "manifest", "all"}),
         # a stage's entry point lives beside its functions: editing train_sae's main() reruns training and
         # what depends on it, not caching; the stacking entry point reruns the collect rules and after
-        ("src/mechinterp/train_sae.py", downstream_of_training),
+        ("src/mechinterp/train_sae.py", downstream_of_training | {"train_crosscoder"}),
         ("src/mechinterp/collect.py", {"collect_sae_metrics", "figures_sae", "collect_polysemanticity",
                                        "figures_polysemanticity", "clamping", "figures_clamping", "manifest", "all",
-                                       *claims, *browser}),
+                                       *claims, *browser, "evaluate_crosscoder", "figures_crosscoder"}),
+        ("src/mechinterp/crosscoder_latents.py", {"crosscoder_latents", "figures_crosscoder", *browser, "manifest",
+                                                  "all"}),
+        ("src/mechinterp/tuned_lens.py", {"tuned_lens", "figures_tuned_lens", "manifest", "all"}),
         ("workflow/notebooks/clamping.ipynb", {"figures_clamping", "manifest", "all"}),
         ("src/mechinterp/browser.py", {*browser, "manifest", "all"}),
         ("workflow/browser/browser.js", {"browser", "manifest", "all"}),  # the pages only: no SAE's data

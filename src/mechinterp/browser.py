@@ -35,12 +35,14 @@ from tqdm import tqdm
 from mechinterp.activations import ActivationCache
 from mechinterp.clamping import load_parts
 from mechinterp.clamping_stats import mean_effects, unit_label
+from mechinterp.crosscoder import Layout, StackedCache, load_crosscoder, open_stacked
 from mechinterp.errors import UserError, run_stage
 from mechinterp.evaluate_sae import DENSE_THRESHOLD
 from mechinterp.files import atomic_path
 from mechinterp.model import resolve_device, vocabulary_strings
 from mechinterp.polysemanticity import SparseCodes, example_units
 from mechinterp.saes import load_sae
+from mechinterp.sites import Site
 from mechinterp.tokens import split_rows
 
 log = logging.getLogger(__name__)
@@ -406,17 +408,35 @@ def write_chunks(folder: Path, prefix: str, key: str, records: list[dict], per_f
     return where
 
 
-def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_folder: str, cache: ActivationCache,
-                      table: pl.DataFrame, model_dir: str, clamping: dict[str, pl.DataFrame], scores: pl.DataFrame,
-                      scoring: dict[str, object],
-                      settings: BrowserSettings, seed: int, device: str, out: Path) -> dict[str, object]:
+def write_directions(to_residual, sites: list[Site], blocks: list[slice], directions: torch.Tensor) -> torch.Tensor:
+    """Each unit's write direction in the residual stream [U, d_model] from its direction in the cached
+    space [U, sum of widths]: its block at the deepest site where that block is non-zero, through
+    `to_residual(site, block)`. One site: the direction itself; a crosscoder's latent: its decoder at the
+    deepest site (what the unembedding reads); a stacked site's own dimension: that dimension at its site."""
+    writes = [to_residual(site, directions[:, block]) for site, block in zip(sites, blocks, strict=True)]
+    out = writes[-1].clone()
+    for earlier in reversed(writes[:-1]):
+        empty = out.norm(dim=1) == 0
+        out[empty] = earlier[empty]
+    return out
+
+
+def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_folder: str,
+                      cache: ActivationCache | StackedCache, table: pl.DataFrame, model_dir: str,
+                      clamping: dict[str, pl.DataFrame], scores: pl.DataFrame, scoring: dict[str, object],
+                      settings: BrowserSettings, seed: int, device: str, out: Path,
+                      layout: Layout | None = None) -> dict[str, object]:
     """Write one SAE's browser folder `out` (`scoring`: the config's `polysemanticity` section, whose
-    context span and active fraction the pages share); returns its summary."""
+    context span and active fraction the pages share); returns its summary. A crosscoder comes with its
+    `layout` and the `StackedCache` of its sites: its latents are the features, the stacked sites'
+    dimensions the neurons."""
     sae, _ = load_sae(sae_folder)
-    site = cache.site
+    if layout is None:
+        layout = Layout([cache.site], [cache.header["shape"][1]], [1.0])
+    sites, site_id = layout.sites, layout.site_id
     rows = np.load(Path(codes_folder) / "rows.npy")
     windows = Windows.of(rows, table, scoring["context_before"], scoring["context_after"])
-    site_units = units.filter(pl.col("site") == site.id)
+    site_units = units.filter(pl.col("site") == site_id)
     dictionaries = {
         "features": (site_units.filter(pl.col("dictionary") == sae_id).sort("unit"),
                      SparseCodes.load(codes_folder, sae_id), sae.W_dec.detach()),
@@ -428,21 +448,24 @@ def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_f
     norm = parts.model.get_submodule(parts.final_norm)
     norm_weight = getattr(norm, "weight", None)
     unembed = parts.model.get_submodule(parts.unembed).weight.detach().cpu()
-    summary = {"sae": sae_id, "site": site.id, "site_kind": site.kind, "layer": site.layer,
-               "unit_kind": "neuron" if site.kind == "mlp" else "residual_dim", "dictionaries": {},
+    one_kind = len({site.kind for site in sites}) == 1
+    summary = {"sae": sae_id, "site": site_id, "site_kind": sites[0].kind if one_kind else "stacked",
+               "layer": sites[0].layer if len(sites) == 1 else None,
+               "unit_kind": site_units.filter(pl.col("dictionary") == "neurons")["unit_kind"][0], "dictionaries": {},
                "context_before": scoring["context_before"], "context_after": scoring["context_after"],
                "active_fraction": scoring["active_fraction"]}
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for name, (frame, codes, directions) in dictionaries.items():
             with torch.no_grad():
-                writes = torch.cat([parts.to_residual(site, directions[i : i + 1024].to(parts.model.device)).cpu()
+                writes = torch.cat([write_directions(parts.to_residual, sites, layout.blocks(),
+                                                     directions[i : i + 1024].to(parts.model.device)).cpu()
                                     for i in range(0, len(directions), 1024)])
             effects = logit_effects(writes, norm_weight.detach().cpu() if norm_weight is not None else None,
                                     isinstance(norm, torch.nn.LayerNorm), unembed, settings.logit_tokens,
                                     LOGIT_BINS)
             aligned = aligned_features(sae.W_dec.detach(), directions, ALIGNED_FEATURES, name == "features")
-            clamped = clamping_records(name, sae_id, site.id, **clamping)
+            clamped = clamping_records(name, sae_id, site_id, **clamping)
             selected = selection_records(scores.filter((pl.col("sae") == sae_id) & (pl.col("unit_kind") == KIND[name])))
             records = unit_records(frame, codes, windows, effects, aligned, vocabulary, clamped, selected, settings, seed)
             where = write_chunks(tmp, name, f"{sae_id}/{name}", records, settings.units_per_file, lambda r: r["unit"])
@@ -450,7 +473,7 @@ def build_sae_browser(sae_id: str, sae_folder: str, units: pl.DataFrame, codes_f
             (tmp / f"{name}-index.js").write_text(data_script(f"{sae_id}/{name}-index", index))
             summary["dictionaries"][name] = {"units": frame.height, "live": len(records), "dead": len(index["dead"]),
                                              "dense": len(index["dense"]), "clamped": len(clamped)}
-        summary["named"] = named_units(units, sae_id, site.id, clamping["targets"])
+        summary["named"] = named_units(units, sae_id, site_id, clamping["targets"])
         by_window = prompt_view(dictionaries["features"][1], windows, settings.prompt_features)
         summary["windows"] = write_chunks(tmp, "prompts", f"{sae_id}/prompts",
                                           [{"sequence": s, "tokens": by_window[s]} for s in sorted(by_window)],
@@ -528,7 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     one = commands.add_parser("sae", help="one SAE's features and its site's neurons")
     one.add_argument("--sae-id", required=True)
     one.add_argument("--sae", required=True, help="the SAE folder")
-    one.add_argument("--cache", required=True, help="the site's activation cache")
+    one.add_argument("--cache", nargs="+", required=True,
+                     help="the site's activation cache (a crosscoder's: each of its sites' caches, in order)")
     one.add_argument("--units", required=True, help="the polysemanticity units table of every site")
     one.add_argument("--codes", required=True, help="the site's polysemanticity codes folder")
     one.add_argument("--table", required=True)
@@ -558,14 +582,18 @@ def main(argv: list[str] | None = None) -> None:
         clamping = {name: pl.read_parquet(getattr(args, name))
                     for name in ("targets", "effects", "comparisons", "continuations")}
         scores = pl.read_parquet(args.scores)
-        cache = ActivationCache.open(args.cache, args.table)
+        layout = None
+        if len(args.cache) == 1:
+            cache = ActivationCache.open(args.cache[0], args.table)
+        else:  # a crosscoder over several sites
+            cache, layout = open_stacked(args.cache, args.table), load_crosscoder(args.sae)[1]
         units = pl.read_parquet(args.units)
         if args.sae_id not in set(units["dictionary"]):
             raise UserError(f"{args.units} has no units of SAE {args.sae_id!r}; rerun its polysemanticity stage.")
         summary = build_sae_browser(args.sae_id, args.sae, units, args.codes, cache, table, args.model, clamping, scores,
                                     scoring,
                                     BrowserSettings(**json.loads(args.settings)), args.seed,
-                                    resolve_device(args.device), Path(args.out))
+                                    resolve_device(args.device), Path(args.out), layout)
         log.info("%s: %s; %.1f MB in %.1f s", args.sae_id, summary["dictionaries"], folder_bytes(Path(args.out)) / 1e6,
                  time.perf_counter() - start)
     else:

@@ -99,6 +99,46 @@ def sae_specs(config: dict[str, Any]) -> dict[str, SaeEntry]:
     return specs
 
 
+@dataclass(frozen=True)
+class CrosscoderPlan:
+    """The crosscoder of the config: the sites it reads, each site's own SAE (the comparison), and its
+    resolved TopK and training settings (read by train_sae.SaeSpec)."""
+
+    sites: list[Site]
+    saes: list[str]
+    settings: dict[str, Any]
+
+
+def crosscoder_plan(config: dict[str, Any]) -> CrosscoderPlan:
+    """Resolve the (validated) config's `crosscoder` section against its SAEs."""
+    section, saes = config["crosscoder"], sae_specs(config)
+    site_ids = section["sites"]
+    if site_ids is None:
+        site_ids = list(dict.fromkeys(e.site.id for e in saes.values() if e.site.kind == "resid"))
+        if not site_ids:
+            raise UserError("crosscoder.sites is not set and sae.sites has no resid site; list the crosscoder's "
+                            "sites, e.g. crosscoder.sites: [mlp4, mlp10].")
+    per_site = {}
+    for site_id in site_ids:
+        own = [sae_id for sae_id, entry in saes.items() if entry.site.id == site_id]
+        if not own:
+            raise UserError(f"crosscoder.sites lists {site_id}, which no SAE of sae.sites reads (they read "
+                            f"{sorted({e.site.id for e in saes.values()})}); the crosscoder is compared with each "
+                            "site's own SAE: add the site to sae.sites or drop it from crosscoder.sites.")
+        per_site[site_id] = own[0]
+    n, sae = len(per_site), config["sae"]
+    settings = {**{k: v for k, v in sae.items() if k != "sites"}, "architecture": "topk",
+                "d_sae": section["d_sae"] or n * sae["d_sae"], "k": section["k"] or n * sae["k"],
+                "training_tokens": section["training_tokens"]}
+    if settings["k"] >= settings["d_sae"]:
+        raise UserError(f"crosscoder: k = {settings['k']} must be below d_sae = {settings['d_sae']}; lower "
+                        "crosscoder.k or raise crosscoder.d_sae.")
+    if settings["training_tokens"] < settings["batch_size"]:
+        raise UserError(f"crosscoder.training_tokens = {settings['training_tokens']} is less than one batch "
+                        f"(sae.batch_size = {settings['batch_size']}); raise crosscoder.training_tokens.")
+    return CrosscoderPlan([Site.parse(s) for s in per_site], list(per_site.values()), settings)
+
+
 def check_sae_settings(sae_id: str, index: int, settings: dict[str, Any], pretrained: dict[str, Any] | None) -> None:
     """The SAE settings that contradict each other (`index`: the entry of sae.sites, for the message)."""
     where = f"sae (or sae.sites.{index}) for {sae_id}"
@@ -151,6 +191,7 @@ def check_config(config: dict[str, Any]) -> None:
                         f"{sorted(saes)}; name one of them.")
     for index, (sae_id, entry) in enumerate(saes.items()):
         check_sae_settings(sae_id, index, entry.settings, entry.pretrained)
+    crosscoder_plan(config)
     lens = config["logit_lens"]
     if not lens["prompts"] and lens["corpus_windows"] == 0:
         raise UserError("logit_lens.prompts is empty and logit_lens.corpus_windows is 0: the logit lens would decode "

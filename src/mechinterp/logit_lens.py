@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from mechinterp.model import encode, single_token_id, vocabulary_strings
 from mechinterp.tokens import split_sequences
 
 log = logging.getLogger(__name__)
+Translator = Callable[[torch.Tensor], torch.Tensor]  # stacked residuals -> translated ones, same shape
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,31 @@ def layer_name(layer: int) -> str:
 
 
 @torch.no_grad()
-def lens_log_probs(bridge, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities decoded from every layer, [n_layers + 1, n_pos, vocab], and the model's own
-    output log-probabilities, [n_pos, vocab], from one forward pass."""
+def residual_stream(bridge, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over token ids [batch, n_pos]: the model's logits [batch, n_pos, vocab] and
+    every layer's residual stream, [n_layers + 1, batch, n_pos, d_model]."""
     names = residual_hook_names(bridge.cfg.n_layers)
-    tokens = torch.tensor([token_ids], device=bridge.cfg.device)
+    tokens = tokens.to(bridge.cfg.device, torch.long)
     logits, cache = bridge.run_with_cache(tokens, names_filter=lambda name: name in names)
-    resid = torch.stack([cache[name][0] for name in names])
-    lens_logits = bridge.unembed(bridge.ln_final(resid))
-    return lens_logits.float().log_softmax(-1), logits[0].float().log_softmax(-1)
+    return logits, torch.stack([cache[name] for name in names])
+
+
+def decode(bridge, resid: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [..., vocab] of residuals [..., d_model] through the final norm (its scale
+    recomputed for each residual) and the unembedding. Differentiable: the tuned lens trains through it."""
+    return bridge.unembed(bridge.ln_final(resid)).float().log_softmax(-1)
+
+
+@torch.no_grad()
+def lens_log_probs(bridge, token_ids: list[int], translator: Translator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities decoded from every layer, [n_layers + 1, n_pos, vocab], and the model's own
+    output log-probabilities, [n_pos, vocab], from one forward pass. A `translator` maps the stacked
+    residuals [n_layers + 1, n_pos, d_model] to ones of the same shape before decoding (the tuned
+    lens); None decodes them as they are (the logit lens)."""
+    logits, resid = residual_stream(bridge, torch.tensor([token_ids]))
+    resid = resid[:, 0]
+    return decode(bridge, resid if translator is None else translator(resid)), logits[0].float().log_softmax(-1)
 
 
 def distribution_stats(log_probs: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
@@ -122,16 +140,26 @@ def corpus_inputs(tokenizer, windows: np.ndarray, n_windows: int, n_tokens: int,
     return inputs
 
 
-def run_logit_lens(bridge, inputs: list[LensInput], top_k: int) -> dict[str, pl.DataFrame | float]:
-    """Decode every layer of every input. Returns the tables `positions`, `targets`, `first_layer`,
-    plus `max_final_abs_diff` (lens at the last layer against the model's output) and
-    `layer_positions_per_s` (throughput of the decoding)."""
+def lens_inputs(tokenizer, settings: LensSettings, heldout: np.ndarray, context_length: int,
+                seed: int) -> list[LensInput]:
+    """The sequences the lens decodes: the configured prompts, then seeded held-out corpus windows
+    (`heldout` [n_windows, context_length])."""
+    inputs = prepare_prompts(tokenizer, settings.prompts, context_length)
+    return inputs + corpus_inputs(tokenizer, heldout, settings.corpus_windows, settings.corpus_window_tokens,
+                                  seed)
+
+
+def run_logit_lens(bridge, inputs: list[LensInput], top_k: int, translator: Translator | None = None
+                   ) -> dict[str, pl.DataFrame | float]:
+    """Decode every layer of every input (through `translator` first, if given: see lens_log_probs).
+    Returns the tables `positions`, `targets`, `first_layer`, plus `max_final_abs_diff` (lens at the
+    last layer against the model's output) and `layer_positions_per_s` (throughput of the decoding)."""
     vocab = vocabulary_strings(bridge.tokenizer)
     position_rows, target_rows, first_rows = [], [], []
     max_diff, decoded, elapsed = 0.0, 0, 0.0
     for item in tqdm(inputs, desc="logit lens", unit="prompt"):
         start = time.perf_counter()
-        lens, model_lp = lens_log_probs(bridge, item.token_ids)
+        lens, model_lp = lens_log_probs(bridge, item.token_ids, translator)
         stats = {k: v.cpu().numpy() for k, v in distribution_stats(lens, top_k).items()}
         elapsed += time.perf_counter() - start
         n_layers, n_pos = lens.shape[:2]
@@ -194,9 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     bridge = load_model(args.model, args.device)
     windows = np.load(args.tokens, mmap_mode="r")
     heldout = windows[split_sequences(pl.read_parquet(args.table, columns=["sequence", "split"]), "heldout")]
-    inputs = prepare_prompts(bridge.tokenizer, settings.prompts, windows.shape[1])
-    inputs += corpus_inputs(bridge.tokenizer, heldout, settings.corpus_windows, settings.corpus_window_tokens,
-                            args.seed)
+    inputs = lens_inputs(bridge.tokenizer, settings, heldout, windows.shape[1], args.seed)
     result = run_logit_lens(bridge, inputs, settings.top_k)
     out = Path(args.out_dir)
     for name in ("positions", "targets", "first_layer"):

@@ -41,6 +41,29 @@ def save_figure(fig, figure_dir: str | Path, stem: str) -> list[Path]:
     return paths
 
 
+def context_card(contexts: list[dict[str, Any]], concepts: list[str], title: str):
+    """A unit's card: one line per top context (its activation, the concept of its token on a colour of
+    its own, the context text). `contexts` as the polysemanticity stage's `top_contexts`, `concepts` one
+    label per context (polysemanticity.context_concepts). Returns the figure, for `save_figure`."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    palette = dict(zip(dict.fromkeys(concepts), sns.color_palette("tab10", 10) * 3))
+    fig, ax = plt.subplots(figsize=(11, 0.9 + 0.42 * len(contexts)))
+    ax.axis("off")
+    for i, (c, concept) in enumerate(zip(contexts, concepts, strict=True)):
+        text = c["context"].replace("\n", " ⏎ ")
+        y = 1 - (i + 0.5) / len(contexts)
+        ax.text(0.0, y, f"{c['activation']:.2f}", fontsize=8, va="center", family="monospace")
+        ax.text(0.06, y, textwrap.shorten(concept, 42), fontsize=8, va="center",
+                bbox={"facecolor": palette[concept], "alpha": 0.35, "edgecolor": "none"})
+        ax.text(0.40, y, textwrap.shorten(text, 90), fontsize=8, va="center")
+    ax.set_title(title, fontsize=9, loc="left")
+    return fig
+
+
 def _display_png(png: bytes) -> None:
     """Display PNG bytes as an output of the running notebook cell; nothing outside IPython."""
     try:

@@ -277,7 +277,7 @@ async function siteIndexPage() {
     el("h2", {}, "The study"),
     el("ul", {}, el("li", {}, el("a", { href: "../report.html" }, "Snakemake report"),
       " (made by ", el("code", {}, `snakemake --report results/${site.run}/report.html`), "; it links back here)"),
-      ["logit_lens", "sae_quality", "polysemanticity", "clamping", "claims"].map((n) => el("li", {}, el("a", { href: `../figures/${n}.html` }, `figures: ${n.replace("_", " ")}`)))));
+      ["logit_lens", "tuned_lens", "sae_quality", "polysemanticity", "clamping", "claims", "crosscoder", "toy_superposition"].map((n) => el("li", {}, el("a", { href: `../figures/${n}.html` }, `figures: ${n.replaceAll("_", " ")}`)))));
 }
 
 const TABLE_COLUMNS = [["unit", "unit"], ["density", "density"], ["monosemanticity", "monosemanticity"],

@@ -5,13 +5,7 @@ BROWSER_PAGES = sorted(
 
 rule browser_sae:
     input:
-        sae=main_run(rules.train_sae.output[0]),
-        cache=lambda wc: activation_file(wc.sae, "npy"),
-        header=lambda wc: activation_file(wc.sae, "json"),
-        units=main_run(rules.collect_polysemanticity.output.units),
-        codes=lambda wc: expand(
-            main_run(rules.polysemanticity.output.codes), site=SAES[wc.sae].site.id
-        ),
+        unpack(browsed_inputs),
         table=rules.tokenize.output.table,
         model=rules.fetch_model.output[0],
         targets=main_run(rules.clamping.output.targets),
@@ -25,6 +19,8 @@ rule browser_sae:
         f"{RESULTS}/logs/browser/{{sae}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/browser/{{sae}}.tsv"
+    wildcard_constraints:
+        sae=id_pattern(BROWSED),
     conda:
         ENV
     threads: THREADS
@@ -47,7 +43,7 @@ rule browser_sae:
 
 rule browser:
     input:
-        saes=expand(rules.browser_sae.output[0], sae=SAES),
+        saes=expand(rules.browser_sae.output[0], sae=BROWSED),
         table=rules.tokenize.output.table,
     output:
         index=f"{RESULTS}/browser/index.html",

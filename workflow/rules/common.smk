@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 from mechinterp.cluster import Request, sinfo_partitions, unfit_requests
-from mechinterp.config import sae_specs
+from mechinterp.config import crosscoder_plan, sae_specs
 from mechinterp.errors import UserError
 from mechinterp.fetch_model import MODEL_FILE_PATTERNS
 from mechinterp.replicates import REPLICATED_TABLES
@@ -27,6 +27,7 @@ TRAINED = [sae_id for sae_id in SAES if sae_id not in PRETRAINED]
 SITES = {
     entry.site.id: entry.site for entry in SAES.values()
 }  # every SAE's site, cached once
+CROSSCODER = crosscoder_plan(config)  # its sites, each site's own SAE, its settings
 ENV = "../../envs/mechinterp.yaml"
 
 
@@ -334,6 +335,50 @@ CLAMPING_FIGURES = [
     "continuations",
 ]
 
+TUNED_LENS_FIGURES = ["kl_by_layer", "entry_layers", "training_curves"]
+TOY_FIGURES = ["phase_diagram", "feature_geometry", "gram", "sae_recovery"]
+CROSSCODER_FIGURES = [
+    "metrics_by_site",
+    "decoder_spread",
+    "merged_features",
+    "monosemanticity",
+    "example_latent_0",
+    "example_latent_1",
+]
+
+
+CROSSCODER_CACHES = [
+    f"{RESULTS}/activations/{site.id}.npy" for site in CROSSCODER.sites
+]
+
+
+BROWSED = [
+    *SAES,
+    "crosscoder",
+]  # a folder of the browser each: every SAE, and the crosscoder
+
+
+def browsed_inputs(wildcards):
+    """What one browser folder reads: an SAE, its site's cache and the polysemanticity stage's units and
+    codes of the site; or the crosscoder, its sites' caches and its own units and codes.
+    """
+    if wildcards.sae == "crosscoder":
+        return {
+            "sae": rules.train_crosscoder.output[0],
+            "cache": CROSSCODER_CACHES,
+            "units": rules.crosscoder_latents.output.units,
+            "codes": rules.crosscoder_latents.output.codes,
+        }
+    return {
+        "sae": main_run(rules.train_sae.output[0]).format(sae=wildcards.sae),
+        "cache": activation_file(wildcards.sae, "npy"),
+        "header": activation_file(wildcards.sae, "json"),
+        "units": main_run(rules.collect_polysemanticity.output.units),
+        "codes": main_run(rules.polysemanticity.output.codes).format(
+            site=SAES[wildcards.sae].site.id
+        ),
+    }
+
 
 def figure_files(stem):
     return [f"{RESULTS}/figures/{stem}.{ext}" for ext in ("png", "svg")]
@@ -349,6 +394,8 @@ def all_figures():
         ],
         *figure_files("logit_lens/target_curves"),
         *figure_files("logit_lens/kl_to_final"),
+        f"{RESULTS}/figures/tuned_lens.html",
+        *[f for stem in TUNED_LENS_FIGURES for f in figure_files(f"tuned_lens/{stem}")],
         f"{RESULTS}/figures/sae_quality.html",
         *[f for stem in SAE_FIGURES for f in figure_files(f"sae/{stem}")],
         f"{RESULTS}/figures/polysemanticity.html",
@@ -361,6 +408,10 @@ def all_figures():
         *figure_files("claims/verdicts"),
         f"{RESULTS}/figures/clamping.html",
         *[f for stem in CLAMPING_FIGURES for f in figure_files(f"clamping/{stem}")],
+        f"{RESULTS}/figures/toy_superposition.html",
+        *[f for stem in TOY_FIGURES for f in figure_files(f"toy/{stem}")],
+        f"{RESULTS}/figures/crosscoder.html",
+        *[f for stem in CROSSCODER_FIGURES for f in figure_files(f"crosscoder/{stem}")],
     ]
 
 
@@ -381,6 +432,8 @@ def all_benchmarks():
         "tokenize",
         "logit_lens",
         "figures_logit_lens",
+        "tuned_lens",
+        "figures_tuned_lens",
         "cache_activations",
         "collect_sae_metrics",
         "figures_sae",
@@ -390,6 +443,12 @@ def all_benchmarks():
         "figures_clamping",
         "claims",
         "figures_claims",
+        "toy_superposition",
+        "figures_toy",
+        "train_crosscoder",
+        "evaluate_crosscoder",
+        "crosscoder_latents",
+        "figures_crosscoder",
     ]
     return [
         *[f"{RESULTS}/benchmarks/download_wheel/{w}.tsv" for w in used_wheels()],
@@ -397,7 +456,10 @@ def all_benchmarks():
         *[f"{RESULTS}/benchmarks/{sae_rule(sae)}/{sae}.tsv" for sae in SAES],
         *[f"{RESULTS}/benchmarks/evaluate_sae/{sae}.tsv" for sae in SAES],
         *[f"{RESULTS}/benchmarks/polysemanticity/{site}.tsv" for site in cache_sites()],
-        *[f"{RESULTS}/benchmarks/browser/{name}.tsv" for name in [*SAES, "site"]],
+        *[
+            f"{RESULTS}/benchmarks/browser/{name}.tsv"
+            for name in [*SAES, "crosscoder", "site"]
+        ],
     ]
 
 
@@ -414,6 +476,7 @@ def run_artifacts():
         *rules.fetch_corpus.output,
         *rules.tokenize.output,
         *rules.logit_lens.output,
+        *rules.tuned_lens.output,
         *rules.cache_activations.output,
         *expand(per_sae, sae=SAES, **main),
         *expand(rules.collect_sae_metrics.output, **main),
@@ -421,8 +484,12 @@ def run_artifacts():
         *expand(rules.collect_polysemanticity.output, **main),
         *expand(rules.clamping.output, **main),
         *expand(rules.claims.output, **main),
-        *expand(rules.browser_sae.output, sae=SAES),
+        *expand(rules.browser_sae.output, sae=BROWSED),
         *rules.browser.output,
+        *rules.toy_superposition.output,
+        *rules.train_crosscoder.output,
+        *rules.evaluate_crosscoder.output,
+        *rules.crosscoder_latents.output,
     ]
 
 

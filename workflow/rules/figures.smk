@@ -202,3 +202,128 @@ rule figures_claims:
         "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
         " -p claims {input.claims} -p figure_dir {params.figure_dir} -p model_name {params.model_name:q}"
         " > {log} 2>&1"
+
+
+rule figures_toy:
+    input:
+        features=rules.toy_superposition.output.features,
+        gram=rules.toy_superposition.output.gram,
+        phase=rules.toy_superposition.output.phase,
+        sae_recovery=rules.toy_superposition.output.sae_recovery,
+    output:
+        notebook=f"{RESULTS}/figures/toy_superposition.ipynb",
+        html=report(
+            f"{RESULTS}/figures/toy_superposition.html",
+            caption="../report/toy_notebook.rst",
+            category="Toy superposition",
+        ),
+        figures=[
+            report(
+                f, caption="../report/toy_figures.rst", category="Toy superposition"
+            )
+            for stem in TOY_FIGURES
+            for f in figure_files(f"toy/{stem}")
+        ],
+    log:
+        f"{RESULTS}/logs/figures_toy.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures_toy.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **job_resources("table"),
+    params:
+        notebook=notebook("toy_superposition"),
+        code=stage_code("mechinterp.plotting", notebook("toy_superposition")),
+        figure_dir=lambda wc, output: Path(output.figures[0]).parent,
+    shell:
+        "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
+        " -p features {input.features} -p gram {input.gram} -p phase {input.phase}"
+        " -p sae_recovery {input.sae_recovery} -p figure_dir {params.figure_dir} > {log} 2>&1"
+
+
+rule figures_crosscoder:
+    input:
+        metrics=rules.evaluate_crosscoder.output.metrics,
+        latents=rules.crosscoder_latents.output.latents,
+        latent_units=rules.crosscoder_latents.output.units,
+        site_units=main_run(rules.collect_polysemanticity.output.units),
+        lexicons=rules.fetch_corpus.output.lexicons,
+    output:
+        notebook=f"{RESULTS}/figures/crosscoder.ipynb",
+        html=report(
+            f"{RESULTS}/figures/crosscoder.html",
+            caption="../report/crosscoder_notebook.rst",
+            category="Crosscoder",
+        ),
+        figures=[
+            report(
+                f, caption="../report/crosscoder_figures.rst", category="Crosscoder"
+            )
+            for stem in CROSSCODER_FIGURES
+            for f in figure_files(f"crosscoder/{stem}")
+        ],
+    log:
+        f"{RESULTS}/logs/figures_crosscoder.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures_crosscoder.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **job_resources("table"),
+    params:
+        notebook=notebook("crosscoder"),
+        code=stage_code("mechinterp.plotting", notebook("crosscoder")),
+        figure_dir=lambda wc, output: Path(output.figures[0]).parent,
+        drive_threshold=config["crosscoder"]["drive_threshold"],
+        match_cosine=config["crosscoder"]["match_cosine"],
+        model_name=config["model"]["name"],
+    shell:
+        "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
+        " -p metrics {input.metrics} -p latents {input.latents} -p latent_units {input.latent_units}"
+        " -p site_units {input.site_units} -p lexicons {input.lexicons} -p figure_dir {params.figure_dir}"
+        " -p drive_threshold {params.drive_threshold} -p match_cosine {params.match_cosine}"
+        " -p model_name {params.model_name:q} > {log} 2>&1"
+
+
+rule figures_tuned_lens:
+    input:
+        logit_first_layer=rules.logit_lens.output.first_layer,
+        tuned_first_layer=rules.tuned_lens.output.first_layer,
+        heldout_kl=rules.tuned_lens.output.heldout_kl,
+        training=rules.tuned_lens.output.training,
+    output:
+        notebook=f"{RESULTS}/figures/tuned_lens.ipynb",
+        html=report(
+            f"{RESULTS}/figures/tuned_lens.html",
+            caption="../report/tuned_lens_notebook.rst",
+            category="Logit lens",
+        ),
+        figures=[
+            report(
+                f, caption="../report/tuned_lens_figures.rst", category="Logit lens"
+            )
+            for stem in TUNED_LENS_FIGURES
+            for f in figure_files(f"tuned_lens/{stem}")
+        ],
+    log:
+        f"{RESULTS}/logs/figures_tuned_lens.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures_tuned_lens.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **job_resources("table"),
+    params:
+        notebook=notebook("tuned_lens"),
+        code=stage_code("mechinterp.plotting", notebook("tuned_lens")),
+        figure_dir=lambda wc, output: Path(output.figures[0]).parent,
+        model_name=config["model"]["name"],
+    shell:
+        "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
+        " -p logit_first_layer {input.logit_first_layer} -p tuned_first_layer {input.tuned_first_layer}"
+        " -p heldout_kl {input.heldout_kl} -p training {input.training} -p figure_dir {params.figure_dir}"
+        " -p model_name {params.model_name:q} > {log} 2>&1"

@@ -27,3 +27,38 @@ rule logit_lens:
         "python -m mechinterp.logit_lens --model {input.model} --tokens {input.tokens} --table {input.table}"
         " --settings {params.settings:q} --seed {params.seed} --device {params.device} --threads {threads}"
         " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule tuned_lens:
+    input:
+        model=rules.fetch_model.output[0],
+        tokens=rules.tokenize.output.tokens,
+        table=rules.tokenize.output.table,
+    output:
+        positions=f"{RESULTS}/tuned_lens/positions.parquet",
+        targets=f"{RESULTS}/tuned_lens/targets.parquet",
+        first_layer=f"{RESULTS}/tuned_lens/first_layer.parquet",
+        heldout_kl=f"{RESULTS}/tuned_lens/heldout_kl.parquet",
+        training=f"{RESULTS}/tuned_lens/training.parquet",
+        translators=f"{RESULTS}/tuned_lens/translators.safetensors",
+        summary=f"{RESULTS}/tuned_lens/summary.json",
+    log:
+        f"{RESULTS}/logs/tuned_lens.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tuned_lens.tsv"
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        **job_resources("model"),
+    params:
+        code=stage_code("mechinterp.tuned_lens"),
+        settings=settings("tuned_lens"),
+        lens_settings=settings("logit_lens"),
+        seed=config["data_seed"],
+        device=config["device"],
+        out_dir=lambda wc, output: Path(output.summary).parent,
+    shell:
+        "python -m mechinterp.tuned_lens --model {input.model} --tokens {input.tokens} --table {input.table}"
+        " --settings {params.settings:q} --lens-settings {params.lens_settings:q} --seed {params.seed}"
+        " --device {params.device} --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"
