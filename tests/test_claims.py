@@ -79,3 +79,58 @@ def test_falling_targets_fail_the_depth_claim():
     assert claims.filter(pl.col("claim") == "logit_lens.final_layer_is_output")["verdict"].item() == "fails"
     with pytest.raises(pl.exceptions.ColumnNotFoundError):
         study_claims(summary, targets.drop("log_prob"), first, metrics, comparison, verdict, "mlp3", BOUNDS)
+
+
+def wilson_by_hand(successes: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval, written out here (not the package's)."""
+    z, p = 1.959964, successes / n
+    centre, spread = p + z * z / (2 * n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
+    return (centre - spread) / (1 + z * z / n), (centre + spread) / (1 + z * z / n)
+
+
+def test_each_claim_carries_its_statistic_interval_and_bound():
+    claims = study_claims(*tables(), headline_site="mlp3", bounds=BOUNDS)
+    row = {r["claim"]: r for r in claims.iter_rows(named=True)}
+    output = row["logit_lens.final_layer_is_output"]
+    assert (output["value"], output["bound"], output["ci_low"], output["ci_high"]) == (2e-5, 1e-4, None, None)
+    depth = row["logit_lens.targets_rise_with_depth"]
+    assert depth["value"] == 1.0 and depth["bound"] == 0.5  # 3 of 3 targets rise
+    assert (depth["ci_low"], depth["ci_high"]) == pytest.approx(wilson_by_hand(3, 3), abs=1e-4)
+    entered, missing = row["logit_lens.enters.a:x"], row["logit_lens.enters.b:x"]
+    assert entered["value"] == 3 and entered["bound"] == 5  # entered at layer 3 of 0..5
+    assert missing["value"] != missing["value"] and missing["verdict"] == "fails"  # NaN: never entered
+    assert " x" in entered["statement"] and "a" in entered["statement"]
+    for sae, fvu, ce in (("good", 0.2, 0.95), ("dense", 1.3, 0.3)):
+        assert (row[f"sae.{sae}.fvu"]["value"], row[f"sae.{sae}.fvu"]["bound"]) == (fvu, 0.5)
+        assert (row[f"sae.{sae}.ce_recovered"]["value"], row[f"sae.{sae}.ce_recovered"]["bound"]) == (ce, 0.7)
+    assert row["sae.dense.dense_fraction"]["bound"] == 0.05 and row["sae.good.dead_fraction"]["bound"] == 0.1
+    poly = row["polysemanticity.good"]
+    assert (poly["value"], poly["ci_low"], poly["ci_high"], poly["bound"]) == (0.3, 0.2, 0.4, 0.0)
+    beats = row["clamping.mlp3.output_feature_beats_random"]
+    assert (beats["value"], beats["ci_low"], beats["ci_high"], beats["bound"]) == (0.2, 0.1, 0.3, 0.0)
+    monotone = row["clamping.mlp3.output_feature_monotone"]
+    assert (monotone["value"], monotone["ci_low"], monotone["ci_high"], monotone["bound"]) == (0.9, 0.6, 0.98, 0.5)
+    assert not any(c.startswith("clamping.s1") for c in row)  # only the headline site's clamping claims
+
+
+def test_a_single_target_is_a_share_of_one():
+    summary, targets, first, metrics, comparison, verdict = tables()
+    one = targets.filter(pl.col("prompt_id").is_in(["a", "corpus_0"]))
+    claims = study_claims(summary, one, first, metrics, comparison, verdict, "mlp3", BOUNDS)
+    depth = claims.filter(pl.col("claim") == "logit_lens.targets_rise_with_depth").row(0, named=True)
+    assert depth["value"] == 1.0 and (depth["ci_low"], depth["ci_high"]) == pytest.approx(wilson_by_hand(1, 1), abs=1e-4)
+
+
+def test_the_bounds_are_inclusive_and_a_bound_breach_is_a_failure():
+    summary, targets, first, _, comparison, verdict = tables()
+    at_bounds = pl.DataFrame({"sae": ["edge", "over"], "fvu": [0.5, 0.5001], "ce_recovered": [0.7, 0.6999],
+                              "dead_fraction": [0.1, 0.1001], "dense_fraction": [0.05, 0.0501]})
+    claims = study_claims(summary, targets, first, at_bounds, comparison, verdict, "mlp3", BOUNDS)
+    verdict_of = dict(zip(claims["claim"], claims["verdict"], strict=True))
+    for metric in ("fvu", "ce_recovered", "dead_fraction", "dense_fraction"):
+        assert verdict_of[f"sae.edge.{metric}"] == "holds" and verdict_of[f"sae.over.{metric}"] == "fails", metric
+    at_tolerance = study_claims({"max_final_abs_diff": 1e-4}, targets, first, at_bounds, comparison, verdict, "mlp3",
+                                BOUNDS)
+    assert at_tolerance.filter(pl.col("claim") == "logit_lens.final_layer_is_output")["verdict"].item() == "holds"
+    assert by_interval(0.0, 0.3, 0.0) == "inconclusive" and by_interval(-0.3, 0.0, 0.0) == "inconclusive"
+    assert by_interval(None, 0.3, 0.0) == "inconclusive"

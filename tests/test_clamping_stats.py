@@ -146,3 +146,52 @@ def test_batched_interpolation_equals_numpy_interp_curve_by_curve():
         log_kl = np.log(np.maximum(points[order], 1e-12))
         expected = np.interp(np.log(0.1), log_kl, values[order]) if log_kl[-1] >= np.log(0.1) else np.nan
         assert batched[column] == pytest.approx(expected, abs=1e-12, nan_ok=True)
+
+
+def test_comparison_and_verdict_tables_have_exactly_their_columns_and_values():
+    effects = planted_effects({"feature": 0.4, "neuron": 0.1, "correlated_neuron": 0.1, "diffmean": 0.1},
+                              concepts=[f"c{i}" for i in range(5)])
+    summary, samples = summarise(effects, [COMPARED_KL], n_boot=100, seed=0)
+    comparisons = compare_to_baselines(summary, samples, COMPARED_KL)
+    assert comparisons.schema == {"concept": pl.Utf8, "site": pl.Utf8, "feature_selection": pl.Utf8, "feature": pl.Int64,
+                                  "baseline": pl.Utf8, "baseline_unit": pl.Int64, "kl": pl.Float64,
+                                  "feature_effect": pl.Float64, "baseline_effect": pl.Float64,
+                                  "difference": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
+                                  "beats": pl.Boolean}
+    at_kl = {(r["concept"], r["unit_kind"], r["selection"]): r for r in summary.iter_rows(named=True)}
+    units = {kind: unit for kind, _, unit in UNITS}
+    for row in comparisons.iter_rows(named=True):
+        feature = at_kl[(row["concept"], "feature", row["feature_selection"])]
+        baseline = at_kl[(row["concept"], row["baseline"], "")] if row["baseline"] != "neuron" else at_kl[
+            (row["concept"], "neuron", "output")]
+        column = f"effect_at_kl_{COMPARED_KL}"
+        assert (row["feature_effect"], row["baseline_effect"]) == (feature[column], baseline[column])
+        assert row["difference"] == pytest.approx(feature[column] - baseline[column])
+        assert row["baseline_unit"] == units[row["baseline"]] and row["kl"] == COMPARED_KL
+        assert row["ci_low"] <= row["ci_high"] and row["beats"] == (row["ci_low"] > 0)
+    table = verdict(summary.with_columns(named=pl.lit(False)), comparisons, 0.9, n_boot=100, seed=0)
+    assert table.columns == ["site", "feature_selection", "statistic", "baseline", "n_concepts", "value", "ci_low",
+                             "ci_high", "p_value"]
+    for row in table.filter(pl.col("statistic") == "mean_difference").iter_rows(named=True):
+        diffs = comparisons.filter((pl.col("feature_selection") == row["feature_selection"])
+                                   & (pl.col("baseline") == row["baseline"]))["difference"].to_numpy()
+        assert row["value"] == pytest.approx(diffs.mean()) and row["n_concepts"] == 5 and row["site"] == "mlp3"
+        assert min(diffs) <= row["ci_low"] <= row["value"] <= row["ci_high"] <= max(diffs)
+        assert row["p_value"] == pytest.approx(2 / 2**5)  # exact: 5 concepts, every difference positive
+    for row in table.filter(pl.col("statistic") != "mean_difference").iter_rows(named=True):
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx(wilson_interval(round(row["value"] * row["n_concepts"]),
+                                                                                row["n_concepts"]))
+
+
+def test_percentile_interval_and_the_random_sign_flip_test():
+    from mechinterp.clamping_stats import percentile_ci
+
+    samples = np.arange(1001, dtype=float)
+    assert percentile_ci(samples) == pytest.approx((25.0, 975.0))
+    assert percentile_ci(np.array([np.nan, 1.0, np.inf, 3.0])) == pytest.approx(tuple(np.percentile([1.0, 3.0], [2.5, 97.5])))
+    diffs = np.random.default_rng(0).normal(0.3, 1, 20)  # 2^20 sign patterns: sampled, seeded
+    p = sign_flip_p_value(diffs, 2000, 5)
+    assert p == sign_flip_p_value(diffs, 2000, 5) and p != sign_flip_p_value(diffs, 2000, 6)
+    t = diffs.mean() / (diffs.std(ddof=1) / len(diffs) ** 0.5)  # the normal approximation of the same test
+    assert p == pytest.approx(math.erfc(abs(t) / math.sqrt(2)), abs=0.05)
+    assert sign_flip_p_value(np.zeros(20), 2000, 0) == 1.0 and math.isnan(sign_flip_p_value(np.array([]), 100, 0))

@@ -115,3 +115,49 @@ def test_a_translator_acts_before_the_final_norm(tiny_bridge):
     assert torch.allclose(scaled, plain, atol=1e-4)
     assert (shifted - plain).abs().amax(dim=(1, 2)).min() > 1e-2
     assert torch.equal(shifted_model_lp, model_lp)  # the model's own output is never translated
+
+
+def test_every_table_entry_is_read_off_the_decoded_layers(tiny_bridge):
+    """Each entry of the three tables, recomputed here from each layer's decoded log-probabilities; top k
+    set to a target's final rank, so that target is in the top k at the last layer exactly at the edge."""
+    from mechinterp.logit_lens import layer_name
+    from mechinterp.model import vocabulary_strings
+
+    vocab = vocabulary_strings(tiny_bridge.tokenizer)
+    inputs = prepare_prompts(tiny_bridge.tokenizer, PROMPTS, context_length=64)
+    decoded = {item.id: lens_log_probs(tiny_bridge, item.token_ids)[0] for item in inputs}
+    last = decoded["scam"][-1, -1]
+    top_k = int((last > last[inputs[1].targets[" scam"]]).sum()) + 1
+    result = run_logit_lens(tiny_bridge, inputs, top_k=top_k)
+    positions, targets, first = result["positions"], result["targets"], result["first_layer"]
+    assert positions.columns == ["prompt_id", "origin", "layer", "layer_name", "position", "input_token", "is_last",
+                                 "top_tokens", "top_ids", "top_probs", "entropy", "kl_to_final"]
+    assert targets.columns == ["prompt_id", "origin", "target", "target_id", "layer", "log_prob", "prob", "rank",
+                               "in_top_k"]
+    assert first.columns == ["prompt_id", "origin", "target", "target_id", "first_layer_in_top_k", "final_rank",
+                             "final_prob"]
+    for row in positions.iter_rows(named=True):
+        item = next(i for i in inputs if i.id == row["prompt_id"])
+        lp = decoded[item.id][row["layer"], row["position"]]
+        assert row["origin"] == item.origin and row["layer_name"] == layer_name(row["layer"])
+        assert row["input_token"] == vocab[item.token_ids[row["position"]]]
+        assert row["is_last"] == (row["position"] == len(item.token_ids) - 1)
+        assert row["top_ids"] == lp.topk(top_k).indices.tolist() and row["top_tokens"] == [vocab[i] for i in row["top_ids"]]
+        assert row["top_probs"] == pytest.approx(lp.topk(top_k).values.exp().tolist(), rel=1e-5)
+    for row in targets.iter_rows(named=True):
+        item = next(i for i in inputs if i.id == row["prompt_id"])
+        lp = decoded[item.id][row["layer"], -1]
+        assert row["target_id"] == item.targets[row["target"]] and row["origin"] == item.origin
+        assert row["log_prob"] == pytest.approx(float(lp[row["target_id"]]), abs=1e-5)
+        assert row["prob"] == pytest.approx(float(lp[row["target_id"]].exp()), rel=1e-5)
+        assert row["rank"] == int((lp > lp[row["target_id"]]).sum()) + 1 and row["in_top_k"] == (row["rank"] <= top_k)
+    n_layers = tiny_bridge.cfg.n_layers + 1
+    for row in first.iter_rows(named=True):
+        ranks = targets.filter((pl.col("prompt_id") == row["prompt_id"]) & (pl.col("target") == row["target"]))
+        at_last = ranks.filter(pl.col("layer") == n_layers - 1).row(0, named=True)
+        assert (row["final_rank"], row["final_prob"]) == (at_last["rank"], pytest.approx(at_last["prob"]))
+        assert row["target_id"] == at_last["target_id"] and row["origin"] == at_last["origin"]
+    edge = first.filter(pl.col("target") == " scam").row(0, named=True)
+    assert edge["final_rank"] == top_k and edge["first_layer_in_top_k"] is not None
+    assert result["layer_positions_per_s"] > 0 and result["max_final_abs_diff"] <= 1e-4
+    assert first.schema["first_layer_in_top_k"] == pl.Int64 and targets.schema["prob"] == pl.Float64

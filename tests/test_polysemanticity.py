@@ -10,6 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mechinterp.activations import ActivationCache
 from mechinterp.polysemanticity import (IdentityDictionary, ScoringSettings, SparseCodes, accumulate, best_features,
@@ -209,3 +211,64 @@ def test_frequent_words_belong_to_no_concept_and_variants_share_a_word():
     assert names == ["t:fruit"] and members[:, 0].tolist() == [1, 1, 1, 1, 0]
     assert word[0] == word[1] and len(set(word.tolist())) == 4
     assert token_concepts(tokens, np.array([5, 1, 2, 2, 100]), lexicon, 4, exclude_frequent=1)[0] == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 5), st.integers(0, 2**16))
+def test_entropy_scores_equal_their_definitions(n_tokens, n_units, seed):
+    from mechinterp.polysemanticity import entropy_scores
+
+    rng = np.random.default_rng(seed)
+    mass = rng.exponential(size=(n_tokens, n_units)) * (rng.random((n_tokens, n_units)) < 0.6)
+    mass[:, 0] = 0  # a unit with no mass
+    effective, focus = entropy_scores(torch.from_numpy(mass).float())
+    for unit in range(n_units):
+        total = mass[:, unit].sum()
+        if total == 0:
+            assert effective[unit].isnan() and (n_tokens == 1 or focus[unit].isnan())
+            continue
+        p = mass[:, unit][mass[:, unit] > 0] / total
+        entropy = -(p * np.log(p)).sum()
+        assert effective[unit] == pytest.approx(np.exp(entropy), rel=1e-4)
+        assert 1 <= effective[unit] <= (mass[:, unit] > 0).sum() + 1e-3  # between one token and every token it fires on
+        expected_focus = 1.0 if n_tokens == 1 else min(1.0, max(0.0, 1 - entropy / np.log(n_tokens)))
+        assert focus[unit] == pytest.approx(expected_focus, abs=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(0, 2**16))
+def test_specificity_is_zero_for_a_unit_that_ignores_its_concept_and_one_for_a_unit_on_it_alone(n_concepts, n_units, seed):
+    from mechinterp.polysemanticity import concept_specificity
+
+    rng = np.random.default_rng(seed)
+    base = torch.from_numpy(rng.uniform(0.05, 0.6, n_concepts)).float()
+    total = torch.from_numpy(rng.uniform(1, 10, n_units)).float()
+    # each unit's mass on each concept is that concept's base rate of its total: it ignores the concept
+    ignoring = base[:, None] * total[None, :]
+    best, share, specificity = concept_specificity(ignoring, total, base)
+    assert torch.allclose(specificity, torch.zeros(n_units), atol=1e-5)
+    assert torch.allclose(share, base[best], atol=1e-5)
+    focused = torch.zeros(n_concepts, n_units)
+    target = torch.from_numpy(rng.integers(0, n_concepts, n_units))
+    focused[target, torch.arange(n_units)] = total  # all its mass on one concept
+    best, share, specificity = concept_specificity(focused, total, base)
+    assert torch.equal(best, target) and torch.allclose(share, torch.ones(n_units))
+    assert torch.allclose(specificity, torch.ones(n_units), atol=1e-5)
+    half = focused * 0.5 + ignoring * 0.5  # halfway: the specificity is linear in the share
+    expected = ((0.5 + 0.5 * base[target]) - base[target]) / (1 - base[target])
+    assert torch.allclose(concept_specificity(half, total, base)[2], expected.clamp_max(1), atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 40), st.integers(2, 40), st.floats(-2, 2), st.integers(0, 2**16))
+def test_bootstrap_median_difference_brackets_the_difference_and_is_seeded(n_features, n_neurons, shift, seed):
+    from mechinterp.polysemanticity import bootstrap_median_difference
+
+    rng = np.random.default_rng(seed)
+    features, neurons = rng.normal(shift, 1, n_features), rng.normal(0, 1, n_neurons)
+    features[0] = np.nan  # NaNs are left out
+    diff, low, high = bootstrap_median_difference(features, neurons, 200, seed)
+    assert diff == pytest.approx(np.median(features[1:]) - np.median(neurons))
+    assert low <= high and min(features[1:]) - max(neurons) <= low and high <= max(features[1:]) - min(neurons)
+    assert (diff, low, high) == bootstrap_median_difference(features, neurons, 200, seed)
+    assert all(np.isnan(bootstrap_median_difference(np.array([np.nan]), neurons, 10, 0)))

@@ -5,8 +5,11 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import relu_sae, topk_sae
+from mechinterp.errors import UserError
 from mechinterp.saes import TopKSAE, load_sae
 from mechinterp.saes.base import geometric_median
 from mechinterp.saes.topk import top_k
@@ -49,6 +52,75 @@ def test_topk_sparse_gradients_match_autograd(with_dead):
     assert metrics["l0"] <= 4 and (metrics["auxk"] > 0) == with_dead
 
 
+def random_sae(make, d_in: int, d_sae: int, seed: int):
+    """An SAE with every parameter random, b_dec and b_enc included (a zero bias hides sign slips)."""
+    sae = make(d_in, d_sae)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    return sae
+
+
+sae_shapes = st.tuples(st.integers(1, 6), st.integers(2, 12), st.integers(8, 40), st.integers(0, 2**16))
+
+
+@settings(max_examples=25, deadline=None)
+@given(sae_shapes, st.integers(1, 6))
+def test_topk_encode_and_decode_equal_the_formula(shape, k):
+    n, d_in, d_sae, seed = shape
+    sae = random_sae(lambda d, m: topk_sae(d, m, k=min(k, d_sae)), d_in, d_sae, seed)
+    x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed + 1))
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # Gao et al.: z = ReLU(TopK(W_enc (x - b_dec) + b_enc))
+    vals, idx = pre.topk(sae.k, dim=1)
+    z = torch.zeros(n, d_sae).scatter(1, idx, vals.clamp_min(0))
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), z, atol=1e-5)
+        assert torch.allclose(sae(x), z @ sae.W_dec + sae.b_dec, atol=1e-4)
+        sparse_vals, sparse_idx = sae.encode_sparse(x)
+        assert torch.allclose(torch.zeros(n, d_sae).scatter(1, sparse_idx, sparse_vals), z, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sae_shapes, st.booleans())
+def test_topk_sparse_gradients_match_autograd_with_unused_latents(shape, with_dead):
+    """Few rows, many latents: most latents are chosen by no row (the sparse products must still
+    give every latent its gradient, zero included). Two rows at least: the auxiliary loss divides by
+    the residual's variance over rows."""
+    n, d_in, d_sae, seed = shape
+    n = max(n, 2)
+    sae = random_sae(lambda d, m: topk_sae(d, m, k=2, auxk_k=3), d_in, d_sae, seed)
+    x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed + 1))
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    if with_dead:
+        dead[1::2] = True
+    sae.training_step(x, dead, progress=0.5)
+    sparse_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    dense_topk_loss(sae, x, dead).backward()
+    for name, p in sae.named_parameters():
+        assert sparse_grads[name].shape == p.shape and torch.allclose(sparse_grads[name], p.grad, atol=1e-4, rtol=1e-3), name
+
+
+@settings(max_examples=20, deadline=None)
+@given(sae_shapes)
+def test_relu_and_jumprelu_encode_equal_the_formula(shape):
+    from mechinterp.saes.jumprelu import JumpReluSAE, JumpReluSettings
+
+    n, d_in, d_sae, seed = shape
+    x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed + 1))
+    relu = random_sae(lambda d, m: relu_sae(d, m), d_in, d_sae, seed)
+    pre = (x - relu.b_dec) @ relu.W_enc + relu.b_enc
+    with torch.no_grad():
+        assert torch.allclose(relu.encode(x), pre.clamp_min(0), atol=1e-5)
+        assert torch.allclose(relu(x), pre.clamp_min(0) @ relu.W_dec + relu.b_dec, atol=1e-4)
+        jump = random_sae(lambda d, m: JumpReluSAE(d, JumpReluSettings(d_sae=m)), d_in, d_sae, seed)
+        pre = (x - jump.b_dec) @ jump.W_enc + jump.b_enc
+        assert torch.allclose(jump.encode(x), torch.where(pre > jump.threshold, pre, 0.0), atol=1e-5)
+    with pytest.raises(UserError, match="loaded .* not trained by this workflow"):
+        jump.training_step(x, torch.zeros(d_sae, dtype=torch.bool), 0.5)
+
+
 @pytest.mark.parametrize("m, k", [(4608, 32), (1152, 32), (96, 4), (97, 5), (64, 64 - 1)])
 def test_grouped_top_k_is_torch_topk(m, k):
     torch.manual_seed(m)
@@ -86,3 +158,52 @@ def test_saved_sae_round_trips_in_saelens_format(make, tmp_path):
     loaded, _ = load_sae(tmp_path / "sae")
     assert torch.allclose(loaded(x), scaled_out / 0.5, atol=1e-5)
     assert torch.equal(loaded.encode(x) > 0, sae.encode(x) > 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sae_shapes, st.floats(0.0, 1.0), st.sampled_from([0.0, 0.25]), st.floats(0.1, 5.0))
+def test_relu_training_step_is_mse_plus_the_ramped_decoder_weighted_l1(shape, progress, warmup, l1_coefficient):
+    """Anthropic's 2023 objective, written here: ||x_hat - x||^2 + lambda * ramp * sum_j z_j ||W_dec[j]||,
+    the ramp rising linearly over the first `l1_warmup_fraction` of training."""
+    n, d_in, d_sae, seed = shape
+    sae = random_sae(lambda d, m: relu_sae(d, m, l1_coefficient=l1_coefficient, l1_warmup_fraction=warmup),
+                     d_in, d_sae, seed)
+    x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed + 1))
+    metrics = sae.training_step(x, torch.zeros(d_sae, dtype=torch.bool), progress)
+    step_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    z = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    mse = ((z @ sae.W_dec + sae.b_dec - x) ** 2).sum(1).mean()
+    l1 = (z * sae.W_dec.norm(dim=1)).sum(1).mean()
+    ramp = min(1.0, progress / warmup) if warmup else 1.0
+    (mse + l1_coefficient * ramp * l1).backward()
+    for name, p in sae.named_parameters():
+        assert torch.allclose(step_grads[name], p.grad, atol=1e-4, rtol=1e-4), name
+    assert set(metrics) == {"mse", "l1", "l0", "active"}
+    assert metrics["mse"] == pytest.approx(float(mse), rel=1e-5) and metrics["l1"] == pytest.approx(float(l1), rel=1e-5)
+    assert metrics["l0"] == pytest.approx(float((z > 0).sum(1).float().mean()))
+    assert torch.equal(metrics["active"], (z > 0).any(0))
+
+
+def test_saved_cfg_json_carries_the_fields_saelens_reads(tmp_path):
+    sae = topk_sae(8, 16, k=3)
+    sae.save(tmp_path / "sae", metadata={"hook_name": "blocks.0.hook_resid_post"})
+    text = (tmp_path / "sae" / "cfg.json").read_text()
+    cfg = json.loads(text)
+    assert {key: cfg[key] for key in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                                      "normalize_activations", "reshape_activations", "k")} == {
+        "architecture": "topk", "d_in": 8, "d_sae": 16, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "reshape_activations": "none", "k": 3}
+    assert cfg["metadata"] == {"sae_lens_version": "6.0.0", "sae_lens_training_version": "6.0.0",
+                               "hook_name": "blocks.0.hook_resid_post"}
+    assert text == json.dumps(cfg, indent=2, sort_keys=True) + "\n"  # stable bytes: the audit hashes this file
+    sae.save(tmp_path / "sae", metadata={})  # an existing folder is written over
+    with pytest.raises(UserError, match="is not a saved SAE"):
+        load_sae(tmp_path / "nothing")
+
+
+def test_geometric_median_is_the_minimiser_of_summed_distances():
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    assert torch.allclose(geometric_median(points), torch.tensor([0.5, 0.5]), atol=1e-4)
+    three = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0 ** 0.5]])  # equilateral: the centre
+    assert torch.allclose(geometric_median(three, iterations=200), three.mean(0), atol=1e-4)

@@ -254,7 +254,9 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     assert {"sae_eval/metrics.parquet", "clamping/summary.parquet"} <= set(manifest["metrics"])
 
     # killed mid-write (SIGKILL of Snakemake's process group while it caches activations), then a plain
-    # rerun: every stage output is back, the same as the uninterrupted run's (run times aside)
+    # rerun: every stage output is back, the same as the uninterrupted run's (run times aside). The
+    # rerun repeats every stage after caching, so this is also the check that a stage run twice on
+    # one machine gives the same outputs: SAE weights byte for byte, tables exactly
     uninterrupted = stage_outputs(results)
     kill_when_logged(workdir, results / "logs" / "cache_activations.log", "caching activations", "--cores", "2",
                      "--configfile", "config/smoke.yaml", "--forcerun", "cache_activations")
@@ -347,22 +349,11 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
         path.write_text(original)
     assert_up_to_date(workdir, "--configfile", "config/smoke.yaml")
 
-    # the same stage run twice on the same machine gives byte-identical outputs
-    rerun = ["saes/resid3-topk/sae_weights.safetensors", "polysemanticity/units.parquet", "clamping/effects.parquet",
-             "clamping/summary.parquet", "clamping/continuations.parquet"]
-    before = {name: sha256_file(results / name) for name in rerun}
-    snakemake(workdir, "--cores", "2", "--configfile", "config/smoke.yaml", "--forcerun", "train_sae", "--",
-              "results/smoke/clamping/effects.parquet")
-    assert {name: sha256_file(results / name) for name in rerun} == before
-
-    # another seed on the same inputs: the stochastic stages rerun, the rest does not, the audit passes
+    # another seed on the same inputs: the stochastic stages rerun, the rest does not (planned only: the
+    # replicates above ran two other seeds, and test_audit passes a rerun with another seed)
     other_seed = ["--cores", "2", *smoke, str(audit_config), "--config", "seed=3"]
     planned = snakemake(workdir, "-n", *other_seed, "--", "audit").stdout
     assert "rule train_sae:" in planned and "rule cache_activations:" not in planned and "rule tokenize:" not in planned
-    snakemake(workdir, *other_seed, "--", "audit")
-    audit_report = (results / "audit.txt").read_text()
-    assert audit_report.startswith("AUDIT PASSED") and "NOTE   seeds: {'data_seed': 0, 'seed': 3}" in audit_report, \
-        audit_report[:3000]
 
     # a broken run (the SAE's decoder rows shuffled) fails the audit, naming the claim
     from safetensors.torch import load_file, save_file
@@ -371,7 +362,8 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     weights = load_file(weights_file)
     weights["W_dec"] = weights["W_dec"][torch.randperm(weights["W_dec"].shape[0], generator=torch.Generator().manual_seed(0))]
     save_file(weights, weights_file)
-    failed = snakemake(workdir, *other_seed, "--forcerun", "evaluate_sae", "--", "audit", check=False)
+    failed = snakemake(workdir, "--cores", "2", *smoke, str(audit_config), "--forcerun", "evaluate_sae", "--", "audit",
+                       check=False)
     assert failed.returncode != 0
     # the report is kept when the audit fails: it is the file that says why
     audit_report = (results / "audit.txt").read_text()
