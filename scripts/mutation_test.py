@@ -7,6 +7,8 @@ lens, polysemanticity scoring, clamping, the claims or the audit?
     .venv/bin/python scripts/mutation_test.py --per-module 0   # every mutant (hours on 2 cores)
     .venv/bin/python scripts/mutation_test.py --retest-survivors  # after new tests: the sample's survivors again
     .venv/bin/python scripts/mutation_test.py --report-only    # the report of what mutants/ holds
+    .venv/bin/python scripts/mutation_test.py --holdout 50     # 50 more per module, never run before
+    .venv/bin/python scripts/mutation_test.py --holdout 50 --retest-survivors  # ... and its survivors again
 
 mutmut copies src/ and the tests into mutants/, writes every mutant of every function of the core
 modules, finds (its "stats" run) which unit tests call each function, and runs for each mutant only
@@ -19,7 +21,9 @@ string of prose (a log message or a claim's description; counted apart as "prose
 
 Writes results/benchmarks/mutation/summary.json (per module: tested, killed, survived, equivalent,
 prose, score and interval; run time; CPU), survivors.txt (each surviving mutant with its diff) and
-tested.txt (the sample, which --retest-survivors and --report-only read).
+tested.txt (the sample, which --retest-survivors and --report-only read). Tests written to kill the
+sample's survivors say little about mutants they were not written against: --holdout draws another
+sample (seed --seed + 1) from the mutants never run yet and reports it apart, in holdout_seed<--seed>/.
 Not a CI step: it takes minutes to hours. mutmut forks each mutant's child from a server that has only
 collected the tests (pyproject's process_isolation = "forkserver"), and this script pins one thread per
 child (2 children on 2 cores): torch's OpenMP and polars's thread pools, once used, hang in a forked
@@ -163,7 +167,7 @@ def is_prose_mutation(diff: str) -> bool:
             and all(masked_prose(a) == masked_prose(b) for a, b in zip(removed, added, strict=True)))
 
 
-def report(tested: list[str], seconds: float | None) -> dict:
+def report(tested: list[str], seconds: float | None, out: Path) -> dict:
     results, equivalents = mutant_results(), load_equivalents()
     per_module: dict[str, Counter] = defaultdict(Counter)
     survivors, diffs = [], {}
@@ -192,10 +196,10 @@ def report(tested: list[str], seconds: float | None) -> dict:
                "mutants_in_scope": sum(1 for n in results if not is_entry_point(n)),
                "mutants_tested": len(tested), "seconds": seconds, "cpu": cpu_name(),
                "mutmut": subprocess.run([*MUTMUT, "--version"], capture_output=True, text=True).stdout.strip()}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (OUT / "tested.txt").write_text("\n".join(tested) + "\n")
-    (OUT / "survivors.txt").write_text("".join(
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "tested.txt").write_text("\n".join(tested) + "\n")
+    (out / "survivors.txt").write_text("".join(
         f"== {name} ({status_of(results.get(name))})\n{diffs.get(name) or diff_of(name)}\n" for name in survivors))
     print(f"{'module':<18} {'scored':>6} {'killed':>6} {'surv.':>6} {'equiv.':>6} {'prose':>6} {'score':>6}  95% CI")
     for module, row in table.items():
@@ -204,7 +208,7 @@ def report(tested: list[str], seconds: float | None) -> dict:
               f"{row.get('prose', 0):>6} "
               f"{row['score']:>6.3f}  [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
     print(f"{'all':<18} {scored:>6} {detected:>6} {'':>6} {'':>6} {'':>6} {summary['all']['score']:>6.3f}  "
-          f"[{low:.3f}, {high:.3f}]   ({len(survivors)} survivors: {OUT / 'survivors.txt'})")
+          f"[{low:.3f}, {high:.3f}]   ({len(survivors)} survivors: {out / 'survivors.txt'})")
     return summary
 
 
@@ -222,17 +226,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="report the tested sample, run nothing")
     parser.add_argument("--retest-survivors", action="store_true",
                         help="run the last sample's survivors again (after new tests), then report")
+    parser.add_argument("--holdout", type=int, metavar="N",
+                        help="N mutants per module never run yet, drawn with seed --seed + 1: a score for tests "
+                             "that were not written against them (report in holdout_seed<--seed>/)")
     args = parser.parse_args(argv)
 
-    tested_file = OUT / "tested.txt"
+    out = OUT / f"holdout_seed{args.seed}" if args.holdout else OUT  # what --report-only and --retest-survivors read
+    tested_file = out / "tested.txt"
     seconds = None
     if args.report_only or args.retest_survivors:
         tested = tested_file.read_text().split()
         if args.retest_survivors:
-            if (OUT / "summary.json").is_file():  # the report before the new tests, kept beside the new one
-                (OUT / "summary_before.json").write_text((OUT / "summary.json").read_text())
+            if (out / "summary.json").is_file():  # the report before the new tests, kept beside the new one
+                (out / "summary_before.json").write_text((out / "summary.json").read_text())
+            generate()  # a source edited since the sample: mutmut rewrites its mutants, their results cleared
             results = mutant_results()
-            again = [n for n in tested if status_of(results.get(n)) in ("survived", "no tests")]
+            tested = [n for n in tested if n in results]  # a mutant the edit took away is gone from the sample
+            again = [n for n in tested if status_of(results[n]) in ("survived", "no tests", "not checked")]
             started = time.monotonic()
             run_mutmut(again)
             seconds = time.monotonic() - started
@@ -240,14 +250,17 @@ def main(argv: list[str] | None = None) -> None:
         started = time.monotonic()
         generate()
         results = mutant_results()
-        checked = {name for name, code in results.items() if code is not None}
-        tested = sample([n for n in results if not is_entry_point(n)], args.per_module, args.seed, checked)
+        if args.holdout:  # mutants never run: no test was written against them
+            tested = sample([n for n, code in results.items() if code is None and not is_entry_point(n)],
+                            args.holdout, args.seed + 1, checked=set())
+        else:
+            checked = {name for name, code in results.items() if code is not None}
+            tested = sample([n for n in results if not is_entry_point(n)], args.per_module, args.seed, checked)
         tested_file.parent.mkdir(parents=True, exist_ok=True)
         tested_file.write_text("\n".join(tested) + "\n")
         run_mutmut(tested)
         seconds = time.monotonic() - started
-    report(tested, seconds)
-
+    report(tested, seconds, out)
 
 if __name__ == "__main__":
     main()

@@ -100,14 +100,19 @@ def without_timings(value: object) -> object:
     return value
 
 
-def stage_outputs(results: Path) -> dict[str, object]:
-    """The content of every stage output the manifest lists: tables without their run-time columns,
-    JSON files without their run-time entries, every other file (arrays, weights) by its sha256."""
+def stage_output_names(results: Path) -> list[str]:
+    """Every stage output file the run's manifest lists (the files of its artifacts), relative to `results`."""
     manifest = json.loads((results / "MANIFEST.json").read_text())
+    return [name for name in sorted(manifest["files"])
+            if any(name == a or name.startswith(f"{a}/") for a in manifest["artifacts"])]
+
+
+def stage_outputs(results: Path, names: list[str] | None = None) -> dict[str, object]:
+    """The content of the stage outputs `names` (default: all the manifest lists): tables without their
+    run-time columns, JSON files without their run-time entries, every other file (arrays, weights) by
+    its sha256."""
     content = {}
-    for name in sorted(manifest["files"]):
-        if not any(name == a or name.startswith(f"{a}/") for a in manifest["artifacts"]):
-            continue
+    for name in stage_output_names(results) if names is None else names:
         path = results / name
         if path.suffix == ".parquet":
             frame = pl.read_parquet(path)

@@ -78,7 +78,9 @@ def test_a_new_architecture_runs_the_smoke_dag(architecture, smoke_run, tmp_path
                "sae": {"sites": sites}, "clamping": {"sae": "resid1-topk"}, "crosscoder": {"sites": ["resid1", "mlp1"]},
                # the toy model does not read the model: as small as it runs; one translator step
                "toy": {"sparsities": [0.99], "phase_grid": 2, "steps": 50, "sae_steps": 50},
-               "tuned_lens": {"train_tokens": 64}}
+               "tuned_lens": {"train_tokens": 64},
+               # one thread a job, two jobs at a time: a tiny model's job is mostly Python's start-up
+               "resources": {"threads": 1}}
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(overlay))
     with_overlay = ["--cores", "2", "--configfile", SMOKE[1], str(config)]

@@ -4,7 +4,6 @@ replicates' spread and the reference folder it comes in."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -166,6 +165,21 @@ def test_reference_folder_and_audit_command(tmp_path, capsys):
     assert exit_status(audit_main, args) == 2
     with pytest.raises(UserError, match="does not exist"):
         load_manifest(tmp_path / "none.json", "the reference")
+    (folder / "replicates" / "claims.parquet").unlink()  # half its replicates
+    with pytest.raises(UserError, match=r"has only one of replicates/spread\.parquet and replicates/claims\.parquet; "
+                                        r"remake it with `python -m mechinterp\.reference`"):
+        Reference.load(folder)
+
+
+def test_a_section_given_as_a_value_is_one_difference():
+    assert config_differences({"sae": {"k": 32}, "run": "a"}, {"sae": 5, "run": "a"}) == ["sae"]
+    assert config_differences({"sae": {"k": 32}}, {"sae": {"k": 16, "d_sae": 8}}) == ["sae.d_sae", "sae.k"]
+
+
+def test_the_report_is_its_lines_ending_in_one_newline():
+    report = audit(seed_manifests()[1], reference(), SETTINGS).report()
+    assert report.endswith("\n") and not report.endswith("\n\n")
+    assert report.splitlines()[0].startswith("AUDIT PASSED")
 
 
 def test_reference_needs_current_replicates(tmp_path):
@@ -280,3 +294,111 @@ def test_the_model_files_must_match_and_the_fetch_record_is_a_note():
     mine["files"]["model/model.safetensors"] = {"sha256": "e" * 64}
     assert "model/model.safetensors: sha256 eeeeeeeeeeee differs from the reference aaaaaaaaaaaa" in audit(
         mine, ref, SETTINGS).failures
+
+
+def test_more_than_eight_config_differences_are_summarised_and_a_few_are_listed_whole():
+    """The refusal lists at most eight differing keys, then says how many more; with fewer it ends at the list."""
+    many = manifest()
+    many["config"] = {**CONFIG, **{f"key{i:02d}": i for i in range(10)}}
+    with pytest.raises(UserError, match=r"they differ at key00, key01, .*, key07 and 2 more\. Audit a run"):
+        audit(many, reference(), SETTINGS)
+    few = manifest()
+    few["config"] = {**CONFIG, "data_seed": 1}
+    with pytest.raises(UserError, match=r"they differ at data_seed\. Audit a run"):
+        audit(few, reference(), SETTINGS)
+
+
+def test_a_count_gets_the_count_floor_even_without_replicates():
+    """With no spread, an integer metric's tolerance is count_floor; a float's is the plain floor."""
+    no_spread = Tolerances(None, SETTINGS)
+    assert no_spread("sae_eval/metrics.parquet", '["resid1-topk"]', "n_dead", 2, True) == (1.0, "floor")
+    assert no_spread("sae_eval/metrics.parquet", '["resid1-topk"]', "n_dead", 2, False) == (0.001, "floor")
+
+
+def nan_in_two_of_three_seeds() -> dict[int, dict]:
+    """Three seeds where the clamping verdict's value and the clamping claim's statistic are NaN in
+    seeds 0 and 2 and a number in seed 1 (the claim's verdict flips with it)."""
+    seeds = seed_manifests()
+    for seed in (0, 2):
+        seeds[seed]["metrics"]["clamping/verdict.parquet"][0]["value"] = float("nan")
+        seeds[seed]["metrics"]["claims.parquet"][2] = claim("clamping.beats", float("nan"), "inconclusive")
+    return seeds
+
+
+def test_a_nan_reference_is_told_apart_by_whether_the_seeds_gave_numbers_too():
+    """A NaN reference has a NaN tolerance, labelled by whether that very row was NaN and a number across seeds."""
+    seeds = nan_in_two_of_three_seeds()
+    tolerances = Tolerances(spread({s: m["metrics"] for s, m in seeds.items()}), SETTINGS)
+    row = '["mlp3", "output", "beats", "random"]'
+    tolerance, how = tolerances("clamping/verdict.parquet", row, "value", float("nan"), False)
+    assert math.isnan(tolerance) and how == "NaN or a number"
+    tolerance, how = tolerances("clamping/verdict.parquet", '["mlp3", "input", "beats", "random"]', "value",
+                                float("nan"), False)
+    assert math.isnan(tolerance) and how == "NaN only"
+
+
+def test_an_unstable_claim_with_nan_in_some_seeds_accepts_a_number():
+    """A claim whose statistic was NaN in some seeds and a number in another: a number against the NaN
+    reference is within what seeds do."""
+    seeds = nan_in_two_of_three_seeds()
+    ref = Reference(seeds[0], spread({s: m["metrics"] for s, m in seeds.items()}),
+                    claim_stability({s: pl.DataFrame(m["metrics"]["claims.parquet"]) for s, m in seeds.items()}))
+    result = audit(seeds[1], ref, SETTINGS)
+    assert result.passed, result.report()
+    assert any(line.startswith("OK     clamping.beats: inconclusive nan | holds 0.12 [0.02, 0.22]; unstable") for line in result.claims)
+
+
+def test_without_replicates_a_claim_is_audited_by_its_verdict_alone():
+    """No replicates: each claim's verdict must match, whatever its statistic, and the line says why."""
+    ref = Reference(seed_manifests()[0], None, None)
+    moved = manifest(beats=0.09)  # the statistic moved well past the floor, the verdict did not
+    result = audit(moved, ref, SETTINGS)
+    assert result.counts["claims"] == [3, 3]
+    assert "OK     clamping.beats: inconclusive 0.05 [-0.05, 0.15] | inconclusive 0.09 [-0.01, 0.19]; " \
+           "verdict matches (no replicates)" in result.claims
+
+
+def test_a_stable_claim_is_audited_by_its_verdict_not_its_statistic():
+    """A claim stable across seeds passes on its verdict even when its statistic is far from the reference's."""
+    run = manifest()
+    run["metrics"]["claims.parquet"][1] = claim("polysemanticity.resid1-topk", 0.9, "holds")  # reference 0.3
+    result = audit(run, reference(), SETTINGS)
+    assert result.passed, result.report()
+    assert any(line.startswith("OK     polysemanticity.resid1-topk") and "verdict matches (stable: holds 3)" in line
+               for line in result.claims)
+
+
+def test_a_missing_input_file_fails_and_a_missing_stage_output_is_a_note():
+    """An input or model file absent from the run fails the audit; another file absent is only noted."""
+    run = seed_manifests()[1]
+    del run["files"]["model/model.safetensors"]
+    del run["files"]["saes/x/sae_weights.safetensors"]
+    result = audit(run, reference(), SETTINGS)
+    assert "model/model.safetensors: missing from this run" in result.failures
+    assert "saes/x/sae_weights.safetensors: missing from this run" in result.notes
+    assert "saes/x/sae_weights.safetensors: missing from this run" not in result.failures
+    assert result.counts["inputs"] == [0, 1]
+
+
+def test_environment_differences_are_noted_and_equal_ones_are_not():
+    """Packages, device, CPU and seeds: a note for each that differs from the reference, none for the same."""
+    same = audit(seed_manifests()[0], reference(), SETTINGS)
+    assert same.passed and not any(note.startswith(("package ", "device", "cpu", "seeds")) for note in same.notes)
+    run = seed_manifests()[0]
+    run["environment"] = {"packages": {"torch": "2.14.0"}, "device": "cuda", "cpu": "Intel Xeon"}
+    notes = audit(run, reference(), SETTINGS).notes
+    assert "package torch: 2.14.0 vs reference 2.13.0" in notes and "device: cuda vs reference cpu" in notes
+    assert not any(note.startswith(("cpu", "seeds")) for note in notes)
+
+
+def test_a_file_deleted_since_the_manifest_is_named_missing(tmp_path):
+    """A file the manifest hashed that is gone from the run is reported missing, not as a size change."""
+    run = tmp_path / "results" / "r"
+    run.mkdir(parents=True)
+    (run / "figure.svg").write_text("<svg/>")
+    (run / "table.csv").write_text("a,b\n")
+    written = build_manifest(run, {"run": "r", "seed": 0, "data_seed": 0}, tmp_path, [], 1, [])
+    (run / "figure.svg").unlink()
+    result = audit(written, Reference(written, None, None), SETTINGS, run)
+    assert "figure.svg: missing since the manifest was written" in result.failures
+    assert result.failures[-1].endswith(f"rm -r {run / 'figure.svg'}")

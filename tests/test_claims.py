@@ -134,3 +134,43 @@ def test_the_bounds_are_inclusive_and_a_bound_breach_is_a_failure():
     assert at_tolerance.filter(pl.col("claim") == "logit_lens.final_layer_is_output")["verdict"].item() == "holds"
     assert by_interval(0.0, 0.3, 0.0) == "inconclusive" and by_interval(-0.3, 0.0, 0.0) == "inconclusive"
     assert by_interval(None, 0.3, 0.0) == "inconclusive"
+
+
+def test_an_interval_with_either_end_missing_is_inconclusive():
+    """An interval lacking either end (None or NaN) gives no verdict, even when the other end clears the bound."""
+    for low, high in ((0.1, float("nan")), (float("nan"), -0.1), (0.1, None), (None, -0.1)):
+        assert by_interval(low, high, 0.0) == "inconclusive", (low, high)
+
+
+def test_each_claim_family_names_its_statement_and_statistic():
+    """The statement and statistic columns say what each claim tests, in words a reader can check."""
+    claims = study_claims(*tables(), headline_site="mlp3", bounds=BOUNDS)
+    row = {r["claim"]: r for r in claims.iter_rows(named=True)}
+    assert row["sae.good.fvu"]["statement"] == "good: fvu at most 0.5"
+    assert row["sae.dense.ce_recovered"]["statement"] == "dense: ce_recovered at least 0.7"
+    assert row["sae.good.fvu"]["statistic"] == "fvu"
+    assert row["logit_lens.enters.a:x"]["statistic"] == "first layer in the top k"
+    assert row["polysemanticity.good"]["statistic"] == "median(features) - median(neurons), monosemanticity"
+    assert row["polysemanticity.good"]["statement"] == "good's features are more monosemantic than the units of s1"
+    assert claims["statement"].null_count() == 0 and claims["statistic"].null_count() == 0
+
+
+def test_without_clamping_claims_the_concept_count_is_still_an_integer_column():
+    """No clamping verdict at the headline site: n_concepts is all null but keeps its integer type, so the
+    claims tables of every run share one schema."""
+    summary, targets, first, metrics, comparison, verdict = tables()
+    claims = study_claims(summary, targets, first, metrics, comparison, verdict, "elsewhere", BOUNDS)
+    assert not any(name.startswith("clamping.") for name in claims["claim"])
+    assert claims.schema["n_concepts"] == pl.Int64 and claims["n_concepts"].null_count() == claims.height
+
+
+def test_each_target_of_a_prompt_is_its_own_depth_trend():
+    """The depth claim ranks each (prompt, target) on its own: a prompt whose second target falls counts
+    as one rising and one falling target, not as one pooled (flat) trend."""
+    summary, targets, first, metrics, comparison, verdict = tables()
+    falling = pl.DataFrame([{"prompt_id": "a", "origin": "prompt", "target": " z", "layer": layer,
+                             "log_prob": float(-layer)} for layer in range(6)])
+    claims = study_claims(summary, pl.concat([targets, falling]), first, metrics, comparison, verdict, "mlp3", BOUNDS)
+    depth = claims.filter(pl.col("claim") == "logit_lens.targets_rise_with_depth").row(0, named=True)
+    assert depth["value"] == 0.75  # 3 of the 4 (prompt, target) pairs rise
+    assert (depth["ci_low"], depth["ci_high"]) == pytest.approx(wilson_by_hand(3, 4), abs=1e-4)

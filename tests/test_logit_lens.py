@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import polars as pl
 import pytest
@@ -161,3 +163,99 @@ def test_every_table_entry_is_read_off_the_decoded_layers(tiny_bridge):
     assert edge["final_rank"] == top_k and edge["first_layer_in_top_k"] is not None
     assert result["layer_positions_per_s"] > 0 and result["max_final_abs_diff"] <= 1e-4
     assert first.schema["first_layer_in_top_k"] == pl.Int64 and targets.schema["prob"] == pl.Float64
+
+
+def test_layer_zero_is_the_embedding_and_layer_l_the_output_of_block_l_minus_one():
+    """The layer names the tables carry: the residual entering block 0, then after each block."""
+    from mechinterp.logit_lens import layer_name
+
+    assert [layer_name(layer) for layer in range(4)] == ["embed", "block 0", "block 1", "block 2"]
+
+
+def test_lens_inputs_are_the_prompts_then_seeded_corpus_windows(tiny_bridge):
+    """The prompts come first, tokenized as prepare_prompts does; then `corpus_windows` distinct held-out
+    windows cut to `corpus_window_tokens`, each targeting its true next token, the same for the same seed."""
+    from mechinterp.logit_lens import LensSettings, lens_inputs
+    from mechinterp.model import vocabulary_strings
+
+    tokenizer = tiny_bridge.tokenizer
+    heldout = np.arange(50 * 10).reshape(50, 10)  # row r starts with token 10 r: a window is known by its first token
+    settings = LensSettings(top_k=5, corpus_windows=5, corpus_window_tokens=6, prompts=PROMPTS)
+    inputs = lens_inputs(tokenizer, settings, heldout, context_length=64, seed=3)
+    assert [(i.id, i.origin) for i in inputs[:2]] == [("capital", "prompt"), ("scam", "prompt")]
+    assert inputs[0].token_ids == encode(tokenizer, PROMPTS[0]["text"])
+    corpus = inputs[2:]
+    assert [i.id for i in corpus] == [f"corpus_{i}" for i in range(5)] and {i.origin for i in corpus} == {"corpus"}
+    rows = [i.token_ids[0] // 10 for i in corpus]
+    assert rows == sorted(set(rows))  # distinct windows, in the held-out split's order
+    vocab = vocabulary_strings(tokenizer)
+    for item, row in zip(corpus, rows, strict=True):
+        assert item.token_ids == heldout[row, :6].tolist() and item.targets == {vocab[10 * row + 6]: 10 * row + 6}
+    again = lens_inputs(tokenizer, settings, heldout, context_length=64, seed=3)
+    assert [i.token_ids for i in again] == [i.token_ids for i in inputs]
+    assert [i.token_ids for i in corpus] == [i.token_ids for i in corpus_inputs(tokenizer, heldout, 5, 6, seed=3)]
+    with pytest.raises(UserError, match=r"tokens\.context_length = 4"):
+        lens_inputs(tokenizer, settings, heldout, context_length=4, seed=3)
+
+
+def test_asking_for_every_heldout_window_takes_each_once(tiny_bridge):
+    """corpus_windows equal to the held-out split's size is allowed and decodes every window exactly once."""
+    windows = np.arange(6 * 8).reshape(6, 8)
+    inputs = corpus_inputs(tiny_bridge.tokenizer, windows, n_windows=6, n_tokens=5, seed=1)
+    assert [i.token_ids for i in inputs] == windows[:, :5].tolist()
+
+
+def test_throughput_counts_every_decoded_layer_position_over_the_time_spent_decoding(tiny_bridge, monkeypatch):
+    """layer_positions_per_s is all inputs' (layers x positions) over the summed decoding time: with a clock
+    that advances half a second per reading, each input takes half a second."""
+    import itertools
+    import types
+
+    import mechinterp.logit_lens as logit_lens
+
+    ticks = itertools.count()
+    monkeypatch.setattr(logit_lens, "time", types.SimpleNamespace(perf_counter=lambda: 0.5 * next(ticks)))
+    prompts = [*PROMPTS, {"id": "long", "text": "The movie was dull and the acting was awful.", "targets": []}]
+    inputs = prepare_prompts(tiny_bridge.tokenizer, prompts, context_length=64)
+    result = run_logit_lens(tiny_bridge, inputs, top_k=3)
+    decoded = (tiny_bridge.cfg.n_layers + 1) * sum(len(i.token_ids) for i in inputs)
+    assert len({len(i.token_ids) for i in inputs}) == 2  # inputs of different lengths: each one counts
+    assert result["layer_positions_per_s"] == pytest.approx(decoded / (0.5 * len(inputs)))
+
+
+def test_the_tables_decode_through_the_translator(tiny_bridge):
+    """With a translator, every table is read off the translated decoding, not the plain logit lens."""
+    def shift(resid: torch.Tensor) -> torch.Tensor:
+        return resid + 1.0
+
+    inputs = prepare_prompts(tiny_bridge.tokenizer, PROMPTS[:1], context_length=64)
+    translated, model_lp = lens_log_probs(tiny_bridge, inputs[0].token_ids, translator=shift)
+    result = run_logit_lens(tiny_bridge, inputs, top_k=3, translator=shift)
+    for row in result["positions"].iter_rows(named=True):
+        assert row["top_ids"] == translated[row["layer"], row["position"]].topk(3).indices.tolist()
+    assert result["max_final_abs_diff"] == pytest.approx(float((translated[-1] - model_lp).abs().max()))
+    assert result["max_final_abs_diff"] > 1e-2
+
+
+def test_a_target_that_never_enters_leaves_a_null_integer_first_layer(tiny_bridge):
+    """A target outside the top k at every layer has first_layer_in_top_k null, and the column stays Int64
+    even when every target is such a one."""
+    ids = encode(tiny_bridge.tokenizer, "I knew it was a")
+    lens, _ = lens_log_probs(tiny_bridge, ids)
+    never_top = int(lens[:, -1].max(0).values.argmin())  # its best log p at any layer is the lowest of all tokens
+    item = LensInput("p", "prompt", ids, {"never": never_top})
+    first = run_logit_lens(tiny_bridge, [item], top_k=1)["first_layer"]
+    assert first["first_layer_in_top_k"].to_list() == [None]
+    assert first.schema["first_layer_in_top_k"] == pl.Int64
+
+
+def test_no_measurable_decoding_time_gives_nan_throughput(tiny_bridge, monkeypatch):
+    """With a clock that never advances the decoding took no measurable time: the throughput is NaN
+    rather than a division by zero."""
+    import types
+
+    import mechinterp.logit_lens as logit_lens
+
+    monkeypatch.setattr(logit_lens, "time", types.SimpleNamespace(perf_counter=lambda: 1.0))
+    inputs = prepare_prompts(tiny_bridge.tokenizer, PROMPTS[:1], context_length=64)
+    assert math.isnan(run_logit_lens(tiny_bridge, inputs, top_k=3)["layer_positions_per_s"])

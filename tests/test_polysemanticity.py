@@ -1,10 +1,13 @@
 """Polysemanticity scores on planted data: units built to respond to one concept, to several, to
 everything, to one token, or never, must be scored and ranked accordingly; the identity dictionary
-must give what a direct computation on the raw neurons gives."""
+must give what a direct computation on the raw neurons gives; the tables the polysemanticity notebook plots
+(its example units, each context token's concept, unit counts) on hand-built tables with known answers."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -17,7 +20,7 @@ from mechinterp.activations import ActivationCache
 from mechinterp.polysemanticity import (IdentityDictionary, ScoringSettings, SparseCodes, accumulate, best_features,
                                         compare, score_site, token_concepts, unit_maxima)
 
-from conftest import write_cache
+from conftest import topk_sae, write_cache
 
 CONCEPTS = {"fruit": [" apple", " pear", " plum", " fig"], "colour": [" red", " blue", " green", " pink"],
             "motion": [" run", " jump", " swim", " walk"]}
@@ -98,15 +101,22 @@ def test_planted_units_are_ranked_by_how_many_concepts_they_serve(planted):
     assert by_unit[3]["top_contexts"] == []
 
 
+def concept_memberships(scored: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Each planted concept's rows, by its words and by each document source and label, as boolean masks."""
+    tokens = scored["token"].to_numpy()
+    rows = {f"test:{c}": np.isin(tokens, words) for c, words in CONCEPTS.items()}
+    for column in ("source", "label"):
+        for value in scored[column].unique():
+            rows[f"{column}:{value}"] = scored[column].to_numpy() == value
+    return rows
+
+
 def reference_scores(acts: np.ndarray, table: pl.DataFrame, rows: np.ndarray, active_fraction: float) -> dict:
     """The scores computed directly on a raw neuron matrix, one unit at a time, with numpy."""
     scored = table[rows]
-    token_ids, tokens = scored["token_id"].to_numpy(), scored["token"].to_numpy()
+    token_ids = scored["token_id"].to_numpy()
     distinct = np.unique(token_ids)
-    concept_rows = {f"test:{c}": np.isin(tokens, words) for c, words in CONCEPTS.items()}
-    for column in ("source", "label"):
-        for value in scored[column].unique():
-            concept_rows[f"{column}:{value}"] = scored[column].to_numpy() == value
+    concept_rows = concept_memberships(scored)
     out = {}
     for unit in range(acts.shape[1]):
         a = acts[rows, unit].astype(np.float64)
@@ -201,6 +211,9 @@ def test_comparison_interval_is_seeded_and_brackets_the_planted_difference():
     assert first.equals(again)
     row = first.filter(pl.col("score") == "monosemanticity").row(0, named=True)
     assert row["ci_low"] < 0.3 < row["ci_high"] and row["ci_high"] - row["ci_low"] < 0.05
+    mono = units["monosemanticity"].to_numpy()
+    assert row["difference"] == pytest.approx(np.median(mono[400:1000]) - np.median(mono[:400]))
+    assert row["median_features"] - row["median_neurons"] == pytest.approx(row["difference"])
     assert row["n_features"] == 600 and row["n_dead_features"] == 5
 
 
@@ -272,3 +285,363 @@ def test_bootstrap_median_difference_brackets_the_difference_and_is_seeded(n_fea
     assert low <= high and min(features[1:]) - max(neurons) <= low and high <= max(features[1:]) - min(neurons)
     assert (diff, low, high) == bootstrap_median_difference(features, neurons, 200, seed)
     assert all(np.isnan(bootstrap_median_difference(np.array([np.nan]), neurons, 10, 0)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Boundaries and the full score_site path with an SAE beside the neurons
+# ---------------------------------------------------------------------------------------------------
+
+class ReluFeatures(torch.nn.Module):
+    """A stand-in SAE: ReLU of a fixed random projection of the site's activations."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.weights = weights
+        self.n_units = weights.shape[1]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.weights)
+
+
+def test_a_unit_active_on_exactly_min_active_tokens_is_alive_and_counts_them(planted):
+    """`rare` means fewer than min_active active tokens: unit 4 fires on two scored tokens (its third
+    planted row is a BOS), so it is alive at min_active = 2 and rare at 3, and n_active says 2."""
+    table, cache, rows = planted
+    planted_rows = np.array([5, 50, 500])
+    n_fired = int(np.isin(planted_rows, rows).sum())
+    assert n_fired == 2
+    by_min_active = {}
+    for min_active in (n_fired, n_fired + 1):
+        units, _, _, _ = score_site(cache, table, rows, {"neurons": IdentityDictionary(6)}, {"neurons": "neuron"},
+                                    lexicons(), dataclasses.replace(SETTINGS, min_active=min_active))
+        by_min_active[min_active] = units.row(4, named=True)
+    assert by_min_active[2]["status"] == "alive" and by_min_active[3]["status"] == "rare"
+    assert by_min_active[2]["n_active"] == by_min_active[3]["n_active"] == 2
+    assert by_min_active[2]["monosemanticity"] is not None and by_min_active[3]["monosemanticity"] is None
+
+
+def test_score_site_leaves_out_outliers_and_matches_each_neuron_to_its_most_correlated_feature(planted):
+    """With an SAE beside the neurons: rows above the outlier threshold are not scored, every SAE
+    feature names its most correlated neuron (numpy Pearson on the kept rows), the SAE's positive
+    activations come back as codes, and each neuron names its best feature."""
+    table, cache, rows = planted
+    weights = torch.randn(6, 5, generator=torch.Generator().manual_seed(7))
+    dictionaries = {"neurons": IdentityDictionary(6), "relu": ReluFeatures(weights)}
+    threshold = 2.0
+    units, concepts, scored_rows, codes = score_site(cache, table, rows, dictionaries,
+                                                     {"neurons": "neuron", "relu": "feature"}, lexicons(),
+                                                     SETTINGS, outlier_threshold=threshold)
+    x = cache.rows(rows).numpy().astype(np.float64)
+    kept = np.linalg.norm(x, axis=1) <= threshold
+    assert 0 < kept.sum() < len(rows)
+    np.testing.assert_array_equal(scored_rows, rows[kept])
+    assert set(units["n_scored_tokens"]) == {int(kept.sum())}
+    x = x[kept]
+    f = np.maximum(x @ weights.numpy().astype(np.float64), 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.nan_to_num(np.corrcoef(f.T, x.T)[:5, 5:])  # [features, neurons]; the dead neuron: 0
+    features = units.filter(pl.col("dictionary") == "relu").sort("unit")
+    assert features["unit_kind"].unique().to_list() == ["feature"]
+    varying = f.std(0) > 0
+    assert varying.any()
+    np.testing.assert_array_equal(features["best_neuron"].to_numpy()[varying], r.argmax(1)[varying])
+    np.testing.assert_allclose(features["best_neuron_correlation"].to_numpy()[varying], r.max(1)[varying], atol=1e-4)
+    assert list(codes) == ["relu"] and codes["relu"].indptr[-1] == (f > 0).sum()
+    neurons = units.filter(pl.col("dictionary") == "neurons").sort("unit")
+    live = r.max(0) > 0
+    np.testing.assert_array_equal(neurons["best_feature"].to_numpy()[live], r.argmax(0)[live])
+    assert set(concepts["dictionary"]) <= {"neurons", "relu"}
+    assert {"concept", "rank", "unit", "share", "base_rate", "specificity", "concept_words_active"} <= set(
+        concepts.columns)
+
+
+def concept_specificities(acts: np.ndarray, table: pl.DataFrame, rows: np.ndarray, active_fraction: float
+                          ) -> dict[tuple[int, str], tuple[float, float]]:
+    """(unit, concept) -> (share, specificity) on the active-view mass, one unit at a time."""
+    scored = table[rows]
+    concept_rows = concept_memberships(scored)
+    out = {}
+    for unit in range(acts.shape[1]):
+        a = acts[rows, unit].astype(np.float64)
+        mass = np.where((a >= active_fraction * a.max()) & (a > 0), a, 0.0)
+        for concept, member in concept_rows.items():
+            share = mass[member].sum() / mass.sum()
+            out[unit, concept] = share, (share - member.mean()) / (1 - member.mean())
+    return out
+
+
+def test_concept_ranking_uses_the_active_view_of_each_unit(tmp_path):
+    """The concept table ranks units by their specificity on active-view mass (at least
+    active_fraction of the maximum), not on every positive activation: on noisy neurons the two
+    differ, and each listed (unit, concept) matches the direct computation, best first."""
+    table = planted_table(seed=3)
+    rng = np.random.default_rng(4)
+    acts = (rng.standard_normal((table.height, 5)) + planted_neurons(table)[:, [0, 1, 2, 5, 0]]).astype(np.float16)
+    rows = np.flatnonzero(table["position"].to_numpy() != 0)
+    cache = ActivationCache.open(write_cache(tmp_path / "mlp0.npy", acts))
+    _, concepts, _, _ = score_site(cache, table, rows, {"neurons": IdentityDictionary(5)}, {"neurons": "neuron"},
+                                   lexicons(), dataclasses.replace(SETTINGS, min_active=1, concept_units=5,
+                                                                   concept_unit_min_words=1))
+    expected = concept_specificities(acts.astype(np.float32), table, rows, SETTINGS.active_fraction)
+    assert set(concepts["concept"]) == {"test:fruit", "test:colour", "test:motion", "source:news", "source:reviews",
+                                        "label:x", "label:y"}
+    for row in concepts.iter_rows(named=True):
+        share, specificity = expected[row["unit"], row["concept"]]
+        assert row["share"] == pytest.approx(share, rel=1e-4, abs=1e-5)
+        assert row["specificity"] == pytest.approx(specificity, rel=1e-4, abs=1e-5), (row["unit"], row["concept"])
+    for (concept,), ranked in concepts.group_by("concept"):
+        assert ranked.sort("rank")["specificity"].is_sorted(descending=True), concept
+
+
+def test_top_contexts_mark_the_token_within_its_own_sequence_window():
+    """A context is up to `before` tokens before and `after` tokens after its row, never crossing into
+    another sequence, with the row's token marked [[like this]]; contexts stop at the first
+    non-positive activation."""
+    from mechinterp.polysemanticity import top_contexts
+
+    table = pl.DataFrame({"sequence": [0, 0, 0, 0, 0, 1, 1, 1], "position": [0, 1, 2, 3, 4, 0, 1, 2],
+                          "token": ["<s>", " A", " B", " C", " D", "<s>", " E", " F"],
+                          "source": ["news"] * 5 + ["wiki"] * 3, "label": ["x"] * 8})
+    rows = np.array([1, 2, 3, 4, 6, 7])
+    # one unit; top entries point into `rows`: table rows 3, 4, 1, then a zero activation
+    top_rows = torch.tensor([[2], [3], [0], [5]])
+    top_values = torch.tensor([[3.0], [2.0], [1.0], [0.0]])
+    (contexts,) = top_contexts(top_rows, top_values, rows, table, before=2, after=1)
+    assert [c["context"] for c in contexts] == [" A B[[ C]] D", " B C[[ D]]", "<s>[[ A]] B"]
+    assert [(c["row"], c["token"], c["activation"], c["source"]) for c in contexts] == [
+        (3, " C", 3.0, "news"), (4, " D", 2.0, "news"), (1, " A", 1.0, "news")]
+    (across,) = top_contexts(torch.tensor([[4]]), torch.tensor([[1.0]]), rows, table, before=5, after=5)
+    assert across[0]["context"] == "<s>[[ E]] F" and across[0]["source"] == "wiki"
+
+
+def test_sparse_codes_load_memory_maps_what_save_wrote(tmp_path):
+    """The browser opens every SAE's codes: `load` maps the files rather than reading them whole."""
+    codes = SparseCodes.from_dense(torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0], [0.0, 0.0, 0.0]]))
+    codes.save(tmp_path, "sae")
+    loaded = SparseCodes.load(tmp_path, "sae")
+    assert all(isinstance(getattr(loaded, part), np.memmap) for part in SparseCodes.FILES)
+    assert loaded.indptr.tolist() == [0, 1, 3, 3] and loaded.indices.tolist() == [1, 0, 2]
+    assert loaded.values.tolist() == [2.0, 1.0, 3.0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage's setup and checks: dictionaries of a site, refusing a dictionary with no alive unit
+# ---------------------------------------------------------------------------------------------------
+
+def saved_sae(folder: Path, d_in: int, d_sae: int, outlier_threshold: float) -> Path:
+    """A TopK SAE saved as train_sae leaves it: SAELens files and a training summary."""
+    sae = topk_sae(d_in, d_sae, k=2)
+    sae.save(folder, metadata={})
+    (folder / "training_summary.json").write_text(json.dumps({"outlier_threshold": outlier_threshold}))
+    return folder
+
+
+def test_site_dictionaries_are_the_neurons_and_each_sae_with_the_lowest_outlier_threshold(tmp_path):
+    """An MLP site's own units are "neurons" of kind neuron, each SAE is a dictionary of features, and
+    the outlier threshold is the lowest of the SAEs' (none: every row is kept)."""
+    from mechinterp.polysemanticity import site_dictionaries
+
+    mlp = ActivationCache.open(write_cache(tmp_path / "mlp1.npy", np.zeros((4, 6), np.float16), site="mlp1"))
+    folders = [str(saved_sae(tmp_path / name, 6, d_sae, t)) for name, d_sae, t in (("a", 8, 9.5), ("b", 12, 4.0))]
+    dictionaries, unit_kinds, threshold = site_dictionaries(mlp, ["sae-a", "sae-b"], folders)
+    assert list(dictionaries) == ["neurons", "sae-a", "sae-b"]
+    assert [d.n_units for d in dictionaries.values()] == [6, 8, 12]
+    assert isinstance(dictionaries["neurons"], IdentityDictionary)
+    assert unit_kinds == {"neurons": "neuron", "sae-a": "feature", "sae-b": "feature"}
+    assert threshold == 4.0
+    resid = ActivationCache.open(write_cache(tmp_path / "resid1.npy", np.zeros((4, 5), np.float16), site="resid1"))
+    dictionaries, unit_kinds, threshold = site_dictionaries(resid, [], [])
+    assert list(dictionaries) == ["neurons"] and dictionaries["neurons"].n_units == 5
+    assert unit_kinds == {"neurons": "residual_dim"} and threshold == float("inf")
+    with pytest.raises(ValueError):  # an SAE id without its folder is a wiring slip, not a smaller site
+        site_dictionaries(mlp, ["sae-a", "sae-b"], folders[:1])
+
+
+def status_table(statuses: dict[str, list[str]]) -> pl.DataFrame:
+    """A units table with only what check_alive_units reads: each dictionary's unit statuses."""
+    return pl.DataFrame({"dictionary": [d for d, s in statuses.items() for _ in s],
+                         "status": [x for s in statuses.values() for x in s], "n_scored_tokens": 100})
+
+
+def test_check_alive_units_refuses_no_alive_unit_and_warns_below_half(caplog):
+    """A dictionary with no alive unit stops the stage, naming the setting to change; fewer than half
+    alive is only a warning, and half or more says nothing."""
+    from mechinterp.errors import UserError
+    from mechinterp.polysemanticity import check_alive_units
+
+    with caplog.at_level("WARNING", logger="mechinterp.polysemanticity"):
+        check_alive_units(status_table({"neurons": ["alive", "alive", "rare", "dead"],
+                                        "sae": ["alive", "alive", "alive", "dead"]}), min_active=10)
+    assert caplog.records == []
+    with caplog.at_level("WARNING", logger="mechinterp.polysemanticity"):
+        check_alive_units(status_table({"neurons": ["alive", "alive"], "sae": ["alive", "rare", "rare", "dead"]}),
+                          min_active=10)
+    assert len(caplog.records) == 1 and "1 of the 4 units of sae" in caplog.records[0].getMessage()
+    with pytest.raises(UserError, match="0 of the 2 units of sae .*polysemanticity.min_active"):
+        check_alive_units(status_table({"neurons": ["alive"], "sae": ["rare", "dead"]}), min_active=10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The polysemanticity notebook's tables and choices
+# ---------------------------------------------------------------------------------------------------
+
+def notebook_units(rows: list[tuple]) -> pl.DataFrame:
+    """A units table with the columns the notebook's choices read."""
+    return pl.DataFrame(rows, schema={"site": pl.Utf8, "site_kind": pl.Utf8, "dictionary": pl.Utf8,
+                                      "unit_kind": pl.Utf8, "unit": pl.Int64, "status": pl.Utf8,
+                                      "n_active": pl.Int64, "monosemanticity": pl.Float64}, orient="row")
+
+
+@pytest.fixture()
+def site_units() -> pl.DataFrame:
+    """Two sites. mlp2: alive neurons 1 and 3 tie for the lowest score (1 wins on index); feature 4 of
+    topk is cleanest but rarely active, 2 and 5 tie on score and 5 is active on more tokens.
+    resid2: its least monosemantic dimension is lower than any MLP neuron's."""
+    return notebook_units([
+        ("mlp2", "mlp", "neurons", "neuron", 0, "alive", 200, 0.70),
+        ("mlp2", "mlp", "neurons", "neuron", 3, "alive", 200, 0.20),
+        ("mlp2", "mlp", "neurons", "neuron", 1, "alive", 200, 0.20),
+        ("mlp2", "mlp", "neurons", "neuron", 2, "rare", 3, 0.05),
+        ("mlp2", "mlp", "neurons", "neuron", 4, "dead", 0, None),
+        ("resid2", "resid", "neurons", "residual_dim", 0, "alive", 800, 0.01),
+        ("resid2", "resid", "neurons", "residual_dim", 1, "alive", 800, 0.30),
+        ("mlp2", "mlp", "topk", "feature", 2, "alive", 70, 0.90),
+        ("mlp2", "mlp", "topk", "feature", 5, "alive", 90, 0.90),
+        ("mlp2", "mlp", "topk", "feature", 4, "alive", 8, 1.00),
+        ("mlp2", "mlp", "topk", "feature", 1, "alive", 400, 0.30),
+        ("mlp2", "mlp", "topk", "feature", 0, "dead", 0, 1.00),  # a dead feature is never the example
+        ("mlp2", "mlp", "topk", "feature", 3, "rare", 60, 0.99),
+        ("resid2", "resid", "resid2-relu", "feature", 0, "alive", 800, 0.98),
+        ("resid2", "resid", "resid2-relu", "feature", 1, "alive", 800, 0.40),
+    ])
+
+
+def test_example_neuron_is_the_least_monosemantic_alive_mlp_neuron_and_feature_its_sites_cleanest(site_units):
+    """Lowest monosemanticity among alive MLP neurons (ties: lowest index), and the feature of the same
+    site with the highest score among frequently active alive ones (ties: more active tokens)."""
+    from mechinterp.polysemanticity import example_units
+
+    for order in (site_units, site_units.reverse(), site_units.sample(fraction=1.0, shuffle=True, seed=5)):
+        neuron, feature = example_units(order)
+        assert (neuron["site"], neuron["dictionary"], neuron["unit"]) == ("mlp2", "neurons", 1)
+        assert (feature["site"], feature["dictionary"], feature["unit"], feature["n_active"]) == ("mlp2", "topk", 5, 90)
+        assert set(neuron) == set(site_units.columns) == set(feature)  # whole rows come back
+    _, feature = example_units(site_units, min_feature_active=95)  # only feature 1 (400 tokens) is that active
+    assert feature["unit"] == 1
+    _, feature = example_units(site_units, min_feature_active=10_000)  # none is: every alive feature of the site
+    assert (feature["unit"], feature["status"]) == (4, "alive")
+
+
+def test_example_units_fall_back_to_residual_dimensions_and_break_full_ties_by_table_order(site_units):
+    """Without an MLP site the neuron is a residual dimension and the feature comes from its site;
+    features equal in score, activity and index are taken in table order."""
+    from mechinterp.polysemanticity import example_units
+
+    neuron, feature = example_units(site_units.filter(pl.col("site") == "resid2"))
+    assert (neuron["unit_kind"], neuron["unit"]) == ("residual_dim", 0)
+    assert (feature["dictionary"], feature["unit"]) == ("resid2-relu", 0)
+    # 40 features of 40 SAEs at one site, several tied on all three keys at the top (score 0.8, 100
+    # tokens, unit 3): enough rows that an unstable sort would reorder the ties
+    features = [("mlp2", "mlp", f"sae{i:02d}", "feature", 3 + i % 2, "alive", 100 - 10 * (i % 3 == 1),
+                 0.8 if i % 4 < 2 else 0.5) for i in range(40)]
+    neuron_row = ("mlp2", "mlp", "neurons", "neuron", 0, "alive", 200, 0.1)
+    for seed in range(5):
+        table = notebook_units([neuron_row, *features]).sample(fraction=1.0, shuffle=True, seed=seed)
+        top = table.filter((pl.col("monosemanticity") == 0.8) & (pl.col("n_active") == 100) & (pl.col("unit") == 3))
+        assert top.height > 1
+        assert example_units(table)[1]["dictionary"] == top["dictionary"][0]
+
+
+def test_example_units_say_which_unit_is_missing(site_units):
+    """No alive MLP neuron, or no alive feature at the neuron's site: a ValueError naming which."""
+    from mechinterp.polysemanticity import example_units
+
+    with pytest.raises(ValueError, match="no alive mlp neuron"):
+        example_units(site_units.filter(~((pl.col("site_kind") == "mlp") & (pl.col("dictionary") == "neurons")
+                                          & (pl.col("status") == "alive"))))
+    with pytest.raises(ValueError, match="no alive SAE feature at site mlp2"):
+        example_units(site_units.filter(pl.col("dictionary") != "topk"))
+
+
+def test_token_concept_label_is_the_smallest_category_listing_the_term_else_the_document_source():
+    """Each term's concept is its smallest category (ties: lexicon, then category name); a context's
+    token is stripped and lower-cased before the look-up, and unlisted tokens name their source."""
+    from mechinterp.polysemanticity import context_concepts, token_concept_labels
+
+    lexicons_table = pl.DataFrame({
+        "lexicon": ["geo", "geo", "geo", "geo", "emo", "emo", "emo", "zz", "aa", "aa", "ab"],
+        "category": ["city", "city", "city", "city", "joy", "joy", "calm", "big", "big", "big", "big"],
+        "term": ["paris", "rome", "oslo", "lima", "paris", "glee", "rome", "oslo", "oslo", "lima", "lima"],
+    })
+    # sizes: geo:city 4, emo:joy 2, emo:calm 1, zz:big 1, aa:big 2, ab:big 1. Pooled over lexicons "big"
+    # would have 4 rows, so the lexicon matters for a category's size.
+    labels = token_concept_labels(lexicons_table)
+    assert labels.columns == ["term", "concept"]
+    assert dict(labels.iter_rows()) == {"paris": "emo:joy", "rome": "emo:calm", "oslo": "zz:big", "lima": "ab:big",
+                                        "glee": "emo:joy"}
+    contexts = [{"token": " Rome", "source": "wiki"}, {"token": "OSLO\n", "source": None},
+                {"token": " Glee ", "source": "news"}, {"token": " Berlin", "source": "news"}]
+    assert context_concepts(contexts, labels) == ["emo:calm", "zz:big", "emo:joy", "source:news (no lexicon)"]
+    assert context_concepts([], labels) == []
+
+
+def test_unit_status_counts_fill_missing_statuses_with_zero_and_compared_units_keep_the_alive_ones(site_units):
+    """Counts per (site, dictionary), sorted, with 0 where a dictionary has no unit of a status; the
+    compared units are the alive neurons and features of one site and SAE, typed by unit kind or SAE."""
+    from mechinterp.polysemanticity import compared_units, unit_status_counts
+
+    counts = unit_status_counts(site_units.sample(fraction=1.0, shuffle=True, seed=2))
+    assert counts.columns == ["site", "dictionary", "alive", "rare", "dead"]
+    assert counts.rows() == [("mlp2", "neurons", 3, 1, 1), ("mlp2", "topk", 4, 1, 1),
+                             ("resid2", "neurons", 2, 0, 0), ("resid2", "resid2-relu", 2, 0, 0)]
+    assert unit_status_counts(site_units.filter(pl.col("status") == "alive")).columns == ["site", "dictionary", "alive"]
+    compared = compared_units(site_units, "mlp2", "topk")
+    assert compared.columns == site_units.columns + ["unit_type"]
+    assert sorted(compared.select("unit_type", "unit").rows()) == sorted(
+        [("neuron", 0), ("neuron", 1), ("neuron", 3), ("topk", 1), ("topk", 2), ("topk", 4), ("topk", 5)])
+    resid = compared_units(site_units, "resid2", "resid2-relu")
+    assert sorted(resid.select("unit_type", "unit").rows()) == sorted(
+        [("residual_dim", 0), ("residual_dim", 1), ("resid2-relu", 0), ("resid2-relu", 1)])
+
+
+def test_compare_counts_the_dead_neurons_of_the_site():
+    """n_dead_neurons counts the neurons whose status is dead (not the features', not the rare ones)."""
+    scores = {score: [0.5] * 9 for score in ("monosemanticity", "concept_specificity", "token_focus",
+                                             "effective_tokens", "density", "monosemanticity_positive",
+                                             "effective_tokens_positive", "density_positive")}
+    units = pl.DataFrame({"dictionary": ["neurons"] * 6 + ["sae"] * 3,
+                          "status": ["alive", "dead", "dead", "rare", "dead", "alive", "alive", "dead", "alive"],
+                          **scores})
+    row = compare(units, 20, seed=0).row(0, named=True)
+    assert (row["n_dead_neurons"], row["n_dead_features"]) == (3, 1)
+
+
+def test_a_row_without_a_source_or_label_has_index_minus_one_there():
+    """row_concepts: each row's concept index for its source and its label, -1 where it has none."""
+    from mechinterp.polysemanticity import row_concepts
+
+    names, index = row_concepts(["wiki", None, ""], [None, "spam", "spam"])
+    assert names == ["label:spam", "source:wiki"]
+    assert index.dtype == np.int64 and index.tolist() == [[1, -1], [-1, 0], [-1, 0]]
+
+
+def test_specificity_never_exceeds_one_when_the_concept_mass_rounds_above_the_total():
+    """A unit's concept mass summed in another order can round a little above its total mass: the
+    specificity is still capped at exactly 1 (the whole mass on the concept)."""
+    from mechinterp.polysemanticity import concept_specificity
+
+    total = torch.tensor([1.0, 2.0])
+    concept_mass = torch.tensor([[1.0 + 1e-3, 0.5], [0.0, 2.0 * (1 + 1e-3)]])
+    _, _, specificity = concept_specificity(concept_mass, total, torch.tensor([0.2, 0.3]))
+    assert specificity.tolist() == [1.0, 1.0]
+
+
+def test_write_codes_saves_the_scored_rows_as_int64_and_each_saes_codes(tmp_path):
+    """The codes folder holds rows.npy (the rows scored, in order, as int64) and each SAE's SparseCodes."""
+    from mechinterp.polysemanticity import write_codes
+
+    codes = SparseCodes.from_dense(torch.tensor([[0.0, 2.0], [1.0, 0.0]]))
+    write_codes(np.array([7, 3], dtype=np.int32), {"sae": codes}, tmp_path / "codes")
+    rows = np.load(tmp_path / "codes" / "rows.npy")
+    assert rows.dtype == np.int64 and rows.tolist() == [7, 3]
+    assert SparseCodes.load(tmp_path / "codes", "sae").values.tolist() == [2.0, 1.0]

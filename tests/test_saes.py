@@ -207,3 +207,88 @@ def test_geometric_median_is_the_minimiser_of_summed_distances():
     assert torch.allclose(geometric_median(points), torch.tensor([0.5, 0.5]), atol=1e-4)
     three = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0 ** 0.5]])  # equilateral: the centre
     assert torch.allclose(geometric_median(three, iterations=200), three.mean(0), atol=1e-4)
+
+
+def test_saved_cfg_json_has_no_keys_but_saelens_s_settings_and_metadata(tmp_path):
+    sae = topk_sae(8, 16, k=3, auxk_k=4)
+    sae.save(tmp_path / "runs" / "resid0" / "sae", metadata={"model_name": "tiny"})  # parents made as needed
+    cfg = json.loads((tmp_path / "runs" / "resid0" / "sae" / "cfg.json").read_text())
+    assert set(cfg) == {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                        "normalize_activations", "reshape_activations", "k", "auxk_k", "auxk_coefficient",
+                        "rescale_acts_by_decoder_norm", "metadata"}
+    loaded, read_back = load_sae(tmp_path / "runs" / "resid0" / "sae")
+    assert (loaded.d_in, loaded.d_sae, loaded.k, read_back["auxk_k"]) == (8, 16, 3, 4)
+
+
+def test_broken_sae_folders_are_refused_with_a_message_naming_the_file_and_the_fix(tmp_path):
+    import re
+
+    sae = relu_sae(4, 8)
+    folder = tmp_path / "sae"
+    sae.save(folder, metadata={})
+    fix = re.escape(f"rm -r {folder}")
+    (folder / "sae_weights.safetensors").write_bytes(b"\x00" * 12)  # truncated
+    with pytest.raises(UserError, match=r"sae_weights\.safetensors does not load \(.*\)\. .*" + fix + "$"):
+        load_sae(folder)
+    (folder / "sae_weights.safetensors").unlink()  # cfg.json alone
+    with pytest.raises(UserError, match=r"is not a saved SAE \(needs cfg\.json and sae_weights\.safetensors\)"):
+        load_sae(folder)
+    sae.save(folder, metadata={})
+    (folder / "cfg.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"cfg\.json is not valid JSON \(.*\)\. .*" + fix + "$"):
+        load_sae(folder)
+    sae.save(folder, metadata={})
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
+    with pytest.raises(UserError, match=r"SAE architecture 'gated' is not one of \['jumprelu', 'standard', 'topk'\]"):
+        load_sae(folder)
+
+
+def test_the_saelens_metadata_hooks_the_cached_site():
+    """cfg.json's metadata, as SAELens reads it to hook an SAE into the model: the cached site's hook and
+    context length, the model and dataset named, BOS prepended and kept."""
+    from mechinterp.train_sae import saelens_metadata
+
+    header = {"hook": "blocks.3.hook_resid_post", "context_length": 128, "site": "resid3"}
+    assert saelens_metadata(header, "SmolLM2-135M", "wikitext") == {
+        "model_name": "SmolLM2-135M", "hook_name": "blocks.3.hook_resid_post", "hook_head_index": None,
+        "prepend_bos": True, "context_size": 128, "dataset_path": "wikitext", "exclude_special_tokens": False,
+        "model_class_name": "TransformerBridge"}
+
+
+def test_geometric_median_defaults_to_thirty_weiszfeld_steps_from_the_centroid():
+    """Checked against the iteration written as a float64 loop, on a triangle with a 121 degree angle at
+    the origin: there the median is the vertex itself and Weiszfeld creeps towards it, moving ~5e-4 a
+    step, so the start and the number of steps both show. At scale 1e-3 the clamp (1e-6) stays inert."""
+    import math
+
+    import numpy as np
+
+    def weiszfeld(points: np.ndarray, steps: int) -> np.ndarray:
+        estimate = points.mean(0)
+        for _ in range(steps):
+            weights = np.array([1 / max(float(np.linalg.norm(p - estimate)), 1e-6) for p in points])
+            estimate = (weights[:, None] * points).sum(0) / weights.sum()
+        return estimate
+
+    angle = math.radians(121)
+    triangle = np.array([[0.0, 0.0], [1.0, 0.0], [math.cos(angle), math.sin(angle)]])
+    for scale in (1.0, 1e-3):
+        median = geometric_median(torch.tensor(triangle * scale, dtype=torch.float32)).double().numpy()
+        assert np.allclose(median, weiszfeld(triangle * scale, 30), atol=2e-6 * scale)
+        assert not np.allclose(median, weiszfeld(triangle * scale, 31), atol=5e-5 * scale)
+    assert torch.allclose(geometric_median(torch.tensor(triangle), iterations=0), torch.tensor(triangle).mean(0))
+
+
+def test_jumprelu_threshold_is_strict_and_never_trained():
+    """z = pre where pre > threshold, so a pre-activation exactly at its threshold gives 0 (Gemma Scope's
+    Heaviside step H(0) = 0); the threshold is saved with the weights but frozen."""
+    from mechinterp.saes.jumprelu import JumpReluSAE, JumpReluSettings
+
+    sae = JumpReluSAE(3, JumpReluSettings(d_sae=4))
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.tensor([0.5, 0.5, 0.25, 1.0]))  # W_enc = 0: pre = b_enc for every input
+        sae.threshold.copy_(torch.tensor([0.5, 0.25, 0.5, 0.0]))
+    assert torch.equal(sae.encode(torch.randn(2, 3)), torch.tensor([[0.0, 0.5, 0.0, 1.0]] * 2))
+    assert not sae.threshold.requires_grad and "threshold" in sae.state_dict()
+    assert all(p.requires_grad for name, p in sae.named_parameters() if name != "threshold")

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import relu_sae
+from conftest import relu_sae, topk_sae
 from mechinterp.activations import ActivationCache, header_path
 from mechinterp.sites import Site
 from mechinterp.errors import UserError
@@ -269,9 +269,10 @@ def test_lr_multiplier_edges():
     assert lr_multiplier(3, 4, 0.0, 1.0) == pytest.approx(0.25)
 
 
-def test_evaluate_assembles_the_heldout_metrics_row(tiny_bridge, tmp_path):
+def test_evaluate_assembles_the_heldout_metrics_row(tiny_bridge, tmp_path, caplog):
     """The metrics row: reconstruction on the held-out rows without BOS, losses on the first held-out
-    windows, and the training summary's numbers, each where it belongs."""
+    windows, and the training summary's numbers, each where it belongs; its quality flags are warned
+    of under the SAE's id; every held-out window may be used; a TopK SAE's k is in the row."""
     import polars as pl
 
     from conftest import write_cache
@@ -292,6 +293,7 @@ def test_evaluate_assembles_the_heldout_metrics_row(tiny_bridge, tmp_path):
         sae.W_dec.mul_(0.8)
     trained = {"outlier_threshold": 20.0, "train_seconds": 1.5, "tokens_per_s": 99.0,
                "spec": {"architecture": "relu", "training_tokens": 4096}}
+    caplog.set_level("WARNING", logger="mechinterp.evaluate_sae")
     row, density = evaluate(tiny_bridge, sae, "resid0-relu", cache, table, windows, trained,
                             EvalSettings(sequences=2, batch_sequences=1))
     heldout_rows = np.flatnonzero((table["split"] == "heldout").to_numpy() & (table["position"] != 0).to_numpy())
@@ -304,6 +306,173 @@ def test_evaluate_assembles_the_heldout_metrics_row(tiny_bridge, tmp_path):
     assert (row["d_in"], row["d_sae"], row["k"]) == (width, 2 * width, None)
     assert (row["outlier_threshold"], row["train_seconds"], row["train_tokens_per_s"], row["training_tokens"]) == (
         20.0, 1.5, 99.0, 4096)
-    assert row["quality_flags"] == quality_flags(row)
+    assert row["quality_flags"] == quality_flags(row) == ["mostly_dense"]  # [x, -x]: every latent on half the tokens
+    assert "resid0-relu: 100% of its latents are dense" in caplog.text
+    assert row["excluded"].startswith("BOS and tokens with norm > outlier_norm_ratio x median")
     with pytest.raises(UserError, match=r"sae_eval.sequences = 4 but the heldout split has 3 windows"):
         evaluate(tiny_bridge, sae, "resid0-relu", cache, table, windows, trained, EvalSettings(sequences=4, batch_sequences=1))
+    topk = topk_sae(width, 2 * width, k=3)
+    every_window, _ = evaluate(tiny_bridge, topk, "resid0-topk", cache, table, windows,
+                               {**trained, "spec": {"architecture": "topk", "training_tokens": 4096}},
+                               EvalSettings(sequences=3, batch_sequences=2))
+    assert every_window["k"] == 3 and every_window["n_loss_tokens"] == 3 * (length - 1)
+
+
+def test_quality_flags_fire_strictly_above_their_bounds():
+    assert quality_flags({"fvu": 1.0, "dense_fraction": 0.5}) == []  # at the bounds: no flag
+    assert quality_flags({"fvu": 1.5, "dense_fraction": 0.51}) == ["fvu_above_1", "mostly_dense"]
+
+
+def test_the_spliced_activation_keeps_the_models_dtype():
+    """A bfloat16 model gets bfloat16 back from the splice (edited in float32), BOS kept clean."""
+    from mechinterp.evaluate_sae import splice_hook
+
+    acts = torch.randn(2, 5, 4).to(torch.bfloat16)
+    out = splice_hook(lambda flat: flat * 0, outlier_threshold=1e9)(acts, None)
+    assert out.dtype == torch.bfloat16 and torch.equal(out[:, 0], acts[:, 0]) and not out[:, 1:].any()
+
+
+def test_the_splice_keeps_exactly_the_tokens_above_the_outlier_threshold():
+    """A token whose norm equals the threshold is spliced; only norms above it keep their clean value."""
+    from mechinterp.evaluate_sae import splice_hook
+
+    acts = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [6.0, 0.0]]])  # BOS, norm 5 (the threshold), norm 6
+    out = splice_hook(lambda flat: flat * 0, outlier_threshold=5.0)(acts, None)
+    assert out[0].tolist() == [[1.0, 0.0], [0.0, 0.0], [6.0, 0.0]]
+
+
+def test_the_dense_warning_gives_the_shares_in_percent(caplog):
+    caplog.set_level("WARNING", logger="mechinterp.evaluate_sae")
+    warn_of_flags("mlp2-relu", {"dense_fraction": 0.6, "l0": 3.4, "d_sae": 8, "fvu": 0.2}, ["mostly_dense"])
+    assert "mlp2-relu: 60% of its latents are dense (active on more than 10% of tokens; mean L0 3 of 8)" in caplog.text
+
+
+def test_selecting_from_only_bos_tokens_leaves_nothing_and_a_zero_median(tmp_path):
+    """A split of BOS tokens only (a corpus of one-token windows): nothing to train on, nothing counted
+    as an outlier, and the median of no norms is 0 rather than an error."""
+    cache, _, _ = planted_cache(tmp_path, n=50)
+    selection = select_rows(cache, np.arange(50), np.zeros(50, int), outlier_norm_ratio=10)
+    assert len(selection.rows) == 0 and selection.n_bos == 50 and selection.n_outliers == 0
+    assert selection.median_norm == 0.0 and selection.outlier_threshold == 0.0
+
+
+def test_the_outlier_threshold_is_the_ratio_times_the_median_non_bos_norm(tmp_path):
+    cache, _, _ = planted_cache(tmp_path, n=400)
+    positions = np.tile(np.arange(8), 50)
+    selection = select_rows(cache, np.arange(400), positions, outlier_norm_ratio=1.2)
+    # the norms straight from the stored float16 array, BOS left out
+    norms = np.linalg.norm(cache.array[positions != 0].astype(np.float64), axis=1)
+    assert selection.median_norm == pytest.approx(np.median(norms), rel=1e-5)
+    assert selection.outlier_threshold == pytest.approx(1.2 * np.median(norms), rel=1e-5)
+    assert selection.n_outliers == int((norms > selection.outlier_threshold).sum()) > 0
+
+
+def test_the_spec_round_trips_through_its_flat_dict():
+    """to_dict is the flat config entry again (the keys the architecture and training read), so a
+    spec rebuilt from it is the same spec."""
+    spec = SaeSpec.from_config(SETTINGS)
+    flat = spec.to_dict()
+    assert SaeSpec.from_config(flat) == spec
+    assert flat == {key: SETTINGS[key] for key in flat} and flat["architecture"] == "topk"
+    assert set(SETTINGS) - set(flat) == {"l1_coefficient", "l1_warmup_fraction"}  # ReLU-only keys
+
+
+def test_the_log_has_a_row_every_log_every_steps_and_one_for_the_last_step(tmp_path):
+    cache, _, selection = planted_cache(tmp_path, n=1000)
+    settings = {**SETTINGS, "batch_size": 64, "training_tokens": 64 * 8, "log_every": 3}
+    _, log, _ = train_sae(cache, selection, SaeSpec.from_config(settings), seed=0)
+    assert log["step"].to_list() == [0, 3, 6, 7]
+    assert log["tokens"].to_list() == [64, 256, 448, 512]
+
+
+def test_the_log_has_its_schema_and_every_value_and_steps_see_their_share_of_training(tmp_path, monkeypatch):
+    """Every step is told the share of training done before it (what the ReLU SAE's L1 warm-up ramps
+    on); the log has the declared column types and a value in every column, aux-k included."""
+    from mechinterp.saes.topk import TopKSAE
+    from mechinterp.train_sae import TRAINING_LOG_SCHEMA
+
+    seen = []
+    original = TopKSAE.training_step
+
+    def recording_step(self, x, dead, progress):
+        seen.append(progress)
+        return original(self, x, dead, progress)
+
+    monkeypatch.setattr(TopKSAE, "training_step", recording_step)
+    cache, _, selection = planted_cache(tmp_path, n=1000)
+    settings = {**SETTINGS, "batch_size": 64, "training_tokens": 64 * 8, "log_every": 2}
+    _, log, _ = train_sae(cache, selection, SaeSpec.from_config(settings), seed=0)
+    assert seen == [step / 8 for step in range(8)]
+    assert log.schema == TRAINING_LOG_SCHEMA and log.null_count().sum_horizontal().item() == 0
+    assert (log["l1"] == 0).all()  # a TopK SAE has no L1 term; a ReLU SAE logs its own
+    _, relu_log, _ = train_sae(cache, selection, SaeSpec.from_config({**settings, "architecture": "relu"}), seed=0)
+    assert (relu_log["l1"] > 0).all()
+
+
+def test_a_latent_silent_for_exactly_dead_after_tokens_counts_as_dead(tmp_path):
+    """Two steps of 16 tokens with k = 1: at most 32 of the 128 latents ever fire, so after the second
+    step (32 tokens = dead_after_tokens) at least 96 have been silent that long, and after the first none."""
+    cache, _, selection = planted_cache(tmp_path, n=500)
+    settings = {**SETTINGS, "k": 1, "batch_size": 16, "training_tokens": 32, "log_every": 1, "dead_after_tokens": 32}
+    _, log, _ = train_sae(cache, selection, SaeSpec.from_config(settings), seed=0)
+    assert log["dead_fraction"][0] == 0.0
+    assert 1 - 32 / 128 <= log["dead_fraction"][1] < 1
+
+
+def test_a_resumed_run_reports_the_selection_and_the_throughput_of_its_own_steps(tmp_path, capsys):
+    """The summary of a run resumed at step 23 of 40: tokens/s over the 17 steps it ran, timed within
+    the call; the progress bar counts on from the checkpoint's step, in steps."""
+    import time
+
+    cache, _, selection = planted_cache(tmp_path, n=8000)
+    settings = {**SETTINGS, "training_tokens": 512 * 40, "checkpoint_every": 1000}
+    spec = SaeSpec.from_config(settings)
+    checkpoint = tmp_path / "ckpt.pt"
+    train_sae(cache, selection, spec, seed=1, checkpoint=checkpoint, stop_after_step=23)
+    capsys.readouterr()
+    before = time.perf_counter()
+    _, _, summary = train_sae(cache, selection, spec, seed=1, checkpoint=checkpoint)
+    wall = time.perf_counter() - before
+    bar = capsys.readouterr().err
+    assert set(summary) == {"scale", "total_steps", "train_seconds", "tokens_per_s", "n_train_rows", "n_excluded_bos",
+                            "n_excluded_outliers", "median_norm", "outlier_threshold"}
+    assert (summary["n_train_rows"], summary["n_excluded_bos"], summary["n_excluded_outliers"]) == (
+        len(selection.rows), selection.n_bos, selection.n_outliers)
+    assert (summary["median_norm"], summary["outlier_threshold"]) == (selection.median_norm, selection.outlier_threshold)
+    assert 0 < summary["train_seconds"] <= wall
+    assert summary["tokens_per_s"] == pytest.approx(17 * 512 / summary["train_seconds"])
+    assert "40/40" in bar and ("step/s" in bar or "s/step" in bar), bar
+
+
+def test_a_checkpoint_is_resumed_only_by_the_same_seed_and_whatever_the_header_key_order(tmp_path, caplog):
+    """The checkpoint's counters of tokens since each latent fired are exact integers; a run with
+    another seed starts afresh (it ends as its own uninterrupted run), and one whose cache header
+    was rewritten with its keys in another order still resumes."""
+    cache, _, selection = planted_cache(tmp_path, n=4000)
+    settings = {**SETTINGS, "training_tokens": 512 * 12, "checkpoint_every": 1000, "dead_after_tokens": 2048}
+    spec = SaeSpec.from_config(settings)
+    checkpoint = tmp_path / "ckpt.pt"
+    train_sae(cache, selection, spec, seed=1, checkpoint=checkpoint, stop_after_step=5)
+    since_fired = torch.load(checkpoint, weights_only=True)["since_fired"]
+    assert since_fired.dtype == torch.int64 and set(since_fired.unique().tolist()) <= {0, 512, 1024, 1536, 2048, 2560}
+    other_seed, _, _ = train_sae(cache, selection, spec, seed=2, checkpoint=checkpoint)
+    straight, _, _ = train_sae(cache, selection, spec, seed=2)
+    assert all(torch.equal(value, straight.state_dict()[name]) for name, value in other_seed.state_dict().items())
+    reordered = dict(reversed(list(cache.header.items())))
+    header_path(cache.path).write_text(json.dumps(reordered))
+    caplog.set_level("INFO", logger="mechinterp.train_sae")
+    train_sae(ActivationCache.open(cache.path), selection, spec, seed=1, checkpoint=checkpoint)
+    assert "resuming resid0 from step 5 of 12" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_returns_a_cpu_sae_like_the_cpu_run(tmp_path):
+    """On a GPU every tensor of the step (SAE, batch, counters) sits on the device; the SAE comes back on
+    the CPU and, from the same seed, close to the CPU run's."""
+    cache, _, selection = planted_cache(tmp_path, n=4000)
+    settings = {**SETTINGS, "training_tokens": 512 * 6, "dead_after_tokens": 1024}
+    on_cpu, cpu_log, _ = train_sae(cache, selection, SaeSpec.from_config(settings), seed=0)
+    on_gpu, gpu_log, _ = train_sae(cache, selection, SaeSpec.from_config(settings), seed=0, device="cuda")
+    assert all(p.device.type == "cpu" for p in on_gpu.parameters())
+    assert gpu_log["step"].to_list() == cpu_log["step"].to_list()
+    assert gpu_log["fvu"][0] == pytest.approx(cpu_log["fvu"][0], rel=1e-3)

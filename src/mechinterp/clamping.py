@@ -583,13 +583,12 @@ def normed_directions(parts: ModelParts, site: Site, writes: torch.Tensor, scale
 def direct_logit_effects(parts: ModelParts, normed: torch.Tensor, concept_ids: list[int], control_ids: list[int]
                          ) -> torch.Tensor:
     """Per unit [U]: the mean logit gain of the concept's tokens minus that of the control tokens from
-    `normed_directions` [U + 1, d] (only the unembedding rows of those tokens are read)."""
+    `normed_directions` [U + 1, d] (only the unembedding rows of those tokens are read; an unembedding
+    bias adds the same to every row, the reference last among them, and cancels in the gain)."""
     unembed = parts.model.get_submodule(parts.unembed)
     gains = []
     for ids in (concept_ids, control_ids):
         logits = normed @ unembed.weight[ids].T
-        if getattr(unembed, "bias", None) is not None:
-            logits = logits + unembed.bias[ids]
         gains.append((logits[:-1] - logits[-1]).mean(1))
     return gains[0] - gains[1]
 

@@ -39,8 +39,9 @@ def effects_at_kl(kl: np.ndarray, effect: np.ndarray, level: float) -> np.ndarra
     below = np.clip((log_kl <= target).sum(0) - 1, 0, len(log_kl) - 2)
     x0, x1 = (np.take_along_axis(log_kl, (below + i)[None], 0)[0] for i in (0, 1))
     y0, y1 = (np.take_along_axis(effect, (below + i)[None], 0)[0] for i in (0, 1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        at = y0 + (y1 - y0) * np.clip((target - x0) / (x1 - x0), 0, 1)
+    # two points at the same KL (the level itself, or the 1e-12 floor) leave no segment: take the later one
+    fraction = np.divide(target - x0, x1 - x0, out=np.ones_like(x0), where=x1 > x0)
+    at = y0 + (y1 - y0) * np.clip(fraction, 0, 1)
     return np.where(log_kl[-1] >= target, at, np.nan)
 
 
@@ -95,7 +96,7 @@ def bootstrap_at_kl(strengths: np.ndarray, effect: np.ndarray, kl: np.ndarray, l
 def percentile_ci(samples: np.ndarray) -> tuple[float, float]:
     """95% percentile interval of the finite samples; NaNs when fewer than half are finite."""
     finite = samples[np.isfinite(samples)]
-    if len(finite) < max(1, len(samples) // 2):
+    if len(finite) == 0 or 2 * len(finite) < len(samples):
         return float("nan"), float("nan")
     low, high = np.percentile(finite, [2.5, 97.5])
     return float(low), float(high)
@@ -201,14 +202,14 @@ def verdict(summary: pl.DataFrame, comparisons: pl.DataFrame, monotone_threshold
     up, down = kl_column(COMPARED_KL), kl_column(COMPARED_KL, "down")
     for (site, selection), group in summary.filter(pl.col("unit_kind") == "feature").group_by(
             "site", "selection", maintain_order=True):
-        n = group.height
+        n = group.height  # group_by makes no empty group
         shares = {"monotone": int((group["spearman_relative"].fill_nan(None).fill_null(-2) >= monotone_threshold).sum()),
                   "raises_concept": int((group[f"{up}_ci_low"].fill_nan(None).fill_null(-1) > 0).sum()),
                   "lowers_concept": int((group[f"{down}_ci_high"].fill_nan(None).fill_null(1) < 0).sum())}
         for statistic, count in shares.items():
             low, high = wilson_interval(count, n)
             rows.append({"site": site, "feature_selection": selection, "statistic": statistic, "baseline": "",
-                         "n_concepts": n, "value": count / n if n else float("nan"), "ci_low": low, "ci_high": high,
+                         "n_concepts": n, "value": count / n, "ci_low": low, "ci_high": high,
                          "p_value": None})
         for baseline, _ in BASELINES:
             pairs = comparisons.filter((pl.col("site") == site) & (pl.col("feature_selection") == selection)

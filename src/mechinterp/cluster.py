@@ -109,7 +109,7 @@ def unfit_requests(requests: list[Request], partitions: list[Partition]) -> list
                                 f"allows at most {held:g}: lower {source}")
             else:
                 fix = (f"lower {source}" if resource != "gpus" else
-                       f"send it to a partition with GPUs (slurm_partition), or set device: cpu in the config")
+                       "send it to a partition with GPUs (slurm_partition), or set device: cpu in the config")
                 problems.append(f"rule {request.name} asks for {asked} {unit} ({source}), but the largest node of "
                                 f"partition {partition.name} has {held}: {fix}")
     return problems

@@ -31,7 +31,7 @@ from mechinterp.files import atomic_path, write_json, write_parquet
 from mechinterp.saes import TopKSAE, load_sae
 from mechinterp.sites import Site
 from mechinterp.tokens import split_rows
-from mechinterp.train_sae import SaeSpec, select_rows, train_sae
+from mechinterp.train_sae import SaeSpec, saelens_metadata, select_rows, train_sae
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     fold_site_scales(sae, stacked.widths, scales)
     layout = Layout([Site.parse(c.header["site"]) for c in raw.caches], stacked.widths, scales)
     header = stacked.header
-    metadata = {"model_name": args.model_name, "hook_name": header["hook"], "hook_head_index": None,
-                "prepend_bos": True, "context_size": header["context_length"], "dataset_path": args.dataset,
-                "exclude_special_tokens": False, "model_class_name": "TransformerBridge"}
     with atomic_path(args.out) as tmp:
-        sae.save(tmp, metadata, extra={"mechinterp": {**flat, **summary, "seed": args.seed,
-                                                      "crosscoder": layout.to_dict()}})
+        sae.save(tmp, saelens_metadata(header, args.model_name, args.dataset),
+                 extra={"mechinterp": {**flat, **summary, "seed": args.seed, "crosscoder": layout.to_dict()}})
         write_parquet(training_log, tmp / "training_log.parquet")
         write_json({**summary, "site": header["site"], "spec": flat, "seed": args.seed, **layout.to_dict()},
                    tmp / "training_summary.json")

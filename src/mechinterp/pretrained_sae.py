@@ -37,7 +37,7 @@ from mechinterp.files import atomic_path, sha256_file, write_json, write_parquet
 from mechinterp.saes import ARCHITECTURES, SparseAutoencoder
 from mechinterp.saes.base import CONFIG_FILE, WEIGHTS_FILE
 from mechinterp.tokens import split_rows
-from mechinterp.train_sae import TRAINING_LOG_SCHEMA, select_rows
+from mechinterp.train_sae import TRAINING_LOG_SCHEMA, saelens_metadata, select_rows
 
 log = logging.getLogger(__name__)
 GEMMA_SCOPE_ARRAYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -189,11 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                "n_excluded_outliers": selection.n_outliers, "median_norm": selection.median_norm,
                "outlier_threshold": selection.outlier_threshold, "pretrained": origin}
     spec = {**flat, "training_tokens": 0}
-    metadata = {"model_name": args.model_name, "hook_name": header["hook"], "hook_head_index": None,
-                "prepend_bos": True, "context_size": header["context_length"], "dataset_path": args.dataset,
-                "exclude_special_tokens": False, "model_class_name": "TransformerBridge"}
     with atomic_path(args.out) as tmp:
-        sae.save(tmp, metadata, extra={"mechinterp": {**spec, **summary}})
+        sae.save(tmp, saelens_metadata(header, args.model_name, args.dataset), extra={"mechinterp": {**spec, **summary}})
         write_parquet(pl.DataFrame(schema=TRAINING_LOG_SCHEMA), tmp / "training_log.parquet")
         write_json({**summary, "site": header["site"], "spec": spec, "seed": None}, tmp / "training_summary.json")
     log.info("loaded %s SAE (%d latents) from %s into %s", sae.architecture, sae.d_sae, source, args.out)

@@ -220,6 +220,14 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 
+def saelens_metadata(header: dict[str, Any], model_name: str, dataset: str) -> dict[str, Any]:
+    """cfg.json's `metadata` for an SAE of the cached site `header` describes (what SAELens reads to hook
+    it into the model), for every SAE folder this workflow writes: trained, loaded or a crosscoder."""
+    return {"model_name": model_name, "hook_name": header["hook"], "hook_head_index": None, "prepend_bos": True,
+            "context_size": header["context_length"], "dataset_path": dataset, "exclude_special_tokens": False,
+            "model_class_name": "TransformerBridge"}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of rule `train_sae`: `python -m mechinterp.train_sae --help`."""
     parser = argparse.ArgumentParser(description="Train one SAE on one cached site; save it in SAELens's format.")
@@ -249,11 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     sae, training_log, summary = train_sae(cache, selection, spec, args.seed, checkpoint,
                                            device=resolve_device(args.device))
     header = cache.header
-    metadata = {"model_name": args.model_name, "hook_name": header["hook"], "hook_head_index": None,
-                "prepend_bos": True, "context_size": header["context_length"], "dataset_path": args.dataset,
-                "exclude_special_tokens": False, "model_class_name": "TransformerBridge"}
     with atomic_path(args.out) as tmp:
-        sae.save(tmp, metadata, extra={"mechinterp": {**flat, **summary, "seed": args.seed}})
+        sae.save(tmp, saelens_metadata(header, args.model_name, args.dataset),
+                 extra={"mechinterp": {**flat, **summary, "seed": args.seed}})
         write_parquet(training_log, tmp / "training_log.parquet")
         write_json({**summary, "site": header["site"], "spec": flat, "seed": args.seed}, tmp / "training_summary.json")
     checkpoint.unlink(missing_ok=True)
