@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                "outlier_threshold": selection.outlier_threshold, "pretrained": origin}
     spec = {**flat, "training_tokens": 0}
     with atomic_path(args.out) as tmp:
-        sae.save(tmp, saelens_metadata(header, args.model_name, args.dataset), extra={"mechinterp": {**spec, **summary}})
+        sae.save(tmp, saelens_metadata(header, args.model_name, args.dataset),
+                 extra={"mechinterp": {**spec, **summary}})
         write_parquet(pl.DataFrame(schema=TRAINING_LOG_SCHEMA), tmp / "training_log.parquet")
         write_json({**summary, "site": header["site"], "spec": spec, "seed": None}, tmp / "training_summary.json")
     log.info("loaded %s SAE (%d latents) from %s into %s", sae.architecture, sae.d_sae, source, args.out)

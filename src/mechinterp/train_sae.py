@@ -219,7 +219,6 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-
 def saelens_metadata(header: dict[str, Any], model_name: str, dataset: str) -> dict[str, Any]:
     """cfg.json's `metadata` for an SAE of the cached site `header` describes (what SAELens reads to hook
     it into the model), for every SAE folder this workflow writes: trained, loaded or a crosscoder."""
