@@ -402,3 +402,14 @@ def test_a_file_deleted_since_the_manifest_is_named_missing(tmp_path):
     result = audit(written, Reference(written, None, None), SETTINGS, run)
     assert "figure.svg: missing since the manifest was written" in result.failures
     assert result.failures[-1].endswith(f"rm -r {run / 'figure.svg'}")
+
+
+def test_equal_values_over_seeds_have_no_spread():
+    """A metric the seed does not move (the model's zero-ablated cross-entropy) has sd exactly 0 in every
+    seed, whatever its bits: numpy's std of three equal doubles is 2.2e-15 for about a quarter of them
+    (the mean rounds one ulp away), which the e2e test once read as process-to-process noise."""
+    value = 10.8  # np.array([10.8] * 3).std(ddof=1) == 2.18e-15
+    tables = {seed: {"sae_eval/metrics.parquet": [{"sae": "a", "ce_zero": value, "fvu": 0.2 + seed / 100}]}
+              for seed in range(3)}
+    sd = dict(spread(tables).select("column", "sd").iter_rows())
+    assert sd["ce_zero"] == 0.0 and sd["fvu"] == pytest.approx(0.01)

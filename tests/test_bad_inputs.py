@@ -29,7 +29,8 @@ from test_polysemanticity import lexicons, planted_neurons, planted_table
 
 SPEC = {"split": "all", "active_fraction": 0.2, "min_active": 10, "min_concept_words": 3,
         "exclude_frequent_words": 0, "concept_unit_min_words": 3, "top_contexts": 4, "context_before": 3,
-        "context_after": 2, "concept_units": 3, "bootstrap_samples": 100}
+        "context_after": 2, "concept_units": 3, "bootstrap_samples": 100, "controls": True,
+        "matched_bin_min_units": 5}
 
 
 @pytest.fixture

@@ -136,8 +136,9 @@ def test_every_table_entry_is_read_off_the_decoded_layers(tiny_bridge):
                                  "top_tokens", "top_ids", "top_probs", "entropy", "kl_to_final"]
     assert targets.columns == ["prompt_id", "origin", "target", "target_id", "layer", "log_prob", "prob", "rank",
                                "in_top_k"]
-    assert first.columns == ["prompt_id", "origin", "target", "target_id", "first_layer_in_top_k", "final_rank",
-                             "final_prob"]
+    assert first.columns == ["prompt_id", "origin", "target", "target_id", "first_layer_in_top_k", "entry",
+                             "ranked_at_output", "final_rank", "final_prob", "rise_spearman", "rise_percentile",
+                             "top_token", "top_first_layer_in_top_k", "top_rise_percentile"]
     for row in positions.iter_rows(named=True):
         item = next(i for i in inputs if i.id == row["prompt_id"])
         lp = decoded[item.id][row["layer"], row["position"]]
@@ -180,7 +181,7 @@ def test_lens_inputs_are_the_prompts_then_seeded_corpus_windows(tiny_bridge):
 
     tokenizer = tiny_bridge.tokenizer
     heldout = np.arange(50 * 10).reshape(50, 10)  # row r starts with token 10 r: a window is known by its first token
-    settings = LensSettings(top_k=5, corpus_windows=5, corpus_window_tokens=6, prompts=PROMPTS)
+    settings = LensSettings(top_k=5, corpus_windows=5, corpus_window_tokens=6, random_tokens=10, prompts=PROMPTS)
     inputs = lens_inputs(tokenizer, settings, heldout, context_length=64, seed=3)
     assert [(i.id, i.origin) for i in inputs[:2]] == [("capital", "prompt"), ("scam", "prompt")]
     assert inputs[0].token_ids == encode(tokenizer, PROMPTS[0]["text"])
@@ -259,3 +260,122 @@ def test_no_measurable_decoding_time_gives_nan_throughput(tiny_bridge, monkeypat
     monkeypatch.setattr(logit_lens, "time", types.SimpleNamespace(perf_counter=lambda: 1.0))
     inputs = prepare_prompts(tiny_bridge.tokenizer, PROMPTS[:1], context_length=64)
     assert math.isnan(run_logit_lens(tiny_bridge, inputs, top_k=3)["layer_positions_per_s"])
+
+
+def test_a_token_that_rises_like_the_random_tokens_sits_at_the_null_and_a_steeper_one_beats_it():
+    """Planted: every random token gains log p with depth (the whole distribution flattens), with noise.
+    A target drawn like them scores near the null percentile 0.5; a target that rises at every layer
+    beats them all; one that falls sits at the bottom. Spearman is +1/-1 for monotone curves."""
+    from mechinterp.logit_lens import null_percentile, rise_spearman
+
+    rng = np.random.default_rng(0)
+    layers = np.arange(12)[:, None]
+    random = -20 + 0.5 * layers + rng.normal(0, 2.0, (12, 2000))  # 2000 random tokens, most rise
+    rho = rise_spearman(random)
+    assert (rho > 0).mean() > 0.8  # the random tokens rise too: the 0.5 null of "rises" would be wrong
+    like_random = -20 + 0.5 * layers + rng.normal(0, 2.0, (12, 400))
+    assert np.median(null_percentile(rise_spearman(like_random), rho)) == pytest.approx(0.5, abs=0.05)
+    steep, falling = -20 + 2.0 * layers[:, 0], -5 - 1.0 * layers[:, 0]
+    spearman = rise_spearman(np.stack([steep, falling], 1))
+    assert spearman.tolist() == pytest.approx([1.0, -1.0])
+    assert null_percentile(spearman, rho).tolist() == [1.0, 0.0]
+    assert null_percentile(np.array([0.3]), np.array([0.1, 0.3, 0.3, 0.5])).tolist() == [0.5]  # mid-rank of ties
+    assert np.isnan(null_percentile(np.array([0.3]), np.array([]))).all()
+
+
+def test_rise_spearman_matches_a_rank_correlation_by_hand():
+    from mechinterp.clamping_stats import spearman
+    from mechinterp.logit_lens import rise_spearman
+
+    values = np.random.default_rng(1).normal(size=(9, 5))
+    assert rise_spearman(values).tolist() == pytest.approx([spearman(np.arange(9), v) for v in values.T])
+
+
+def test_entry_at_the_last_layer_is_not_before_the_output():
+    """The last layer is the output: a token first in the top k there entered `at_last`, not before."""
+    from mechinterp.logit_lens import first_entry
+
+    assert first_entry(np.array([50, 20, 3, 1]), top_k=5) == (2, "before_last")
+    assert first_entry(np.array([50, 20, 9, 4]), top_k=5) == (3, "at_last")
+    assert first_entry(np.array([50, 20, 9, 6]), top_k=5) == (None, "never")
+    assert first_entry(np.array([2, 20, 9, 6]), top_k=5) == (0, "before_last")  # left again: still entered
+
+
+def test_random_tokens_leave_out_special_targets_and_top():
+    from mechinterp.logit_lens import random_token_ids
+
+    ids = random_token_ids(50, {0, 1, 7}, 20, np.random.default_rng(0))
+    assert len(set(ids.tolist())) == 20 and not {0, 1, 7} & set(ids.tolist()) and ids.max() < 50
+    assert random_token_ids(5, {0, 1}, 20, np.random.default_rng(0)).tolist() == [2, 3, 4]
+    again = random_token_ids(50, {0, 1, 7}, 20, np.random.default_rng(0))
+    assert ids.tolist() == again.tolist()
+
+
+def test_the_null_table_holds_targets_top_and_random_tokens(tiny_bridge):
+    """Per input with targets: the targets, the model's top token at the output and `random_tokens`
+    random ones, each at every layer, read off the decoded last position; the percentiles in first_layer
+    are computed against exactly those random tokens."""
+    from mechinterp.logit_lens import null_percentile, rise_spearman
+
+    inputs = prepare_prompts(tiny_bridge.tokenizer, PROMPTS, context_length=64)
+    result = run_logit_lens(tiny_bridge, inputs, top_k=5, random_tokens=30, seed=4)
+    null, first = result["null"], result["first_layer"]
+    n_layers = tiny_bridge.cfg.n_layers + 1
+    for item in inputs:
+        lens, model_lp = lens_log_probs(tiny_bridge, item.token_ids)
+        part = null.filter(pl.col("prompt_id") == item.id)
+        counts = dict(part.group_by("kind").len().iter_rows())
+        assert counts == {"target": n_layers * len(item.targets), "top": n_layers, "random": 30 * n_layers}
+        top = part.filter(pl.col("kind") == "top")
+        assert top["token_id"].unique().to_list() == [int(model_lp[-1].argmax())]
+        random = part.filter(pl.col("kind") == "random")
+        assert not set(random["token_id"]) & ({*item.targets.values(), top["token_id"][0]} | {0, 1, 2})
+        for row in part.sample(20, seed=0).iter_rows(named=True):
+            assert row["log_prob"] == pytest.approx(float(lens[row["layer"], -1, row["token_id"]]), abs=1e-5)
+        curves = random.sort("token_id", "layer")["log_prob"].to_numpy().reshape(30, n_layers).T
+        for row in first.filter(pl.col("prompt_id") == item.id).iter_rows(named=True):
+            own = part.filter(pl.col("token_id") == row["target_id"]).sort("layer")["log_prob"].to_numpy()
+            expected = null_percentile(rise_spearman(own[:, None]), rise_spearman(curves))[0]
+            assert row["rise_percentile"] == pytest.approx(expected)
+    again = run_logit_lens(tiny_bridge, inputs, top_k=5, random_tokens=30, seed=4)["null"]
+    assert again.equals(null)
+    assert 0 <= result["random_rise_share"] <= 1
+
+
+def first_layer_table(percentiles: list[float], entries: list[str], ranked: list[bool]) -> pl.DataFrame:
+    """A first_layer table of prompt targets, two per prompt, plus a corpus row the claims must ignore."""
+    n = len(percentiles)
+    return pl.DataFrame({
+        "prompt_id": [f"p{i // 2}" for i in range(n)] + ["corpus_0"], "origin": ["prompt"] * n + ["corpus"],
+        "target": [f" t{i}" for i in range(n)] + [" c"], "rise_percentile": [*percentiles, 0.0],
+        "top_rise_percentile": [0.9] * n + [0.0], "entry": [*entries, "never"], "ranked_at_output": [*ranked, True]})
+
+
+def test_lens_claims_test_targets_against_random_tokens_and_count_entry_before_the_last_layer():
+    """Targets at the null percentile are not claimed to rise; targets far above it are. Entry at the
+    last layer is not entry before the output, and targets never ranked at the output are left out."""
+    from mechinterp.claims import lens_claims
+
+    summary = {"max_final_abs_diff": 0.0, "random_rise_share": 0.91}
+    null_like = first_layer_table([0.45, 0.55, 0.5, 0.48, 0.52, 0.5], ["before_last"] * 6, [True] * 6)
+    verdict = {r["claim"]: r for r in lens_claims(summary, null_like)}
+    rise = verdict["logit_lens.targets_rise_beyond_random"]
+    assert rise["value"] == pytest.approx(0.5) and rise["verdict"] == "inconclusive" and rise["bound"] == 0.5
+    assert "91.0% of random tokens rise" in rise["statement"]
+    planted = first_layer_table([0.97, 0.99, 0.95, 0.98, 0.96, 0.99], ["before_last"] * 6, [True] * 6)
+    rise = {r["claim"]: r for r in lens_claims(summary, planted)}["logit_lens.targets_rise_beyond_random"]
+    assert rise["verdict"] == "holds" and rise["ci_low"] > 0.9
+    low = first_layer_table([0.02, 0.05, 0.01, 0.03, 0.04, 0.02], ["before_last"] * 6, [True] * 6)
+    assert {r["claim"]: r for r in lens_claims(summary, low)}["logit_lens.targets_rise_beyond_random"]["verdict"] == "fails"
+    # entry: 18 at the last layer and 2 before, among the ranked; 10 never ranked, which do not count
+    entries = ["at_last"] * 18 + ["before_last"] * 2 + ["never"] * 10
+    table = first_layer_table([0.5] * 30, entries, [True] * 20 + [False] * 10)
+    enter = {r["claim"]: r for r in lens_claims(summary, table)}["logit_lens.targets_enter_before_output"]
+    assert enter["value"] == pytest.approx(0.1) and enter["verdict"] == "fails"
+    assert "20 such targets; 10 never ranked there" in enter["statement"]
+    table = first_layer_table([0.5] * 20, ["before_last"] * 10 + ["never"] * 10, [True] * 10 + [False] * 10)
+    enter = {r["claim"]: r for r in lens_claims(summary, table)}["logit_lens.targets_enter_before_output"]
+    assert enter["value"] == 1.0 and enter["verdict"] == "holds"
+    control = {r["claim"]: r for r in lens_claims(summary, table)}["logit_lens.top_token_rises_beyond_random"]
+    assert control["value"] == pytest.approx(0.9)
+    assert len(lens_claims(summary, table)) == 4

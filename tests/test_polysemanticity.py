@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mechinterp.activations import ActivationCache
-from mechinterp.polysemanticity import (IdentityDictionary, ScoringSettings, SparseCodes, accumulate, best_features,
-                                        compare, score_site, token_concepts, unit_maxima)
+from mechinterp.polysemanticity import (COMPARED_SCORES, IdentityDictionary, ScoringSettings, SparseCodes, accumulate,
+                                        best_features, compare, score_site, token_concepts, unit_maxima)
 
 from conftest import topk_sae, write_cache
 
@@ -28,7 +28,8 @@ FILLER = [" the", " of", " and", " a", " to", " in", " is", " it"]
 WORDS = [w for words in CONCEPTS.values() for w in words] + FILLER
 SETTINGS = ScoringSettings(split="all", active_fraction=0.2, min_active=10, min_concept_words=3,
                            concept_unit_min_words=3, exclude_frequent_words=0, top_contexts=4, context_before=3,
-                           context_after=2, concept_units=3, bootstrap_samples=100)
+                           context_after=2, concept_units=3, bootstrap_samples=100, controls=True,
+                           matched_bin_min_units=3)
 
 
 def planted_table(n_sequences: int = 200, length: int = 20, seed: int = 0) -> pl.DataFrame:
@@ -164,7 +165,8 @@ def test_feature_neuron_correlation_is_pearson(planted, tmp_path):
     maxima, kept = unit_maxima(dictionaries, cache, rows, chunk=1000)
     token_index = np.unique(table[rows]["token_id"].to_numpy(), return_inverse=True)[1]
     acc = accumulate(dictionaries, cache, rows, token_index, int(token_index.max()) + 1,
-                     np.full((len(rows), 2), -1), 0, maxima, 0.2, 3, neurons="neurons", chunk=1000)
+                     np.full((len(rows), 2), -1), 0, maxima, 0.2, 3, np.arange(len(rows)), neurons="neurons",
+                     chunk=1000)
     x = cache.rows(rows).numpy().astype(np.float64)
     f = np.maximum(x @ weights.numpy().astype(np.float64), 0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -204,11 +206,12 @@ def test_comparison_interval_is_seeded_and_brackets_the_planted_difference():
     rng = np.random.default_rng(0)
     units = pl.DataFrame({
         "dictionary": ["neurons"] * 400 + ["sae"] * 600 + ["sae"] * 5, "status": ["alive"] * 1000 + ["dead"] * 5,
+        "unit_kind": ["neuron"] * 400 + ["feature"] * 605, "n_active": rng.integers(10, 1000, 1005),
         **{score: np.r_[rng.normal(0.3, 0.1, 400), rng.normal(0.6, 0.1, 600), [np.nan] * 5]
-           for score in ("monosemanticity", "concept_specificity", "token_focus", "effective_tokens", "density",
-                         "monosemanticity_positive", "effective_tokens_positive", "density_positive")}})
-    first, again = compare(units, 500, seed=1), compare(units, 500, seed=1)
+           for score in COMPARED_SCORES}})
+    first, again = compare(units, 500, seed=1, min_bin_units=3), compare(units, 500, seed=1, min_bin_units=3)
     assert first.equals(again)
+    assert set(first["baseline"]) == {"neurons"} and set(first["score"]) == {*COMPARED_SCORES, "monosemanticity_matched"}
     row = first.filter(pl.col("score") == "monosemanticity").row(0, named=True)
     assert row["ci_low"] < 0.3 < row["ci_high"] and row["ci_high"] - row["ci_low"] < 0.05
     mono = units["monosemanticity"].to_numpy()
@@ -487,80 +490,57 @@ def test_check_alive_units_refuses_no_alive_unit_and_warns_below_half(caplog):
 
 def notebook_units(rows: list[tuple]) -> pl.DataFrame:
     """A units table with the columns the notebook's choices read."""
-    return pl.DataFrame(rows, schema={"site": pl.Utf8, "site_kind": pl.Utf8, "dictionary": pl.Utf8,
+    return pl.DataFrame(rows, schema={"site": pl.Utf8, "site_kind": pl.Utf8, "layer": pl.Int64, "dictionary": pl.Utf8,
                                       "unit_kind": pl.Utf8, "unit": pl.Int64, "status": pl.Utf8,
                                       "n_active": pl.Int64, "monosemanticity": pl.Float64}, orient="row")
 
 
 @pytest.fixture()
 def site_units() -> pl.DataFrame:
-    """Two sites. mlp2: alive neurons 1 and 3 tie for the lowest score (1 wins on index); feature 4 of
-    topk is cleanest but rarely active, 2 and 5 tie on score and 5 is active on more tokens.
-    resid2: its least monosemantic dimension is lower than any MLP neuron's."""
+    """Three sites. mlp2: alive neurons 1 and 3 tie at 0.20 (1 first on index), 0 at 0.70; alive topk
+    features 1 (0.30), 2 and 5 (0.90, 2 first on index), 4 (1.00); a control scores 0.50 and is no
+    SAE. mlp1 has neurons but no SAE, so it shows no card. resid2 has a lower layer than mlp2."""
     return notebook_units([
-        ("mlp2", "mlp", "neurons", "neuron", 0, "alive", 200, 0.70),
-        ("mlp2", "mlp", "neurons", "neuron", 3, "alive", 200, 0.20),
-        ("mlp2", "mlp", "neurons", "neuron", 1, "alive", 200, 0.20),
-        ("mlp2", "mlp", "neurons", "neuron", 2, "rare", 3, 0.05),
-        ("mlp2", "mlp", "neurons", "neuron", 4, "dead", 0, None),
-        ("resid2", "resid", "neurons", "residual_dim", 0, "alive", 800, 0.01),
-        ("resid2", "resid", "neurons", "residual_dim", 1, "alive", 800, 0.30),
-        ("mlp2", "mlp", "topk", "feature", 2, "alive", 70, 0.90),
-        ("mlp2", "mlp", "topk", "feature", 5, "alive", 90, 0.90),
-        ("mlp2", "mlp", "topk", "feature", 4, "alive", 8, 1.00),
-        ("mlp2", "mlp", "topk", "feature", 1, "alive", 400, 0.30),
-        ("mlp2", "mlp", "topk", "feature", 0, "dead", 0, 1.00),  # a dead feature is never the example
-        ("mlp2", "mlp", "topk", "feature", 3, "rare", 60, 0.99),
-        ("resid2", "resid", "resid2-relu", "feature", 0, "alive", 800, 0.98),
-        ("resid2", "resid", "resid2-relu", "feature", 1, "alive", 800, 0.40),
+        ("mlp2", "mlp", 2, "neurons", "neuron", 0, "alive", 200, 0.70),
+        ("mlp2", "mlp", 2, "neurons", "neuron", 3, "alive", 200, 0.20),
+        ("mlp2", "mlp", 2, "neurons", "neuron", 1, "alive", 200, 0.20),
+        ("mlp2", "mlp", 2, "neurons", "neuron", 2, "rare", 3, 0.05),
+        ("mlp2", "mlp", 2, "neurons", "neuron", 4, "dead", 0, None),
+        ("mlp1", "mlp", 1, "neurons", "neuron", 0, "alive", 200, 0.50),
+        ("resid2", "resid", 0, "neurons", "residual_dim", 0, "alive", 800, 0.01),
+        ("resid2", "resid", 0, "neurons", "residual_dim", 1, "alive", 800, 0.30),
+        ("mlp2", "mlp", 2, "topk", "feature", 2, "alive", 70, 0.90),
+        ("mlp2", "mlp", 2, "topk", "feature", 5, "alive", 90, 0.90),
+        ("mlp2", "mlp", 2, "topk", "feature", 4, "alive", 8, 1.00),
+        ("mlp2", "mlp", 2, "topk", "feature", 1, "alive", 400, 0.30),
+        ("mlp2", "mlp", 2, "topk", "feature", 0, "dead", 0, 1.00),  # a dead feature is never the example
+        ("mlp2", "mlp", 2, "topk", "feature", 3, "rare", 60, 0.99),
+        ("mlp2", "mlp", 2, "control:random_init:topk", "control", 0, "alive", 50, 0.50),  # sorts before topk
+        ("resid2", "resid", 0, "resid2-relu", "feature", 0, "alive", 800, 0.98),
+        ("resid2", "resid", 0, "resid2-relu", "feature", 1, "alive", 800, 0.40),
     ])
 
 
-def test_example_neuron_is_the_least_monosemantic_alive_mlp_neuron_and_feature_its_sites_cleanest(site_units):
-    """Lowest monosemanticity among alive MLP neurons (ties: lowest index), and the feature of the same
-    site with the highest score among frequently active alive ones (ties: more active tokens)."""
+def test_example_cards_are_the_median_neuron_and_feature_of_the_first_mlp_site_with_both(site_units):
+    """The lower median by monosemanticity (ties: unit index) of the alive neurons and of the alive
+    features of the first MLP site with both, whatever the table order; controls are not features."""
     from mechinterp.polysemanticity import example_units
 
     for order in (site_units, site_units.reverse(), site_units.sample(fraction=1.0, shuffle=True, seed=5)):
         neuron, feature = example_units(order)
-        assert (neuron["site"], neuron["dictionary"], neuron["unit"]) == ("mlp2", "neurons", 1)
-        assert (feature["site"], feature["dictionary"], feature["unit"], feature["n_active"]) == ("mlp2", "topk", 5, 90)
+        assert (neuron["site"], neuron["dictionary"], neuron["unit"]) == ("mlp2", "neurons", 3)
+        assert (feature["site"], feature["dictionary"], feature["unit"]) == ("mlp2", "topk", 2)
         assert set(neuron) == set(site_units.columns) == set(feature)  # whole rows come back
-    _, feature = example_units(site_units, min_feature_active=95)  # only feature 1 (400 tokens) is that active
-    assert feature["unit"] == 1
-    _, feature = example_units(site_units, min_feature_active=10_000)  # none is: every alive feature of the site
-    assert (feature["unit"], feature["status"]) == (4, "alive")
 
 
-def test_example_units_fall_back_to_residual_dimensions_and_break_full_ties_by_table_order(site_units):
-    """Without an MLP site the neuron is a residual dimension and the feature comes from its site;
-    features equal in score, activity and index are taken in table order."""
+def test_example_cards_fall_back_to_a_residual_site_and_say_when_no_site_has_both(site_units):
     from mechinterp.polysemanticity import example_units
 
     neuron, feature = example_units(site_units.filter(pl.col("site") == "resid2"))
     assert (neuron["unit_kind"], neuron["unit"]) == ("residual_dim", 0)
-    assert (feature["dictionary"], feature["unit"]) == ("resid2-relu", 0)
-    # 40 features of 40 SAEs at one site, several tied on all three keys at the top (score 0.8, 100
-    # tokens, unit 3): enough rows that an unstable sort would reorder the ties
-    features = [("mlp2", "mlp", f"sae{i:02d}", "feature", 3 + i % 2, "alive", 100 - 10 * (i % 3 == 1),
-                 0.8 if i % 4 < 2 else 0.5) for i in range(40)]
-    neuron_row = ("mlp2", "mlp", "neurons", "neuron", 0, "alive", 200, 0.1)
-    for seed in range(5):
-        table = notebook_units([neuron_row, *features]).sample(fraction=1.0, shuffle=True, seed=seed)
-        top = table.filter((pl.col("monosemanticity") == 0.8) & (pl.col("n_active") == 100) & (pl.col("unit") == 3))
-        assert top.height > 1
-        assert example_units(table)[1]["dictionary"] == top["dictionary"][0]
-
-
-def test_example_units_say_which_unit_is_missing(site_units):
-    """No alive MLP neuron, or no alive feature at the neuron's site: a ValueError naming which."""
-    from mechinterp.polysemanticity import example_units
-
-    with pytest.raises(ValueError, match="no alive mlp neuron"):
-        example_units(site_units.filter(~((pl.col("site_kind") == "mlp") & (pl.col("dictionary") == "neurons")
-                                          & (pl.col("status") == "alive"))))
-    with pytest.raises(ValueError, match="no alive SAE feature at site mlp2"):
-        example_units(site_units.filter(pl.col("dictionary") != "topk"))
+    assert (feature["dictionary"], feature["unit"]) == ("resid2-relu", 1)
+    with pytest.raises(ValueError, match="no site has both"):
+        example_units(site_units.filter(pl.col("unit_kind") != "feature"))
 
 
 def test_token_concept_label_is_the_smallest_category_listing_the_term_else_the_document_source():
@@ -592,7 +572,8 @@ def test_unit_status_counts_fill_missing_statuses_with_zero_and_compared_units_k
 
     counts = unit_status_counts(site_units.sample(fraction=1.0, shuffle=True, seed=2))
     assert counts.columns == ["site", "dictionary", "alive", "rare", "dead"]
-    assert counts.rows() == [("mlp2", "neurons", 3, 1, 1), ("mlp2", "topk", 4, 1, 1),
+    assert counts.rows() == [("mlp1", "neurons", 1, 0, 0), ("mlp2", "control:random_init:topk", 1, 0, 0),
+                             ("mlp2", "neurons", 3, 1, 1), ("mlp2", "topk", 4, 1, 1),
                              ("resid2", "neurons", 2, 0, 0), ("resid2", "resid2-relu", 2, 0, 0)]
     assert unit_status_counts(site_units.filter(pl.col("status") == "alive")).columns == ["site", "dictionary", "alive"]
     compared = compared_units(site_units, "mlp2", "topk")
@@ -606,13 +587,11 @@ def test_unit_status_counts_fill_missing_statuses_with_zero_and_compared_units_k
 
 def test_compare_counts_the_dead_neurons_of_the_site():
     """n_dead_neurons counts the neurons whose status is dead (not the features', not the rare ones)."""
-    scores = {score: [0.5] * 9 for score in ("monosemanticity", "concept_specificity", "token_focus",
-                                             "effective_tokens", "density", "monosemanticity_positive",
-                                             "effective_tokens_positive", "density_positive")}
-    units = pl.DataFrame({"dictionary": ["neurons"] * 6 + ["sae"] * 3,
+    scores = {score: [0.5] * 9 for score in COMPARED_SCORES}
+    units = pl.DataFrame({"dictionary": ["neurons"] * 6 + ["sae"] * 3, "unit_kind": ["neuron"] * 6 + ["feature"] * 3,
                           "status": ["alive", "dead", "dead", "rare", "dead", "alive", "alive", "dead", "alive"],
-                          **scores})
-    row = compare(units, 20, seed=0).row(0, named=True)
+                          "n_active": [20] * 9, **scores})
+    row = compare(units, 20, seed=0, min_bin_units=1).row(0, named=True)
     assert (row["n_dead_neurons"], row["n_dead_features"]) == (3, 1)
 
 
@@ -645,3 +624,252 @@ def test_write_codes_saves_the_scored_rows_as_int64_and_each_saes_codes(tmp_path
     rows = np.load(tmp_path / "codes" / "rows.npy")
     assert rows.dtype == np.int64 and rows.tolist() == [7, 3]
     assert SparseCodes.load(tmp_path / "codes", "sae").values.tolist() == [2.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The null matched on activity, the activity-matched comparison and the controls (issue 27)
+# ---------------------------------------------------------------------------------------------------
+
+def random_token_table(n_sequences: int = 400, length: int = 50, vocabulary: int = 200, seed: int = 0) -> pl.DataFrame:
+    """Uniformly random tokens " w0" ... from a vocabulary, BOS first, two sources and two labels."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocabulary, (n_sequences, length)) + 10
+    ids[:, 0] = 1
+    names = np.array(["<s>"] + [""] * 9 + [f" w{i}" for i in range(vocabulary)], dtype=object)
+    sequence = np.repeat(np.arange(n_sequences), length)
+    return pl.DataFrame({"sequence": sequence, "position": np.tile(np.arange(length), n_sequences),
+                         "token_id": ids.flatten(), "token": names[ids.flatten()],
+                         "source": np.where(sequence % 2 == 0, "news", "reviews"),
+                         "label": np.where(sequence % 4 < 2, "x", "y")})
+
+
+def random_word_lexicons(vocabulary: int = 200) -> pl.DataFrame:
+    """Ten categories of ten words each, so the best-of-many-concepts bias is there to be matched."""
+    return pl.DataFrame({"lexicon": "t", "category": [f"c{i // 10}" for i in range(100)],
+                         "term": [f"w{i}" for i in range(100)]})
+
+
+def test_units_on_random_tokens_score_at_their_null_and_a_one_token_unit_far_above_it(tmp_path):
+    """40 units each fire on 10 (or 40) random tokens: monosemanticity far above 0 (token focus rewards
+    few active tokens), but their excess over the activity-matched null is 0 on average. A unit on every
+    occurrence of one token (about 100) has a large excess. The null keeps each unit's active count."""
+    table = random_token_table()
+    rows = np.flatnonzero(table["position"].to_numpy() != 0)
+    rng = np.random.default_rng(1)
+    acts = np.zeros((table.height, 81), np.float32)
+    for unit in range(80):
+        fired = rng.choice(rows, 10 if unit < 40 else 40, replace=False)
+        acts[fired, unit] = 1 + rng.random(len(fired))
+    one_token = table["token"].to_numpy() == " w7"
+    acts[:, 80] = one_token * (1 + rng.random(table.height))
+    cache = ActivationCache.open(write_cache(tmp_path / "mlp0.npy", acts.astype(np.float16)))
+    excess = []
+    for seed in range(3):
+        units, _, _, _ = score_site(cache, table, rows, {"neurons": IdentityDictionary(81)}, {"neurons": "neuron"},
+                                    random_word_lexicons(), SETTINGS, seed=seed)
+        assert (units["status"] == "alive").all()
+        excess.append(units["monosemanticity_excess"].to_numpy())
+        assert units["monosemanticity"][:40].median() > 0.4  # the density effect the null removes
+        focus_excess = units["token_focus"].to_numpy() - units["token_focus_null"].to_numpy()
+        np.testing.assert_allclose(units["token_focus_excess"].to_numpy(), focus_excess)
+    excess = np.array(excess)
+    for few in (slice(0, 40), slice(40, 80)):
+        assert abs(excess[:, few].mean()) < 0.03
+    assert excess[:, 80].min() > 0.5
+    assert units["n_active"][80] == int(one_token[rows].sum()) > 50
+
+
+def test_the_null_keeps_each_units_values_and_threshold_and_is_the_score_when_nothing_moves(planted):
+    """With the identity permutation the null view is the active view: null scores equal the scores and
+    every excess is 0. With a permutation every unit keeps its total active mass and active count."""
+    from mechinterp.polysemanticity import row_concepts
+
+    table, cache, rows = planted
+    dictionaries = {"neurons": IdentityDictionary(6)}
+    maxima, _ = unit_maxima(dictionaries, cache, rows)
+    scored = table[rows]
+    token_index = np.unique(scored["token_id"].to_numpy(), return_inverse=True)[1]
+    names, row_index = row_concepts(scored["source"].to_list(), scored["label"].to_list())
+    for identity, order in ((True, np.arange(len(rows))), (False, np.random.default_rng(0).permutation(len(rows)))):
+        acc = accumulate(dictionaries, cache, rows, token_index, int(token_index.max()) + 1, row_index, len(names),
+                         maxima, 0.2, 3, order)["neurons"]
+        torch.testing.assert_close(acc.token_mass["null"].sum(0), acc.token_mass["active"].sum(0))
+        torch.testing.assert_close(acc.row_concept_mass["null"].sum(0), acc.row_concept_mass["active"].sum(0))
+        assert torch.equal(acc.token_mass["null"], acc.token_mass["active"]) == identity
+    units, _, _, _ = score_site(cache, table, rows, dictionaries, {"neurons": "neuron"}, lexicons(), SETTINGS)
+    alive = units.filter(pl.col("status") == "alive")
+    assert alive["monosemanticity_null"].is_not_null().all() and alive["concept_specificity_null"].is_not_null().all()
+    assert units.filter(pl.col("status") != "alive")["monosemanticity_excess"].is_null().all()
+
+
+def test_matched_difference_is_zero_for_one_distribution_at_different_activity_and_finds_a_planted_shift():
+    """Scores that depend on activity only (falling with log2 n_active): features fire on few tokens,
+    neurons on many, so the raw median difference is large; within bins of activity it is 0, with a CI
+    around 0. A shift of +0.2 planted in every feature is found, with a CI around it."""
+    from mechinterp.polysemanticity import bootstrap_median_difference, matched_difference
+
+    rng = np.random.default_rng(0)
+    active_f = np.round(2 ** rng.uniform(3, 9, 3000)).astype(int)
+    active_n = np.round(2 ** rng.uniform(6, 12, 1000)).astype(int)
+
+    def score(active: np.ndarray) -> np.ndarray:
+        return 1 - np.log2(active) / 12 + rng.normal(0, 0.05, len(active))
+
+    features, neurons = score(active_f), score(active_n)
+    raw = bootstrap_median_difference(features, neurons, 200, seed=0)
+    assert raw[1] > 0.15
+    matched = matched_difference(features, active_f, neurons, active_n, 5, 200, seed=0)
+    assert matched["ci_low"] < 0 < matched["ci_high"] and matched["ci_high"] - matched["ci_low"] < 0.05
+    assert abs(matched["difference"]) < 0.02 and matched["n_bins"] == 3  # bins 6, 7 and 8 hold both groups
+    shifted = matched_difference(features + 0.2, active_f, neurons, active_n, 5, 200, seed=0)
+    assert shifted["ci_low"] < 0.2 < shifted["ci_high"]
+    assert shifted["difference"] == pytest.approx(matched["difference"] + 0.2)
+    none = matched_difference(features, np.full(3000, 4), neurons, np.full(1000, 4000), 5, 200, seed=0)
+    assert none["n_bins"] == 0 and np.isnan(none["difference"])
+
+
+def test_compare_sets_each_sae_and_control_against_the_neurons_and_each_sae_against_each_control():
+    rng = np.random.default_rng(0)
+    kinds = {"neurons": "neuron", "sae": "feature", "control:random_init:sae": "control", "control:pca": "control"}
+    units = pl.DataFrame({"dictionary": [d for d in kinds for _ in range(50)],
+                          "unit_kind": [k for k in kinds.values() for _ in range(50)], "status": "alive",
+                          "n_active": rng.integers(10, 100, 200),
+                          **{score: rng.random(200) for score in COMPARED_SCORES}})
+    comparison = compare(units, 50, seed=0, min_bin_units=3)
+    pairs = set(comparison.select("sae", "baseline").iter_rows())
+    assert pairs == {("sae", "neurons"), ("control:pca", "neurons"), ("control:random_init:sae", "neurons"),
+                     ("sae", "control:pca"), ("sae", "control:random_init:sae")}
+    assert comparison.select("sae", "baseline", "score").is_unique().all()
+    against_control = comparison.filter(pl.col("baseline") == "control:pca")
+    assert set(against_control["score"]) == {"monosemanticity_excess"}
+    assert set(comparison.filter(pl.col("sae") == "control:pca")["score"]) == {"monosemanticity_excess",
+                                                                              "monosemanticity_matched"}
+    row = against_control.filter(pl.col("score") == "monosemanticity_excess").row(0, named=True)
+    at = units.filter(pl.col("dictionary") == "sae")["monosemanticity_excess"].median()
+    assert row["median_features"] == pytest.approx(at)
+
+
+def saved_site_saes(tmp_path: Path, d_in: int) -> dict[str, torch.nn.Module]:
+    """A trained-looking TopK SAE (k 3) and a ReLU SAE, with random weights."""
+    from conftest import relu_sae
+
+    generator = torch.Generator().manual_seed(3)
+    saes = {"topk": topk_sae(d_in, 32, k=3), "relu": relu_sae(d_in, 64)}
+    with torch.no_grad():
+        for sae in saes.values():
+            sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=generator))
+            sae.b_enc.copy_(torch.randn(sae.b_enc.shape, generator=generator) - 6)
+    return saes
+
+
+def test_controls_are_random_topk_codes_untrained_saes_negated_units_and_other_bases(tmp_path):
+    """The random-directions code has k active per row (the TopK SAE's k; the ReLU SAE's mean L0) over
+    unit-norm random directions, uncentred; the untrained copy is the SAE as training initialises it
+    (same seed); the negated units are -x; at a residual site the principal axes of the scored rows
+    (decorrelated, by decreasing variance) and a random rotation, each also negated."""
+    from mechinterp.polysemanticity import LinearDictionary, control_dictionaries
+    from mechinterp.saes.base import geometric_median
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((600, 8)) * np.linspace(3, 0.5, 8) + 2).astype(np.float16)
+    cache = ActivationCache.open(write_cache(tmp_path / "resid0.npy", x))
+    rows = np.arange(600)
+    saes = saved_site_saes(tmp_path, 8)
+    controls = control_dictionaries(cache, rows, saes, outlier_threshold=float("inf"), seed=5, sample_size=600)
+    assert set(controls) == {f"control:{name}" for name in (
+        "neurons_negative", "random_directions:topk", "random_init:topk", "random_directions:relu", "random_init:relu",
+        "pca", "pca_negative", "rotation", "rotation_negative")}
+    data = cache.rows(rows)
+    relu_l0 = round(float((saes["relu"].encode(data) > 0).sum(1).float().mean()))
+    assert 3 < relu_l0 < 20
+    for sae_id, k in (("topk", 3), ("relu", relu_l0)):
+        directions = controls[f"control:random_directions:{sae_id}"]
+        a = directions.encode(data)
+        assert a.shape == (600, saes[sae_id].d_sae) and ((a > 0).sum(1) == k).all()
+        torch.testing.assert_close(directions.W_dec.norm(dim=1), torch.ones(saes[sae_id].d_sae))
+        torch.testing.assert_close(directions.W_enc, directions.W_dec.T)
+        assert (directions.b_dec == 0).all() and (directions.b_enc == 0).all()
+        untrained = controls[f"control:random_init:{sae_id}"]
+        assert type(untrained) is type(saes[sae_id]) and untrained.settings == saes[sae_id].settings
+        fresh = type(saes[sae_id])(8, saes[sae_id].settings)
+        fresh.initialise(data, torch.Generator().manual_seed(5))
+        torch.testing.assert_close(untrained.W_dec, fresh.W_dec)
+        torch.testing.assert_close(untrained.b_dec, geometric_median(data))
+    torch.testing.assert_close(controls["control:neurons_negative"].encode(data), -data)
+    pca = controls["control:pca"]
+    assert isinstance(pca, LinearDictionary)
+    projected = pca.encode(data).double()
+    covariance = np.cov(projected.numpy().T)
+    variances = np.diag(covariance)
+    assert (np.diff(variances) < 0).all()
+    np.testing.assert_allclose(covariance - np.diag(variances), 0, atol=1e-3 * variances.max())
+    np.testing.assert_allclose(projected.mean(0).numpy(), 0, atol=1e-3)
+    rotation = controls["control:rotation"].basis
+    torch.testing.assert_close(rotation.T @ rotation, torch.eye(8), atol=1e-5, rtol=0)
+    for name in ("pca", "rotation"):
+        torch.testing.assert_close(controls[f"control:{name}_negative"].encode(data),
+                                   -controls[f"control:{name}"].encode(data))
+    mlp = ActivationCache.open(write_cache(tmp_path / "mlp0.npy", x, site="mlp0"))
+    assert set(control_dictionaries(mlp, rows, {}, float("inf"), seed=5)) == {"control:neurons_negative"}
+
+
+def test_negated_neurons_score_as_the_positive_side_of_the_negated_activations(planted, tmp_path):
+    """The neurons_negative control gives exactly the scores the neurons of -x get (same rows, seed)."""
+    table, cache, rows = planted
+    acts = planted_neurons(table) - 0.5
+    cache = ActivationCache.open(write_cache(tmp_path / "mlp0.npy", acts.astype(np.float16)))
+    negated = ActivationCache.open(write_cache(tmp_path / "mlp1.npy", (-acts).astype(np.float16)))
+    units, concepts, _, codes = score_site(
+        cache, table, rows, {"neurons": IdentityDictionary(6), "control:neurons_negative": IdentityDictionary(6, True)},
+        {"neurons": "neuron", "control:neurons_negative": "control"}, lexicons(), SETTINGS, seed=3)
+    reference, _, _, _ = score_site(negated, table, rows, {"neurons": IdentityDictionary(6)}, {"neurons": "neuron"},
+                                    lexicons(), SETTINGS, seed=3)
+    control = units.filter(pl.col("dictionary") == "control:neurons_negative")
+    assert (control["unit_kind"] == "control").all() and control["top_contexts"].is_null().all()
+    assert set(concepts["dictionary"]) == {"neurons"} and codes == {}  # a control is only scored
+    assert (control["status"] == "alive").sum() >= 3
+    for column in ("status", "n_active", "best_concept"):
+        assert control[column].to_list() == reference[column].to_list(), column
+    for column in ("max_activation", "density", "token_focus", "concept_specificity", "monosemanticity",
+                   "monosemanticity_null", "monosemanticity_excess"):
+        assert control[column].to_list() == pytest.approx(reference[column].to_list(), nan_ok=True), column
+
+
+def test_polysemanticity_claims_use_the_matched_difference_and_the_excess_over_each_control():
+    from mechinterp.claims import polysemanticity_claims
+
+    def row(sae, baseline, score, difference, low, high):
+        return {"site": "mlp1", "sae": sae, "baseline": baseline, "score": score, "difference": difference,
+                "ci_low": low, "ci_high": high}
+
+    comparison = pl.DataFrame([
+        row("mlp1-topk", "neurons", "monosemanticity", 0.3, 0.2, 0.4),  # the raw difference: no claim
+        row("mlp1-topk", "neurons", "monosemanticity_matched", 0.05, -0.01, 0.1),
+        row("mlp1-topk", "control:random_init:mlp1-topk", "monosemanticity_excess", 0.2, 0.1, 0.3),
+        row("mlp1-topk", "control:random_init:mlp1-topk", "monosemanticity", 0.5, 0.4, 0.6),
+        row("mlp1-topk", "control:random_directions:mlp1-topk", "monosemanticity_excess", -0.2, -0.3, -0.1),
+        row("control:pca", "neurons", "monosemanticity_matched", 0.5, 0.4, 0.6),  # a control makes no claim
+    ])
+    claims = {c["claim"]: c for c in polysemanticity_claims(comparison)}
+    assert {name: c["verdict"] for name, c in claims.items()} == {
+        "polysemanticity.mlp1-topk.beyond_activity": "inconclusive",
+        "polysemanticity.mlp1-topk.beats_random_init": "holds",
+        "polysemanticity.mlp1-topk.beats_random_directions": "fails"}
+    matched = claims["polysemanticity.mlp1-topk.beyond_activity"]
+    assert (matched["value"], matched["ci_low"], matched["ci_high"], matched["bound"]) == (0.05, -0.01, 0.1, 0.0)
+    assert "within log2 bins of active tokens" in matched["statement"]
+    assert claims["polysemanticity.mlp1-topk.beats_random_init"]["value"] == 0.2
+
+
+def test_activity_curves_give_median_score_and_null_per_log2_bin():
+    from mechinterp.polysemanticity import activity_curves
+
+    units = pl.DataFrame({"site": "s", "dictionary": ["neurons"] * 4 + ["sae"] * 2, "unit_kind": "x",
+                          "status": ["alive"] * 5 + ["rare"], "n_active": [8, 15, 16, 100, 9, 3],
+                          "monosemanticity": [0.1, 0.3, 0.5, 0.9, 0.7, 1.0],
+                          "monosemanticity_null": [0.0, 0.2, 0.4, 0.8, 0.1, 1.0]})
+    curves = activity_curves(units, "s")
+    columns = ("dictionary", "bin", "n_units", "monosemanticity", "monosemanticity_null", "n_active")
+    assert curves.select(columns).rows() == [
+        ("neurons", 3, 2, pytest.approx(0.2), pytest.approx(0.1), 8.0), ("neurons", 4, 1, 0.5, 0.4, 16.0),
+        ("neurons", 6, 1, 0.9, 0.8, 64.0), ("sae", 3, 1, 0.7, 0.1, 8.0)]

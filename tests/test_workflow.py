@@ -201,14 +201,14 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
         ("resid3", "crosscoder"), ("resid3", "resid3-topk"), ("mlp3", "crosscoder"), ("mlp3", "mlp3-relu")]
     assert crosscoder_metrics["fvu"].is_between(0, 1).all() and (crosscoder_metrics["kl"] > 0).all()
     crosscoder_cfg = json.loads((results / "crosscoder" / "sae" / "cfg.json").read_text())
-    assert crosscoder_cfg["d_in"] == 576 + 1536 and crosscoder_cfg["d_sae"] == 2 * 1152 and crosscoder_cfg["k"] == 64
+    assert crosscoder_cfg["d_in"] == 576 + 1536 and crosscoder_cfg["d_sae"] == 2 * 1152 and crosscoder_cfg["k"] == 32
     assert crosscoder_cfg["mechinterp"]["crosscoder"]["sites"] == ["resid3", "mlp3"]
     latents = pl.read_parquet(results / "crosscoder" / "latents.parquet")
     assert latents.height == 2304 and latents["effective_sites"].is_between(1, 2).all()
     assert latents["driving_sites"].drop_nulls().is_between(0, 2).all()
     lens_kl = pl.read_parquet(results / "tuned_lens" / "heldout_kl.parquet").filter(
         pl.col("position_kind") == "other").pivot(on="lens", index="layer", values="mean_kl").sort("layer")
-    # four translator steps of smoke: closer than the logit lens over the first two thirds of the layers at least
+    # the smoke config's short tuned lens: closer than the logit lens over the first two thirds of the layers at least
     assert (lens_kl["tuned"] < lens_kl["logit"])[: 2 * lens_kl.height // 3].all()
     assert lens_kl.row(-1, named=True)["tuned"] == lens_kl.row(-1, named=True)["logit"] == pytest.approx(0, abs=1e-4)
 
@@ -224,7 +224,7 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     claims = pl.read_parquet(results / "claims.parquet")
     assert set(claims["verdict"]) <= {"holds", "fails", "inconclusive"}
     assert claims.filter(pl.col("claim") == "logit_lens.final_layer_is_output")["verdict"].to_list() == ["holds"]
-    assert claims.filter(pl.col("claim").str.starts_with("sae.")).height == 2 * 4
+    assert claims.filter(pl.col("claim").str.starts_with("sae.")).height == 2 * 5
     assert claims.filter(pl.col("claim").str.starts_with("clamping.resid3.")).height == 10
     for notebook in ("logit_lens", "sae", "polysemanticity", "clamping", "claims", "toy", "tuned_lens", "crosscoder"):
         html = {"sae": "sae_quality", "toy": "toy_superposition"}.get(notebook, notebook)
@@ -295,7 +295,13 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     spread = pl.read_parquet(results / "replicates" / "spread.parquet").filter(
         pl.col("table") == "sae_eval/metrics.parquet", pl.col("row") == '["resid3-topk"]')
     sd = dict(spread.select("column", "sd").iter_rows())
-    assert sd["fvu"] > 0 and sd["ce_zero"] == 0  # the seed moves the SAE, not the model
+    mean = dict(spread.select("column", "mean").iter_rows())
+    # The seed moves the SAE, not the model: the zero-ablated forward is the same computation in every
+    # seed. What is guaranteed is agreement to rounding, not bit-equality between processes on every
+    # CPU (test_cpu_emulation measures other CPUs' rounding): a spread far below float32's resolution
+    # of the value, against the SAE's real seed spread. (An sd of 2.2e-15 on an AMD EPYC was numpy's
+    # std of equal values, now computed about the first value: spread's doctest.)
+    assert sd["fvu"] > 0 and sd["ce_zero"] <= 1e-6 * mean["ce_zero"] < sd["fvu"]
     assert sha256_file(results / "replicates/seed1/saes/resid3-topk/sae_weights.safetensors") != sha256_file(
         results / "saes/resid3-topk/sae_weights.safetensors")
     assert not (results / "replicates" / "seed1" / "activations").exists()  # the inputs are shared
@@ -337,7 +343,7 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
         ("src/mechinterp/clamping.py", {"clamping", "figures_clamping", "manifest", "all", *claims, *browser}),
         # the toy model's SAE and the crosscoder are TopK SAEs too, the crosscoder trained by train_sae's loop
         ("src/mechinterp/saes/topk.py", downstream_of_training | {"toy_superposition", "figures_toy", "train_crosscoder"}),
-        ("src/mechinterp/toy_superposition.py", {"toy_superposition", "figures_toy", "manifest", "all"}),
+        ("src/mechinterp/toy_superposition.py", {"toy_superposition", "figures_toy", "manifest", "all", *claims}),
         # a stage's entry point lives beside its functions: editing train_sae's main() reruns training and
         # what depends on it, not caching; the stacking entry point reruns the collect rules and after
         ("src/mechinterp/train_sae.py", downstream_of_training | {"train_crosscoder"}),
@@ -345,8 +351,8 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
                                        "figures_polysemanticity", "clamping", "figures_clamping", "manifest", "all",
                                        *claims, *browser, "evaluate_crosscoder", "figures_crosscoder"}),
         ("src/mechinterp/crosscoder_latents.py", {"crosscoder_latents", "figures_crosscoder", *browser, "manifest",
-                                                  "all"}),
-        ("src/mechinterp/tuned_lens.py", {"tuned_lens", "figures_tuned_lens", "manifest", "all"}),
+                                                  "all", *claims}),
+        ("src/mechinterp/tuned_lens.py", {"tuned_lens", "figures_tuned_lens", "manifest", "all", *claims}),
         ("workflow/notebooks/clamping.ipynb", {"figures_clamping", "manifest", "all"}),
         ("src/mechinterp/browser.py", {*browser, "manifest", "all"}),
         ("workflow/browser/browser.js", {"browser", "manifest", "all"}),  # the pages only: no SAE's data

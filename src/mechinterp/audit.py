@@ -46,11 +46,9 @@ RECORDS = ("model/SOURCE.json",)
 UNCOMPARED_PREFIXES = ("logs/", "benchmarks/")  # differ on every run by nature; hashed, never compared
 # config keys a rerun may change and still be audited against the reference: its name, the stochastic
 # stages' seed, the device and the jobs' resources (threads change float rounding only), how it is
-# audited and replicated, how its results are browsed (the browser shows numbers the audit compares,
-# and makes none), and the stages beyond the study that nothing audited reads: the toy model of
-# superposition, the crosscoder and the tuned lens (their tables are not yet in a reference)
-FREE_CONFIG_KEYS = ("run", "seed", "device", "resources", "audit", "replicates", "browser", "toy", "crosscoder",
-                    "tuned_lens")
+# audited and replicated, and how its results are browsed (the browser shows numbers the audit compares,
+# and makes none). The toy model, the crosscoder and the tuned lens are not free: the claims judge them.
+FREE_CONFIG_KEYS = ("run", "seed", "device", "resources", "audit", "replicates", "browser")
 REFERENCE_MANIFEST = "MANIFEST.json"
 REFERENCE_SPREAD = "replicates/spread.parquet"
 REFERENCE_CLAIMS = "replicates/claims.parquet"

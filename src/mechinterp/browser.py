@@ -493,7 +493,7 @@ def named_units(units: pl.DataFrame, sae_id: str, site: str, targets: pl.DataFra
         cards = example_units(units)
     except ValueError:
         cards = ()
-    for card, label in zip(cards, ("example card: the most polysemantic neuron", "example card: the cleanest feature"),
+    for card, label in zip(cards, ("example card: the median neuron", "example card: the median feature"),
                            strict=False):
         if card["site"] == site and card["dictionary"] in ("neurons", sae_id):
             named.append({"label": label, "dict": "features" if card["dictionary"] == sae_id else "neurons",

@@ -177,6 +177,17 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+def share_difference_interval(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
+    """95% interval of the difference of two independent shares, a - b: Newcombe's hybrid score
+    interval (his method 10, 1998), built from each share's Wilson interval. NaN when either n is 0."""
+    if n_a == 0 or n_b == 0:
+        return float("nan"), float("nan")
+    p_a, p_b = successes_a / n_a, successes_b / n_b
+    (low_a, high_a), (low_b, high_b) = wilson_interval(successes_a, n_a), wilson_interval(successes_b, n_b)
+    difference = p_a - p_b
+    return (difference - math.hypot(p_a - low_a, high_b - p_b), difference + math.hypot(high_a - p_a, p_b - low_b))
+
+
 def sign_flip_p_value(differences: np.ndarray, n_flips: int, seed: int) -> float:
     """Two-sided paired test of mean(differences) = 0 by random sign flips (exact when 2^n <= n_flips)."""
     n = len(differences)

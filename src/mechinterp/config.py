@@ -128,7 +128,7 @@ def crosscoder_plan(config: dict[str, Any]) -> CrosscoderPlan:
         per_site[site_id] = own[0]
     n, sae = len(per_site), config["sae"]
     settings = {**{k: v for k, v in sae.items() if k != "sites"}, "architecture": "topk",
-                "d_sae": section["d_sae"] or n * sae["d_sae"], "k": section["k"] or n * sae["k"],
+                "d_sae": section["d_sae"] or n * sae["d_sae"], "k": section["k"] or sae["k"],
                 "training_tokens": section["training_tokens"]}
     if settings["k"] >= settings["d_sae"]:
         raise UserError(f"crosscoder: k = {settings['k']} must be below d_sae = {settings['d_sae']}; lower "

@@ -7,10 +7,23 @@ analyses its latents.
 With the sites' activations side by side, x = [x_1, ..., x_L], the summed encoders
 sum_l (x_l - b_dec^l) W_enc^l + b_enc are one product (x - b_dec) W_enc, and the per-site decoders are
 blocks of columns of W_dec: the crosscoder *is* a TopK SAE on the stacked activations. So it is trained
-by `train_sae`'s loop on a `StackedCache` and saved in SAELens's format (a TopK SAE of width sum_l d_l,
-its sites recorded in cfg.json). Each site is scaled to the first site's mean squared norm before
-stacking (Lindsey et al. normalise every layer), so the deepest layer, whose norms are largest, does not
-own the loss; the scales are folded into the saved weights, which read raw activations."""
+by `train_sae`'s loop on a `StackedCache` (with its held-out training curve and `still_improving` flag)
+and saved in SAELens's format (a TopK SAE of width sum_l d_l, its sites recorded in cfg.json). Each site
+is scaled to the first site's mean squared norm before stacking (Lindsey et al. normalise every layer),
+so the deepest layer, whose norms are largest, does not own the loss; the scales are folded into the
+saved weights, which read raw activations.
+
+Every active latent writes to every site, so the crosscoder's L0 at each site is its k: it is compared
+with per-site SAEs of the same k (equal L0 per site; config.crosscoder_plan): over n sites it has a
+1/n share of their summed L0.
+
+What it can show, and what not: residual-stream snapshots a few layers apart share most of their
+content by construction (each is the running sum of the ones before), and an acausal crosscoder
+reconstructs each site from all of them, so latents that span the sites are expected of any residual
+stream and are no evidence of features computed across layers (cross-layer superposition). Here it is
+held to the SAEs' quality bounds, and its latents' match rate to the per-site SAEs' features is set
+against that of a second seed of a per-site SAE; a causal test of cross-layer features (transcoders)
+is another study's."""
 
 from __future__ import annotations
 
@@ -31,7 +44,7 @@ from mechinterp.files import atomic_path, write_json, write_parquet
 from mechinterp.saes import TopKSAE, load_sae
 from mechinterp.sites import Site
 from mechinterp.tokens import split_rows
-from mechinterp.train_sae import SaeSpec, saelens_metadata, select_rows, train_sae
+from mechinterp.train_sae import SaeSpec, heldout_sample, saelens_metadata, select_rows, train_sae
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +193,12 @@ def main(argv: list[str] | None = None) -> None:
     stacked = StackedCache(raw.caches, scales)
     log.info("sites %s, widths %s, scales %s", [c.header["site"] for c in raw.caches], stacked.widths, scales)
     selection = select_rows(stacked, rows, positions, spec.training.outlier_norm_ratio)
+    eval_rows, eval_positions = split_rows(table, "heldout")  # the training curve's held-out FVU
+    norms = np.concatenate([x.norm(dim=1).numpy() for _, x in stacked.chunks(eval_rows)])
+    heldout = heldout_sample(eval_rows, eval_positions, norms, selection.outlier_threshold,
+                             spec.training.heldout_eval_tokens)
     sae, training_log, summary = train_sae(stacked, selection, spec, args.seed, Path(args.checkpoint),
-                                           device=resolve_device(args.device))
+                                           device=resolve_device(args.device), heldout=heldout)
     fold_site_scales(sae, stacked.widths, scales)
     layout = Layout([Site.parse(c.header["site"]) for c in raw.caches], stacked.widths, scales)
     header = stacked.header
@@ -193,8 +210,9 @@ def main(argv: list[str] | None = None) -> None:
                    tmp / "training_summary.json")
     Path(args.checkpoint).unlink(missing_ok=True)
     last = training_log.row(-1, named=True)
-    log.info("trained crosscoder: %d steps at %.0f tokens/s; last batch FVU %.3f, L0 %.1f, dead %.1f%%",
-             summary["total_steps"], summary["tokens_per_s"], last["fvu"], last["l0"], 100 * last["dead_fraction"])
+    log.info("trained crosscoder: %d steps at %.0f tokens/s; last batch FVU %.3f, held-out FVU %.3f, L0 %.1f, dead "
+             "%.1f%%; still improving: %s", summary["total_steps"], summary["tokens_per_s"], last["fvu"],
+             last["heldout_fvu"], last["l0"], 100 * last["dead_fraction"], summary["still_improving"])
 
 
 if __name__ == "__main__":

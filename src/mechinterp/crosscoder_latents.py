@@ -3,7 +3,12 @@ drive it (each site's input to the encoder mean-ablated in turn: a recent critiq
 finds most latents driven by one or two layers even when their decoders spread), and which feature of
 each site's own SAE its decoder matches (a latent matching features at several sites merges what the
 per-site SAEs split); and its polysemanticity, scored by the polysemanticity stage's code on the stacked
-sites."""
+sites.
+
+A match rate means little alone: two SAEs of one site trained with different seeds share only part of
+their features. So the share of live latents that match a per-site SAE feature is set against the same
+share for a second seed of that site's SAE (the first replicate seed's) and for random directions
+(chance), in `match_rates`."""
 
 from __future__ import annotations
 
@@ -11,18 +16,21 @@ import argparse
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 
+from mechinterp.clamping_stats import wilson_interval
 from mechinterp.crosscoder import Layout, heldout_rows, load_crosscoder, open_stacked, site_thresholds
 from mechinterp.errors import UserError, run_stage
 from mechinterp.files import write_parquet
-from mechinterp.saes import TopKSAE, load_sae
+from mechinterp.saes import SparseAutoencoder, TopKSAE, load_sae
 
 log = logging.getLogger(__name__)
+RANDOM_DIRECTIONS = 2048  # random directions per site for the chance match rate
 
 
 @torch.no_grad()
@@ -90,7 +98,7 @@ class CrosscoderSettings:
     d_sae: int | None
     """latents (None: sites x sae.d_sae, the per-site SAEs' total)"""
     k: int | None
-    """active latents per token (None: sites x sae.k, the per-site SAEs' total L0)"""
+    """active latents per token (None: sae.k, the per-site SAEs' L0 at each site)"""
     training_tokens: int
     """tokens seen in training"""
     analysis_tokens: int
@@ -101,6 +109,48 @@ class CrosscoderSettings:
     """a site drives a latent if ablating it alone removes at least this share of its activation"""
     match_cosine: float
     """a latent merges a per-site SAE feature if their decoders at that site have at least this cosine"""
+
+
+def match_rate_row(site: str, dictionary: str, cosines: np.ndarray, match_cosine: float) -> dict[str, Any]:
+    """The match rate of one dictionary's units at a site from their best cosines [n_units] to the
+    site's SAE features: n_units, n_matched (cosine >= match_cosine), match_rate with its Wilson
+    interval, and the median best cosine."""
+    n, matched = len(cosines), int((cosines >= match_cosine).sum())
+    low, high = wilson_interval(matched, n)
+    return {"site": site, "dictionary": dictionary, "match_cosine": match_cosine, "n_units": n, "n_matched": matched,
+            "match_rate": matched / n if n else float("nan"), "ci_low": low, "ci_high": high,
+            "median_cosine": float(np.median(cosines)) if n else float("nan")}
+
+
+@torch.no_grad()
+def live_decoder_rows(sae: SparseAutoencoder, layout: Layout, site: str, x: torch.Tensor, min_active: int) -> torch.Tensor:
+    """The decoder rows [n_live, d] of a per-site SAE of `site` whose latents are active on at least
+    `min_active` of the tokens x [n, d_stacked] (stacked sites in `layout`; the SAE reads its site's block):
+    live as the crosscoder's latents are counted."""
+    block = layout.blocks()[[s.id for s in layout.sites].index(site)]
+    return sae.W_dec.detach()[(sae.encode(x[:, block]) > 0).sum(0) >= min_active]
+
+
+@torch.no_grad()
+def match_rates(latents: pl.DataFrame, site_decoders: dict[str, torch.Tensor], seed_site: str,
+                seed_decoder: torch.Tensor, settings: CrosscoderSettings, rng: np.random.Generator) -> pl.DataFrame:
+    """How often units match a feature of a site's own SAE (best decoder cosine >= match_cosine), per
+    site: the crosscoder's live latents (active on at least min_active analysis tokens; latent_table's
+    cosines), `RANDOM_DIRECTIONS` random directions (chance), and at `seed_site` the live features
+    `seed_decoder` [n_live, d] of a second seed of that site's SAE (the baseline: how often retraining
+    the same SAE finds the same features). One row per site and dictionary (match_rate_row)."""
+    live = latents.filter(pl.col("n_active") >= settings.min_active)
+    rows = []
+    for site, reference in site_decoders.items():
+        rows.append(match_rate_row(site, "crosscoder", live[f"cosine_{site}"].to_numpy(), settings.match_cosine))
+        if site == seed_site:
+            rows.append(match_rate_row(site, "second seed", best_matches(seed_decoder, reference)[0].numpy(),
+                                       settings.match_cosine))
+        # numpy's generator: torch's, seeded alike, would redraw the SAEs' initial decoders
+        random = torch.from_numpy(rng.standard_normal((RANDOM_DIRECTIONS, reference.shape[1]), dtype=np.float32))
+        rows.append(match_rate_row(site, "random directions", best_matches(random, reference)[0].numpy(),
+                                   settings.match_cosine))
+    return pl.DataFrame(rows)
 
 
 @torch.no_grad()
@@ -143,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Cross-site structure and polysemanticity of every crosscoder latent.")
     parser.add_argument("--crosscoder", required=True, help="the crosscoder folder")
     parser.add_argument("--saes", nargs="+", required=True, help="each site's own SAE folder, in site order")
+    parser.add_argument("--seed-sae", required=True,
+                        help="one of those sites' SAE trained again with another seed: the match-rate baseline")
     parser.add_argument("--caches", nargs="+", required=True, help="each site's activation cache, in order")
     parser.add_argument("--table", required=True)
     parser.add_argument("--lexicons", required=True)
@@ -151,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--out", required=True, help="output: one row per latent")
+    parser.add_argument("--match-rates", required=True, help="output: match rates against the second seed and chance")
     parser.add_argument("--units", required=True, help="output: polysemanticity scores of every latent and dimension")
     parser.add_argument("--codes", required=True, help="output folder: the scored rows and the latents' SparseCodes")
     args = parser.parse_args(argv)
@@ -168,7 +221,11 @@ def main(argv: list[str] | None = None) -> None:
                                                                   replace=False))]
     site_decoders = {site.id: load_sae(folder)[0].W_dec.detach()
                      for site, folder in zip(layout.sites, args.saes, strict=True)}
-    structure = latent_table(sae, layout, stacked.rows(sample), site_decoders, settings)
+    x = stacked.rows(sample)
+    structure = latent_table(sae, layout, x, site_decoders, settings)
+    seed_site = json.loads((Path(args.seed_sae) / "training_summary.json").read_text())["site"]
+    seed_rows = live_decoder_rows(load_sae(args.seed_sae)[0], layout, seed_site, x, settings.min_active)
+    rates = match_rates(structure, site_decoders, seed_site, seed_rows, settings, np.random.default_rng(args.seed))
     scoring = ScoringSettings(**json.loads(args.polysemanticity))
     # the stacked sites' own dimensions are scored beside the latents, as a site's neurons are beside its
     # SAE's features: the browser compares each latent with its best-correlated dimension
@@ -179,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     units, _, scored_rows, codes = score_site(stacked, table, rows, dictionaries, unit_kinds,
                                               pl.read_parquet(args.lexicons), scoring)
     write_parquet(structure, args.out)
+    write_parquet(rates, args.match_rates)
     kinds = {site.kind for site in layout.sites}
     site_columns = [pl.lit(layout.site_id).alias("site"), pl.lit(kinds.pop() if len(kinds) == 1 else "stacked")
                     .alias("site_kind"), pl.lit(None, dtype=pl.Int64).alias("layer")]  # as polysemanticity's units
@@ -188,6 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%d latents with drives; median effective sites %.2f; driving sites %s; matched sites %s", alive.height,
              float(structure["effective_sites"].median()), alive["driving_sites"].value_counts(sort=True).rows(),
              structure["matched_sites"].value_counts(sort=True).rows())
+    for row in rates.iter_rows(named=True):
+        log.info("%s, %s: %d of %d live units match a feature of the site's SAE (%.3f [%.3f, %.3f]), median cosine %.3f",
+                 row["site"], row["dictionary"], row["n_matched"], row["n_units"], row["match_rate"], row["ci_low"],
+                 row["ci_high"], row["median_cosine"])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@ Layer 0 is the embedding (the residual stream entering block 0); layer l >= 1 is
 stream after block l-1, so the last layer is exactly what the model itself decodes. The final
 norm is applied to each layer's own residual (its scale recomputed), not with the final layer's
 cached scale.
+
+Two controls stand beside each sequence's targets (at its last position): a seeded sample of random
+vocabulary tokens (the null: what any token does with depth, since the decoded distributions change
+as a whole) and the model's own top token at the output (what a token the model predicts does). A
+target's rise is its Spearman correlation of log p with layer, placed among the random tokens'
+(`rise_percentile`, 0.5 where it rises like a random token). Entry into the top k counts before the
+last layer only: at the last layer the lens is the output itself.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from mechinterp.tokens import split_sequences
 
 log = logging.getLogger(__name__)
 Translator = Callable[[torch.Tensor], torch.Tensor]  # stacked residuals -> translated ones, same shape
+ENTRY = ("before_last", "at_last", "never")  # where a token first enters the top k: the last layer is the output
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,8 @@ class LensSettings:
     """held-out corpus windows decoded besides the prompts"""
     corpus_window_tokens: int
     """tokens of each corpus window; the next one is its target"""
+    random_tokens: int
+    """random vocabulary tokens decoded beside each sequence's targets (the null of their rise)"""
     prompts: list[dict[str, Any]]
     """hand-written prompts: {id, text, targets (single tokens)}"""
 
@@ -104,10 +114,52 @@ def distribution_stats(log_probs: torch.Tensor, top_k: int) -> dict[str, torch.T
 
 
 def target_ranks(log_probs: torch.Tensor, target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For [L, vocab] log-probabilities: log-probability [L, T] and 1-based rank [L, T] of each target."""
+    """For [L, vocab] log-probabilities: log-probability [L, T] and 1-based rank [L, T] of each target
+    (one plus the number of tokens with a strictly higher log-probability)."""
     target_lp = log_probs[:, target_ids]
-    ranks = (log_probs[:, None, :] > target_lp[:, :, None]).sum(-1) + 1
+    ascending = log_probs.sort(dim=-1).values
+    ranks = log_probs.shape[-1] - torch.searchsorted(ascending, target_lp.contiguous(), right=True) + 1
     return target_lp, ranks
+
+
+def rank_along_layers(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..L-1 along axis 0 of [L, n] (ties broken by order: log-probabilities rarely tie)."""
+    return values.argsort(0, kind="stable").argsort(0, kind="stable").astype(float)
+
+
+def rise_spearman(log_probs: np.ndarray) -> np.ndarray:
+    """Spearman correlation of log-probability with layer for each token of [L, n] -> [n]: +1 for a
+    token that gains at every layer, -1 for one that loses at every layer."""
+    ranks = rank_along_layers(log_probs)
+    layers = np.arange(len(log_probs), dtype=float)[:, None]
+    centred, layer_centred = ranks - ranks.mean(0), layers - layers.mean()
+    return (centred * layer_centred).sum(0) / np.sqrt((centred**2).sum(0) * (layer_centred**2).sum())
+
+
+def null_percentile(values: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """Mid-rank percentile of each value [T] among the null sample [R]: the share of the null below it
+    plus half the share equal to it (0.5 for a value at the null's median); NaN for an empty null."""
+    if not len(null):
+        return np.full(len(values), np.nan)
+    below = (null[None, :] < values[:, None]).mean(1)
+    equal = (null[None, :] == values[:, None]).mean(1)
+    return below + 0.5 * equal
+
+
+def first_entry(ranks: np.ndarray, top_k: int) -> tuple[int | None, str]:
+    """First layer at which a token's rank [L] is at most `top_k`, and where that is (ENTRY): before the
+    last layer, only at the last layer (the output), or never."""
+    entered = np.flatnonzero(ranks <= top_k)
+    if not len(entered):
+        return None, "never"
+    return int(entered[0]), "at_last" if entered[0] == len(ranks) - 1 else "before_last"
+
+
+def random_token_ids(n_vocab: int, exclude: set[int], n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` distinct token ids drawn uniformly from the vocabulary without the `exclude` ids (special
+    tokens, the targets and the top token), sorted; all of them if fewer remain."""
+    allowed = np.setdiff1d(np.arange(n_vocab), np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
+    return np.sort(rng.choice(allowed, size=min(n, len(allowed)), replace=False))
 
 
 def prepare_prompts(tokenizer, prompts: list[dict], context_length: int) -> list[LensInput]:
@@ -149,15 +201,21 @@ def lens_inputs(tokenizer, settings: LensSettings, heldout: np.ndarray, context_
                                   seed)
 
 
-def run_logit_lens(bridge, inputs: list[LensInput], top_k: int, translator: Translator | None = None
-                   ) -> dict[str, pl.DataFrame | float]:
+def run_logit_lens(bridge, inputs: list[LensInput], top_k: int, translator: Translator | None = None,
+                   random_tokens: int = 0, seed: int = 0) -> dict[str, pl.DataFrame | float]:
     """Decode every layer of every input (through `translator` first, if given: see lens_log_probs).
-    Returns the tables `positions`, `targets`, `first_layer`, plus `max_final_abs_diff` (lens at the
-    last layer against the model's output) and `layer_positions_per_s` (throughput of the decoding)."""
+    Returns the tables `positions`, `targets`, `first_layer` (one row per target: its entry into the top
+    k, its rise against `random_tokens` random tokens and the model's own top token beside it), `null`
+    (per layer, the log p and rank at the last position of every target, top and random token, by
+    `kind`), plus `max_final_abs_diff` (lens at the last layer against the model's output),
+    `random_rise_share` (share of the prompts' random tokens whose log p rises with depth, Spearman > 0)
+    and `layer_positions_per_s` (throughput of the decoding). Random tokens are drawn per input from
+    a generator seeded with (`seed`, the input's index)."""
     vocab = vocabulary_strings(bridge.tokenizer)
-    position_rows, target_rows, first_rows = [], [], []
+    special = set(bridge.tokenizer.all_special_ids)
+    position_rows, target_rows, first_rows, null_frames, prompt_random_rise = [], [], [], [], []
     max_diff, decoded, elapsed = 0.0, 0, 0.0
-    for item in tqdm(inputs, desc="logit lens", unit="prompt"):
+    for index, item in enumerate(tqdm(inputs, desc="logit lens", unit="prompt")):
         start = time.perf_counter()
         lens, model_lp = lens_log_probs(bridge, item.token_ids, translator)
         stats = {k: v.cpu().numpy() for k, v in distribution_stats(lens, top_k).items()}
@@ -179,25 +237,47 @@ def run_logit_lens(bridge, inputs: list[LensInput], top_k: int, translator: Tran
         if not item.targets:
             continue
         names, ids = list(item.targets), list(item.targets.values())
-        target_lp, ranks = (t.cpu().numpy() for t in target_ranks(lens[:, -1], ids))
+        top_id = int(model_lp[-1].argmax())
+        random_ids = random_token_ids(lens.shape[-1], special | set(ids) | {top_id}, random_tokens,
+                                      np.random.default_rng([seed, index])).tolist()
+        kinds = ["target"] * len(ids) + ["top"] + ["random"] * len(random_ids)
+        all_ids = [*ids, top_id, *random_ids]
+        lp, ranks = (t.cpu().numpy() for t in target_ranks(lens[:, -1], all_ids))
+        spearman = rise_spearman(lp)
+        percentile = null_percentile(spearman[: len(ids) + 1], spearman[len(ids) + 1 :])
+        if item.origin == "prompt":
+            prompt_random_rise.append(spearman[len(ids) + 1 :] > 0)
+        top_first, _ = first_entry(ranks[:, len(ids)], top_k)
         for j, (name, token_id) in enumerate(zip(names, ids)):
             for layer in range(n_layers):
                 target_rows.append({
                     "prompt_id": item.id, "origin": item.origin, "target": name, "target_id": token_id,
-                    "layer": layer, "log_prob": float(target_lp[layer, j]), "prob": float(np.exp(target_lp[layer, j])),
+                    "layer": layer, "log_prob": float(lp[layer, j]), "prob": float(np.exp(lp[layer, j])),
                     "rank": int(ranks[layer, j]), "in_top_k": bool(ranks[layer, j] <= top_k),
                 })
-            entered = np.flatnonzero(ranks[:, j] <= top_k)
+            first, entry = first_entry(ranks[:, j], top_k)
             first_rows.append({
                 "prompt_id": item.id, "origin": item.origin, "target": name, "target_id": token_id,
-                "first_layer_in_top_k": int(entered[0]) if len(entered) else None,
-                "final_rank": int(ranks[-1, j]), "final_prob": float(np.exp(target_lp[-1, j])),
+                "first_layer_in_top_k": first, "entry": entry, "ranked_at_output": bool(ranks[-1, j] <= top_k),
+                "final_rank": int(ranks[-1, j]), "final_prob": float(np.exp(lp[-1, j])),
+                "rise_spearman": float(spearman[j]), "rise_percentile": float(percentile[j]),
+                "top_token": vocab[top_id], "top_first_layer_in_top_k": top_first,
+                "top_rise_percentile": float(percentile[len(ids)]),
             })
+        null_frames.append(pl.DataFrame({
+            "prompt_id": item.id, "origin": item.origin, "kind": np.repeat(kinds, n_layers),
+            "token": np.repeat([vocab[i] for i in all_ids], n_layers), "token_id": np.repeat(all_ids, n_layers),
+            "layer": np.tile(np.arange(n_layers), len(all_ids)), "log_prob": lp.T.reshape(-1).astype(np.float64),
+            "rank": ranks.T.reshape(-1).astype(np.int64)}))
+    random_rise = np.concatenate(prompt_random_rise) if prompt_random_rise else np.array([])
     return {
         "positions": pl.DataFrame(position_rows),
         "targets": pl.DataFrame(target_rows, schema_overrides={"log_prob": pl.Float64, "prob": pl.Float64}),
-        "first_layer": pl.DataFrame(first_rows, schema_overrides={"first_layer_in_top_k": pl.Int64}),
+        "first_layer": pl.DataFrame(first_rows, schema_overrides={"first_layer_in_top_k": pl.Int64,
+                                                                  "top_first_layer_in_top_k": pl.Int64}),
+        "null": pl.concat(null_frames) if null_frames else pl.DataFrame(),
         "max_final_abs_diff": max_diff,
+        "random_rise_share": float(random_rise.mean()) if len(random_rise) else float("nan"),
         "layer_positions_per_s": decoded / elapsed if elapsed else float("nan"),
     }
 
@@ -223,11 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     windows = np.load(args.tokens, mmap_mode="r")
     heldout = windows[split_sequences(pl.read_parquet(args.table, columns=["sequence", "split"]), "heldout")]
     inputs = lens_inputs(bridge.tokenizer, settings, heldout, windows.shape[1], args.seed)
-    result = run_logit_lens(bridge, inputs, settings.top_k)
+    result = run_logit_lens(bridge, inputs, settings.top_k, random_tokens=settings.random_tokens, seed=args.seed)
     out = Path(args.out_dir)
-    for name in ("positions", "targets", "first_layer"):
+    for name in ("positions", "targets", "first_layer", "null"):
         write_parquet(result[name], out / f"{name}.parquet")
-    summary = {"max_final_abs_diff": result["max_final_abs_diff"],
+    summary = {"max_final_abs_diff": result["max_final_abs_diff"], "random_rise_share": result["random_rise_share"],
                "layer_positions_per_s": result["layer_positions_per_s"],
                "n_inputs": len(inputs), "seconds": time.perf_counter() - start, "device": str(bridge.cfg.device)}
     write_json(summary, out / "summary.json")

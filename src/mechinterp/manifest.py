@@ -30,7 +30,7 @@ PACKAGES = ("torch", "transformer-lens", "transformers", "safetensors", "numpy",
 METRIC_TABLES = {
     "logit_lens/first_layer.parquet": ["prompt_id", "target"],
     "sae_eval/metrics.parquet": ["sae"],
-    "polysemanticity/comparison.parquet": ["site", "sae", "score"],
+    "polysemanticity/comparison.parquet": ["site", "sae", "baseline", "score"],
     "clamping/summary.parquet": ["concept", "site", "unit_kind", "selection"],
     "clamping/verdict.parquet": ["site", "feature_selection", "statistic", "baseline"],
     "claims.parquet": ["claim"],

@@ -19,6 +19,14 @@ from mechinterp.files import atomic_path
 log = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# One colour per kind of unit in every figure (seaborn's colour-blind palette, as hex): a feature is blue
+# wherever it is drawn, a neuron green, a control grey or brown. Keys are the labels the tables give
+# (clamping_stats.unit_label, the polysemanticity units' unit_kind).
+UNIT_KIND_COLOURS = {
+    "feature": "#0173b2", "feature (input)": "#0173b2", "feature (output)": "#de8f05",
+    "neuron": "#029e73", "neuron (output)": "#029e73", "residual_dim": "#029e73",
+    "correlated_neuron": "#d55e00", "diffmean": "#cc78bc", "random": "#949494", "control": "#ca9161",
+}
 
 
 def save_figure(fig, figure_dir: str | Path, stem: str) -> list[Path]:

@@ -21,6 +21,20 @@ Each is computed for two views of "active", the same for every unit: activations
 `active_fraction` of the unit's maximum (the headline), and every positive activation (suffix
 `_positive`). Units that never fire are `dead`; units active on fewer than `min_active` tokens are
 `rare`; neither gets a monosemanticity score.
+
+Token focus is high for any unit active on few tokens, whatever they are, so every score is set against
+a null matched on activity (suffix `_null`): the same scoring of the unit's own active activations,
+each credited to the token and document of a random scored row (one seeded permutation of the rows,
+shared by every dictionary of the site). The null unit keeps its activation values, its threshold and
+its active-token count, and its concept specificity is the best over the same concepts, so the
+best-of-many-concepts bias is in the null too. `_excess` = score - null.
+
+Controls, scored as dictionaries of unit kind `control` beside the neurons and features (named
+`control:...`): for each SAE, a TopK code over random unit-norm directions with the SAE's width and k
+(`random_directions:<sae>`) and the SAE's architecture initialised as training starts it, untrained
+(`random_init:<sae>`); the site's units negated (`neurons_negative`: the negative lobe of a signed
+SwiGLU neuron or residual dimension); at residual sites the principal axes of the scored rows and a
+random rotation, each on both signs (`pca`, `pca_negative`, `rotation`, `rotation_negative`).
 """
 
 from __future__ import annotations
@@ -41,11 +55,14 @@ from tqdm import tqdm
 from mechinterp.activations import ActivationCache
 from mechinterp.errors import UserError, run_stage
 from mechinterp.files import atomic_path, write_parquet
-from mechinterp.saes import load_sae
+from mechinterp.saes import SparseAutoencoder, TopKSAE, load_sae
+from mechinterp.saes.topk import TopKSettings
 from mechinterp.tokens import split_rows
 
 log = logging.getLogger(__name__)
-VIEWS = ("active", "positive")
+VIEWS = ("active", "positive", "null")
+CONTROL_VIEWS = ("active", "null")  # a control needs no `_positive` scores, top contexts, correlations or codes
+CONTROL = "control"  # the unit kind of a control dictionary, and the prefix of its name
 
 
 @dataclass(frozen=True)
@@ -74,18 +91,35 @@ class ScoringSettings:
     """most specific units listed per concept"""
     bootstrap_samples: int
     """resamples of the bootstrap CI of median differences"""
+    controls: bool
+    """score the control dictionaries (random directions, untrained SAE, negated units, other bases)"""
+    matched_bin_min_units: int
+    """a log2 bin of active tokens enters the activity-matched difference when both groups have this many units"""
 
 
 class IdentityDictionary(torch.nn.Module):
     """The site's own units (MLP neurons or residual dimensions) as a dictionary: activations [n, width]
-    are the unit activations."""
+    are the unit activations (`negated`: their negatives, so a signed unit's negative side is scored)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, negated: bool = False) -> None:
         super().__init__()
         self.n_units = width
+        self.negated = negated
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return -x if self.negated else x
+
+
+class LinearDictionary(torch.nn.Module):
+    """Units read along other axes of the site: activations [n, d] -> (x - centre) @ basis [n, m]."""
+
+    def __init__(self, basis: torch.Tensor, centre: torch.Tensor) -> None:
+        super().__init__()
+        self.basis, self.centre = basis, centre
+        self.n_units = basis.shape[1]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.centre) @ self.basis
 
 
 @dataclass
@@ -216,38 +250,58 @@ class SparseCodes:
 @torch.no_grad()
 def accumulate(dictionaries: dict[str, torch.nn.Module], cache: ActivationCache, rows: np.ndarray,
                token_index: np.ndarray, n_tokens: int, row_concept_index: np.ndarray, n_row_concepts: int,
-               maxima: dict[str, torch.Tensor], active_fraction: float, top_n: int,
-               neurons: str | None = None, chunk: int = 4096) -> dict[str, Accumulated]:
+               maxima: dict[str, torch.Tensor], active_fraction: float, top_n: int, null_order: np.ndarray,
+               neurons: str | None = None, controls: frozenset[str] = frozenset(), chunk: int = 4096
+               ) -> dict[str, Accumulated]:
     """Second read over `rows`. `token_index` [n] maps each row to its distinct-token index;
-    `row_concept_index` [n, 2] to row concepts (-1: none). When `neurons` names the identity
-    dictionary, every other dictionary's units are correlated (Pearson) with its units, and their
-    positive activations are kept as `SparseCodes` (the neurons' own are the cache)."""
+    `row_concept_index` [n, 2] to row concepts (-1: none). In the "null" view row i's active
+    activations are credited to the token and row concepts of row `null_order[i]` (`null_order` [n], a
+    permutation of range(n)). When `neurons` names the identity dictionary, every other dictionary's
+    units are correlated (Pearson) with its units, and their positive activations are kept as
+    `SparseCodes` (the neurons' own are the cache). The dictionaries named in `controls` are only
+    scored: views CONTROL_VIEWS, no top rows, correlations or codes."""
     acc = {}
     for name, d in dictionaries.items():
+        views, top = (CONTROL_VIEWS, 0) if name in controls else (VIEWS, top_n)
         acc[name] = Accumulated(
-            count={v: torch.zeros(d.n_units, dtype=torch.long) for v in VIEWS},
-            token_mass={v: torch.zeros(n_tokens, d.n_units) for v in VIEWS},
-            row_concept_mass={v: torch.zeros(n_row_concepts + 1, d.n_units) for v in VIEWS},  # last row: none
-            top_values=torch.full((top_n, d.n_units), -torch.inf), top_rows=torch.zeros(top_n, d.n_units, dtype=torch.long),
+            count={v: torch.zeros(d.n_units, dtype=torch.long) for v in ("active", "positive")},
+            token_mass={v: torch.zeros(n_tokens, d.n_units) for v in views},
+            row_concept_mass={v: torch.zeros(n_row_concepts + 1, d.n_units) for v in views},  # last row: none
+            top_values=torch.full((top, d.n_units), -torch.inf), top_rows=torch.zeros(top, d.n_units, dtype=torch.long),
             correlation=None, codes=None)
-    coded = {name: [] for name in dictionaries if name != neurons}
-    moments = {name: [torch.zeros(d.n_units, dtype=torch.float64) for _ in range(2)] for name, d in dictionaries.items()}
-    cross = {name: torch.zeros(d.n_units, dictionaries[neurons].n_units, dtype=torch.float64)
-             for name, d in dictionaries.items() if neurons is not None and name != neurons}
+    learned = [name for name in dictionaries if name not in controls]
+    coded = {name: [] for name in learned if name != neurons}
+    moments = {name: [torch.zeros(dictionaries[name].n_units, dtype=torch.float64) for _ in range(2)]
+               for name in learned}
+    cross = {name: torch.zeros(dictionaries[name].n_units, dictionaries[neurons].n_units, dtype=torch.float64)
+             for name in learned if neurons is not None and name != neurons}
     thresholds = {name: (active_fraction * m).clamp_min(torch.finfo(torch.float32).tiny) for name, m in maxima.items()}
-    for part, x in tqdm(_chunks(cache, rows, chunk), desc="unit scores", unit="chunk", total=-(-len(rows) // chunk)):
-        tokens = torch.from_numpy(token_index[part])
-        concepts = torch.from_numpy(row_concept_index[part]).clone()
+    null_token_index, null_concept_index = token_index[null_order], row_concept_index[null_order]
+
+    def concept_rows(index: np.ndarray) -> torch.Tensor:
+        concepts = torch.from_numpy(index).clone()
         concepts[concepts < 0] = n_row_concepts
+        return concepts
+
+    for part, x in tqdm(_chunks(cache, rows, chunk), desc="unit scores", unit="chunk", total=-(-len(rows) // chunk)):
+        labels = {"real": (torch.from_numpy(token_index[part]), concept_rows(row_concept_index[part])),
+                  "null": (torch.from_numpy(null_token_index[part]), concept_rows(null_concept_index[part]))}
         positions = torch.arange(part.start, part.start + len(x))
         encoded = {name: d.encode(x) for name, d in dictionaries.items()}
         for name, a in encoded.items():
             acc_d = acc[name]
-            for view, mass in (("positive", a.clamp_min(0)), ("active", a * (a >= thresholds[name]))):
-                acc_d.count[view] += (mass > 0).sum(0)
-                acc_d.token_mass[view].index_add_(0, tokens, mass)
+            # the null view is the active view's mass on other rows' labels: same values, same threshold
+            masses = {"positive": a.clamp_min(0), "active": a * (a >= thresholds[name])}
+            masses["null"] = masses["active"]
+            for view in ("active", "positive"):
+                acc_d.count[view] += (masses[view] > 0).sum(0)
+            for view in acc_d.token_mass:
+                tokens, concepts = labels["null" if view == "null" else "real"]
+                acc_d.token_mass[view].index_add_(0, tokens, masses[view])
                 for column in range(concepts.shape[1]):
-                    acc_d.row_concept_mass[view].index_add_(0, concepts[:, column], mass)
+                    acc_d.row_concept_mass[view].index_add_(0, concepts[:, column], masses[view])
+            if name in controls:
+                continue
             values = torch.cat([acc_d.top_values, a])
             where = torch.cat([acc_d.top_rows, positions[:, None].expand_as(a)])
             acc_d.top_values, order = values.topk(min(top_n, len(values)), dim=0)
@@ -272,7 +326,7 @@ def accumulate(dictionaries: dict[str, torch.nn.Module], cache: ActivationCache,
     for name, parts in coded.items():
         acc[name].codes = SparseCodes.concat(parts)
     for a in acc.values():
-        for view in VIEWS:
+        for view in a.row_concept_mass:
             a.row_concept_mass[view] = a.row_concept_mass[view][:n_row_concepts]
     return acc
 
@@ -318,12 +372,16 @@ def concept_table(share: torch.Tensor, specificity: torch.Tensor, variety: torch
     }, schema_overrides={"concept": pl.Utf8}).filter(pl.Series(found))
 
 
+NULL_SCORES = ("monosemanticity", "token_focus", "concept_specificity")  # each with `_null` and `_excess`
+
+
 def score_dictionary(acc: Accumulated, maxima: torch.Tensor, concepts: Concepts, token_counts: torch.Tensor,
                      row_concept_counts: torch.Tensor, n_rows: int, min_active: int, min_concept_words: int,
-                     top_concepts: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+                     top_concepts: int, rank_concepts: bool = True) -> tuple[pl.DataFrame, pl.DataFrame | None]:
     """Per-unit scores (without contexts) and the per-concept ranking of units, from one dictionary's
     accumulated sums. `token_counts` [distinct tokens] and `row_concept_counts` [row concepts] give
-    the base rates."""
+    the base rates. The null view gives NULL_SCORES with suffix `_null`, and each score's excess over
+    it (`_excess`). Without `rank_concepts` the ranking is None."""
     names = concepts.token_names + concepts.row_names
     base_rate = torch.cat([token_counts @ concepts.token_members, row_concept_counts]).float() / n_rows
     columns: dict[str, np.ndarray] = {"max_activation": maxima.double().numpy()}
@@ -331,15 +389,22 @@ def score_dictionary(acc: Accumulated, maxima: torch.Tensor, concepts: Concepts,
                       np.where(acc.count["active"].numpy() < min_active, "rare", "alive"))
     eligible = torch.from_numpy(status == "alive")
     concept_rows = None
+    scored = eligible.numpy()
     for view in VIEWS:
-        suffix = "" if view == "active" else "_positive"
+        if view not in acc.token_mass:
+            continue
+        suffix = "" if view == "active" else f"_{view}"
         mass = acc.token_mass[view]
         total = mass.sum(0)
         concept_mass = torch.cat([concepts.token_members.T @ mass, acc.row_concept_mass[view]])
         effective, focus = entropy_scores(mass)
         best, share, specificity = concept_specificity(concept_mass, total, base_rate)
         mono = torch.maximum(focus, specificity)
-        scored = eligible.numpy()
+        if view == "null":
+            for score, value in zip(NULL_SCORES, (mono, focus, specificity), strict=True):
+                columns[f"{score}_null"] = np.where(scored, value.double().numpy(), np.nan)
+                columns[f"{score}_excess"] = columns[score] - columns[f"{score}_null"]
+            continue
         columns[f"density{suffix}"] = acc.count[view].double().numpy() / n_rows
         columns[f"effective_tokens{suffix}"] = np.where(scored, effective.double().numpy(), np.nan)
         columns[f"token_focus{suffix}"] = np.where(scored, focus.double().numpy(), np.nan)
@@ -349,7 +414,7 @@ def score_dictionary(acc: Accumulated, maxima: torch.Tensor, concepts: Concepts,
         columns[f"concept_base_rate{suffix}"] = np.where(scored, base_rate[best].double().numpy(), np.nan)
         columns[f"concept_specificity{suffix}"] = np.where(scored, specificity.double().numpy(), np.nan)
         columns[f"monosemanticity{suffix}"] = np.where(scored, mono.double().numpy(), np.nan)
-        if view == "active":
+        if view == "active" and rank_concepts:
             all_share = concept_mass / total.clamp_min(torch.finfo(torch.float32).tiny)
             all_spec = (all_share - base_rate[:, None]) / (1 - base_rate[:, None]).clamp_min(1e-9)
             variety = torch.cat([concept_word_variety(concepts, mass),  # a row concept spans any token
@@ -405,36 +470,112 @@ def bootstrap_median_difference(features: np.ndarray, neurons: np.ndarray, n_boo
 
 
 COMPARED_SCORES = ("monosemanticity", "concept_specificity", "token_focus", "effective_tokens", "density",
-                   "monosemanticity_positive", "effective_tokens_positive", "density_positive")
+                   "monosemanticity_positive", "effective_tokens_positive", "density_positive",
+                   *(f"{score}_excess" for score in NULL_SCORES))
+CONTROL_SCORES = ("monosemanticity_excess",)  # what a pair with a control compares
+MATCHED = "monosemanticity_matched"  # the score name of the activity-matched difference of monosemanticity
 
 
-def compare(units: pl.DataFrame, n_boot: int, seed: int) -> pl.DataFrame:
-    """For each SAE against the neurons of its site: medians of every score over alive units, the
-    difference (features - neurons) and its bootstrap 95% interval."""
-    neurons = units.filter(pl.col("dictionary") == "neurons")
+def activity_bins(n_active: np.ndarray) -> np.ndarray:
+    """The log2 bin of each unit's active-token count: floor(log2(n_active))."""
+    return np.floor(np.log2(np.maximum(n_active, 1))).astype(np.int64)
+
+
+def matched_difference(features: np.ndarray, features_active: np.ndarray, neurons: np.ndarray,
+                       neurons_active: np.ndarray, min_units: int, n_boot: int, seed: int) -> dict[str, float]:
+    """The difference of medians (features - neurons) within log2 bins of active tokens, averaged over
+    the bins where both groups have at least `min_units` units, each bin weighted by
+    n_features * n_neurons / (n_features + n_neurons) (the inverse variance of a difference of two
+    means, so bins where both groups are well populated count most; the weights are fixed under the
+    bootstrap). Its bootstrap 95% percentile interval resamples units within each bin.
+
+    Returns difference, ci_low, ci_high (NaN when no bin qualifies), the number of bins, the units of
+    each group in them and their medians there."""
+    bins_f, bins_n = activity_bins(features_active), activity_bins(neurons_active)
+    common = [b for b in np.intersect1d(bins_f, bins_n)
+              if (bins_f == b).sum() >= min_units and (bins_n == b).sum() >= min_units]
+    empty = {"difference": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n_bins": 0, "n_features": 0,
+             "n_neurons": 0, "median_features": np.nan, "median_neurons": np.nan}
+    if not common:
+        return empty
+    rng = np.random.default_rng(seed)
+    groups = [(features[bins_f == b], neurons[bins_n == b]) for b in common]
+    weights = np.array([len(f) * len(n) / (len(f) + len(n)) for f, n in groups])
+    weights /= weights.sum()
+    difference, resampled = 0.0, np.zeros(n_boot)
+    for w, (f, n) in zip(weights, groups, strict=True):
+        difference += w * (np.median(f) - np.median(n))
+        resampled += w * (np.median(rng.choice(f, (n_boot, len(f))), axis=1)
+                          - np.median(rng.choice(n, (n_boot, len(n))), axis=1))
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    in_bins_f, in_bins_n = np.concatenate([f for f, _ in groups]), np.concatenate([n for _, n in groups])
+    return {"difference": float(difference), "ci_low": float(low), "ci_high": float(high), "n_bins": len(common),
+            "n_features": len(in_bins_f), "n_neurons": len(in_bins_n),
+            "median_features": float(np.median(in_bins_f)), "median_neurons": float(np.median(in_bins_n))}
+
+
+def compared_pairs(units: pl.DataFrame) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(dictionary, baseline, scores) of each comparison of one site: every SAE against the neurons
+    on COMPARED_SCORES, every control against the neurons, and every SAE against every control, on
+    CONTROL_SCORES. Each pair against the neurons also gets the activity-matched difference."""
+    kinds = dict(units.select("dictionary", "unit_kind").unique().iter_rows())
+    controls = sorted(d for d, kind in kinds.items() if kind == CONTROL)
+    saes = sorted(d for d, kind in kinds.items() if kind != CONTROL and d != "neurons")
+    return ([(sae, "neurons", COMPARED_SCORES) for sae in saes]
+            + [(control, "neurons", CONTROL_SCORES) for control in controls]
+            + [(sae, control, CONTROL_SCORES) for sae in saes for control in controls])
+
+
+def compare(units: pl.DataFrame, n_boot: int, seed: int, min_bin_units: int) -> pl.DataFrame:
+    """The comparisons of one site (`compared_pairs`), over alive units: per pair and score the medians,
+    their difference (dictionary - baseline) and its bootstrap 95% interval; and per pair the
+    activity-matched difference of monosemanticity against the neurons (score `monosemanticity_matched`, see
+    `matched_difference`: its medians and unit counts are those of the units in the matched bins).
+
+    Columns: sae (the dictionary compared: an SAE or a control), baseline ("neurons" or a control),
+    score, median_features and median_neurons (the dictionary's and the baseline's), difference,
+    ci_low, ci_high, n_features, n_neurons (alive units, or units in matched bins), n_bins (matched
+    bins; null for a plain median difference), n_dead_features, n_dead_neurons."""
     rows = []
-    for sae in sorted(set(units["dictionary"]) - {"neurons"}):
-        features = units.filter(pl.col("dictionary") == sae)
-        for score in COMPARED_SCORES:
-            f = features.filter(pl.col("status") == "alive")[score].cast(pl.Float64).fill_null(np.nan).to_numpy()
-            n = neurons.filter(pl.col("status") == "alive")[score].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    for dictionary, baseline, scores in compared_pairs(units):
+        features, neurons = (units.filter(pl.col("dictionary") == name) for name in (dictionary, baseline))
+        alive_f, alive_n = (d.filter(pl.col("status") == "alive") for d in (features, neurons))
+        dead = {"n_dead_features": int((features["status"] == "dead").sum()),
+                "n_dead_neurons": int((neurons["status"] == "dead").sum())}
+
+        def values(frame: pl.DataFrame, score: str) -> np.ndarray:
+            return frame[score].cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+        for score in scores:
+            f, n = values(alive_f, score), values(alive_n, score)
             diff, low, high = bootstrap_median_difference(f, n, n_boot, seed)
-            rows.append({"sae": sae, "score": score, "median_features": float(np.nanmedian(f)) if len(f) else None,
-                         "median_neurons": float(np.nanmedian(n)) if len(n) else None, "difference": diff,
-                         "ci_low": low, "ci_high": high, "n_features": len(f), "n_neurons": len(n),
-                         "n_dead_features": int((features["status"] == "dead").sum()),
-                         "n_dead_neurons": int((neurons["status"] == "dead").sum())})
-    return pl.DataFrame(rows)
+            rows.append({"sae": dictionary, "baseline": baseline, "score": score,
+                         "median_features": float(np.nanmedian(f)) if len(f) else np.nan,
+                         "median_neurons": float(np.nanmedian(n)) if len(n) else np.nan, "difference": diff,
+                         "ci_low": low, "ci_high": high, "n_features": len(f), "n_neurons": len(n), "n_bins": None,
+                         **dead})
+        if baseline == "neurons":
+            matched = matched_difference(values(alive_f, "monosemanticity"), alive_f["n_active"].to_numpy(),
+                                         values(alive_n, "monosemanticity"), alive_n["n_active"].to_numpy(),
+                                         min_bin_units, n_boot, seed)
+            rows.append({"sae": dictionary, "baseline": baseline, "score": MATCHED, **matched, **dead})
+    schema = {"sae": pl.Utf8, "baseline": pl.Utf8, "score": pl.Utf8, "median_features": pl.Float64,
+              "median_neurons": pl.Float64, "difference": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
+              "n_features": pl.Int64, "n_neurons": pl.Int64, "n_bins": pl.Int64, "n_dead_features": pl.Int64,
+              "n_dead_neurons": pl.Int64}
+    return pl.DataFrame(rows, schema=schema)
 
 
 def score_site(cache: ActivationCache, table: pl.DataFrame, rows: np.ndarray, dictionaries: dict[str, torch.nn.Module],
                unit_kinds: dict[str, str], lexicons: pl.DataFrame, settings: ScoringSettings,
-               outlier_threshold: float = float("inf")
+               outlier_threshold: float = float("inf"), seed: int = 0
                ) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray, dict[str, SparseCodes]]:
     """Score every unit of every dictionary of one site over cache `rows` (indices into the token
     table `table`). The identity dictionary must be named "neurons"; SAE features are correlated
-    with it. Returns the units table (one row per unit, with top contexts), the concept ranking, the
-    rows scored (`rows` without outliers) and each SAE's `SparseCodes` on them."""
+    with it; dictionaries of unit kind CONTROL are only scored (no contexts, concept ranking or
+    codes). `seed` draws the null's permutation of the scored rows. Returns the units table (one row
+    per unit, with top contexts), the concept ranking, the rows scored (`rows` without outliers) and
+    each SAE's `SparseCodes` on them."""
     maxima, kept = unit_maxima(dictionaries, cache, rows, outlier_threshold)
     rows = rows[kept]
     scored = table[rows]
@@ -449,23 +590,26 @@ def score_site(cache: ActivationCache, table: pl.DataFrame, rows: np.ndarray, di
     token_counts = torch.from_numpy(counts).float()
     valid = row_index[row_index >= 0]
     row_counts = torch.from_numpy(np.bincount(valid, minlength=len(row_names))).float()
+    controls = frozenset(name for name, kind in unit_kinds.items() if kind == CONTROL)
+    null_order = np.random.default_rng(seed).permutation(len(rows))
     acc = accumulate(dictionaries, cache, rows, token_index, len(distinct), row_index, len(row_names), maxima,
-                     settings.active_fraction, settings.top_contexts,
-                     neurons="neurons" if "neurons" in dictionaries else None)
+                     settings.active_fraction, settings.top_contexts, null_order,
+                     neurons="neurons" if "neurons" in dictionaries else None, controls=controls)
     unit_tables, concept_tables = [], []
     neuron_matches = best_features(acc) if "neurons" in acc else None
     for name, accumulated in acc.items():
         units, ranking = score_dictionary(accumulated, maxima[name], concepts, token_counts, row_counts, len(rows),
                                           settings.min_active, settings.concept_unit_min_words,
-                                          settings.concept_units)
-        contexts = top_contexts(accumulated.top_rows, accumulated.top_values, rows, table,
-                                settings.context_before, settings.context_after)
-        units = units.with_columns(pl.Series("top_contexts", contexts, dtype=CONTEXTS_TYPE))
+                                          settings.concept_units, rank_concepts=name not in controls)
+        if name not in controls:
+            contexts = top_contexts(accumulated.top_rows, accumulated.top_values, rows, table,
+                                    settings.context_before, settings.context_after)
+            units = units.with_columns(pl.Series("top_contexts", contexts, dtype=CONTEXTS_TYPE))
+            concept_tables.append(ranking.select(pl.lit(name).alias("dictionary"), pl.all()))
         if name == "neurons" and neuron_matches is not None:
             units = pl.concat([units, neuron_matches], how="horizontal")
         front = {"dictionary": name, "unit_kind": unit_kinds[name], "n_scored_tokens": len(rows)}
         unit_tables.append(units.select(*[pl.lit(v).alias(k) for k, v in front.items()], pl.all()))
-        concept_tables.append(ranking.select(pl.lit(name).alias("dictionary"), pl.all()))
     codes = {name: a.codes for name, a in acc.items() if a.codes is not None}
     return pl.concat(unit_tables, how="diagonal_relaxed"), pl.concat(concept_tables), rows, codes
 
@@ -521,32 +665,67 @@ def compared_units(units: pl.DataFrame, site: str, sae: str) -> pl.DataFrame:
                           .otherwise(pl.lit(sae))))
 
 
-def example_units(units: pl.DataFrame, min_feature_active: int = 50) -> tuple[dict[str, object], dict[str, object]]:
-    """The two units of the example cards, as rows of `units` (dicts of column -> value).
+def example_units(units: pl.DataFrame) -> tuple[dict[str, object], dict[str, object]]:
+    """The two units of the example cards, as rows of `units` (dicts of column -> value): a typical
+    neuron and a typical feature of one site, not the extremes of either.
 
-    The neuron is the most polysemantic one: lowest monosemanticity (ties: lowest unit index, then
-    table order) among alive MLP neurons, or among alive residual dimensions when no MLP site was
-    scored (sites are told apart by site_kind). The feature is the cleanest SAE feature of the same
-    site: highest monosemanticity, then most active tokens, then lowest unit index, among alive
-    features active on at least `min_feature_active` tokens, or among all alive features of the site
-    when none is. `units` needs columns site, site_kind, dictionary, unit, status, n_active and
-    monosemanticity. Raises ValueError when there is no such neuron or feature."""
-    neurons = units.filter(pl.col("dictionary") == "neurons")
-    site_kind = "mlp" if (neurons["site_kind"] == "mlp").any() else "resid"
-    candidates = neurons.filter((pl.col("site_kind") == site_kind) & (pl.col("status") == "alive"))
-    if candidates.height == 0:
-        raise ValueError(f"no alive {site_kind} neuron to show as the example neuron")
-    neuron = candidates.sort("monosemanticity", "unit", maintain_order=True).row(0, named=True)
-    features = units.filter((pl.col("site") == neuron["site"]) & (pl.col("dictionary") != "neurons")
-                            & (pl.col("status") == "alive"))
-    if features.height == 0:
-        raise ValueError(f"no alive SAE feature at site {neuron['site']} to show as the example feature")
-    frequent = features.filter(pl.col("n_active") >= min_feature_active)
-    if frequent.height > 0:
-        features = frequent
-    feature = features.sort(["monosemanticity", "n_active", "unit"], descending=[True, True, False],
-                            maintain_order=True).row(0, named=True)
-    return neuron, feature
+    The site is the first MLP site (by layer, then name) with an alive neuron and an alive SAE feature,
+    else the first such residual site; the SAE is the first by name there (controls are not SAEs).
+    Each card shows the median unit of its group: among the alive neurons (alive features) sorted by
+    monosemanticity, then unit index, then table order, the one at position (n - 1) // 2 (the lower
+    median). `units` needs columns site, site_kind, layer, dictionary, unit_kind, unit, status and
+    monosemanticity. Raises ValueError when no site has both."""
+    alive = units.filter(pl.col("status") == "alive")
+    neurons = alive.filter(pl.col("dictionary") == "neurons")
+    features = alive.filter((pl.col("dictionary") != "neurons") & (pl.col("unit_kind") != CONTROL))
+    sites = (neurons.join(features.select("site").unique(), on="site")
+             .select("site", "site_kind", "layer").unique()
+             .sort(pl.col("site_kind") != "mlp", "layer", "site"))
+    if sites.height == 0:
+        raise ValueError("no site has both an alive neuron and an alive SAE feature to show on the example cards")
+    site = sites["site"][0]
+    at_site = features.filter(pl.col("site") == site)
+    sae = sorted(set(at_site["dictionary"]))[0]
+
+    def median_unit(group: pl.DataFrame) -> dict[str, object]:
+        ranked = group.sort("monosemanticity", "unit", maintain_order=True)
+        return ranked.row((ranked.height - 1) // 2, named=True)
+
+    return (median_unit(neurons.filter(pl.col("site") == site)),
+            median_unit(at_site.filter(pl.col("dictionary") == sae)))
+
+
+def null_comparison(comparison: pl.DataFrame) -> pl.DataFrame:
+    """The feature-minus-neuron difference of monosemanticity before and after the null, per site and
+    SAE: rows of `comparison` (against the neurons) for the raw score, its excess over the null and
+    the activity-matched difference, with a column `statistic` naming each (raw, excess over null,
+    matched activity)."""
+    names = {"monosemanticity": "raw", "monosemanticity_excess": "excess over null", MATCHED: "matched activity"}
+    return (comparison.filter((pl.col("baseline") == "neurons") & ~pl.col("sae").str.starts_with(f"{CONTROL}:")
+                              & pl.col("score").is_in(list(names)))
+            .with_columns(statistic=pl.col("score").replace_strict(names)))
+
+
+def control_comparison(comparison: pl.DataFrame) -> pl.DataFrame:
+    """Every dictionary set against the neurons of its site on the excess over the null (SAEs and
+    controls), and every SAE against each control: rows of `comparison` with score
+    monosemanticity_excess, a column `kind` ("vs neurons" or "SAE vs control")."""
+    excess = comparison.filter(pl.col("score") == "monosemanticity_excess")
+    return excess.with_columns(kind=pl.when(pl.col("baseline") == "neurons").then(pl.lit("vs neurons"))
+                               .otherwise(pl.lit("SAE vs control")))
+
+
+def activity_curves(units: pl.DataFrame, site: str) -> pl.DataFrame:
+    """Monosemanticity and its null against activity at one site: per dictionary and log2 bin of
+    active tokens (alive units), the bin's lower edge 2^bin, the unit count, and the medians of
+    monosemanticity and monosemanticity_null. Sorted by dictionary and bin."""
+    alive = units.filter((pl.col("site") == site) & (pl.col("status") == "alive"))
+    return (alive.with_columns(bin=pl.Series(activity_bins(alive["n_active"].to_numpy())))
+            .group_by("dictionary", "unit_kind", "bin")
+            .agg(pl.len().alias("n_units"), pl.col("monosemanticity").median(),
+                 pl.col("monosemanticity_null").median())
+            .with_columns(n_active=(2.0 ** pl.col("bin")))
+            .sort("dictionary", "bin"))
 
 
 def token_concept_labels(lexicons: pl.DataFrame) -> pl.DataFrame:
@@ -585,6 +764,59 @@ def site_dictionaries(cache: ActivationCache, sae_ids: list[str], sae_folders: l
         unit_kinds[sae_id] = "feature"
         thresholds.append(json.loads((Path(folder) / "training_summary.json").read_text())["outlier_threshold"])
     return dictionaries, unit_kinds, min(thresholds, default=float("inf"))
+
+
+@torch.no_grad()
+def scored_moments(cache: ActivationCache, rows: np.ndarray, outlier_threshold: float, covariance: bool,
+                   chunk: int = 8192) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+    """The rows `score_site` scores (norm at most `outlier_threshold`) and, with `covariance`, their
+    mean [d] and covariance [d, d] (float64; else None)."""
+    kept, total, products = [], 0.0, 0.0
+    for part, x in cache.chunks(rows, chunk):
+        keep = x.norm(dim=1) <= outlier_threshold
+        kept.append(part[keep.numpy()])
+        if covariance:
+            x = x[keep].double()
+            total, products = total + x.sum(0), products + x.T @ x
+    kept = np.concatenate(kept)
+    if not covariance:
+        return kept, None, None
+    mean = total / len(kept)
+    return kept, mean, products / len(kept) - torch.outer(mean, mean)
+
+
+@torch.no_grad()
+def control_dictionaries(cache: ActivationCache, rows: np.ndarray, saes: dict[str, SparseAutoencoder],
+                         outlier_threshold: float, seed: int, sample_size: int = 4096) -> dict[str, torch.nn.Module]:
+    """The control dictionaries of a site, named `control:<name>` (see the module's docstring): built
+    from the rows `score_site` will score (`rows` without the outliers above `outlier_threshold`),
+    seeded. `saes`: the site's SAEs by id, each mirrored by a random-directions code (k: the SAE's,
+    or for an SAE without a fixed k its mean L0 on a sample of `sample_size` rows, rounded) and by an
+    untrained copy initialised as `train_sae` initialises it (same seed; on this sample)."""
+    width = cache.header["shape"][1]
+    controls: dict[str, torch.nn.Module] = {f"{CONTROL}:neurons_negative": IdentityDictionary(width, negated=True)}
+    kept, mean, covariance = scored_moments(cache, rows, outlier_threshold, covariance=cache.site.kind == "resid")
+    sample = cache.rows(np.sort(np.random.default_rng(seed).choice(kept, min(sample_size, len(kept)), replace=False)))
+    for sae_id, sae in saes.items():
+        k = sae.k if isinstance(sae, TopKSAE) else max(1, round(float((sae.encode(sample) > 0).sum(1).float().mean())))
+        directions = TopKSAE(width, TopKSettings(d_sae=sae.d_sae, k=k, auxk_coefficient=0.0, auxk_k=0))
+        # initialised on a zero sample: random unit-norm rows, encoder = decoder, b_enc = b_dec = 0
+        directions.initialise(torch.zeros(1, width), torch.Generator().manual_seed(seed + 1))
+        untrained = type(sae)(width, sae.settings)
+        # train_sae also scales the sample to a mean squared norm of d_in first: every score here is
+        # invariant to a positive scale of the activations, so that is left out
+        untrained.initialise(sample, torch.Generator().manual_seed(seed))
+        controls[f"{CONTROL}:random_directions:{sae_id}"] = directions.eval()
+        controls[f"{CONTROL}:random_init:{sae_id}"] = untrained.eval()
+    if cache.site.kind == "resid":
+        axes = torch.linalg.eigh(covariance).eigenvectors.flip(1).float()  # by decreasing variance
+        gaussian = torch.randn(width, width, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+        rotation = torch.linalg.qr(gaussian).Q.float()
+        # the principal axes read the centred rows; the rotation only turns the residual basis
+        for name, basis, centre in (("pca", axes, mean.float()), ("rotation", rotation, torch.zeros(width))):
+            controls[f"{CONTROL}:{name}"] = LinearDictionary(basis, centre)
+            controls[f"{CONTROL}:{name}_negative"] = LinearDictionary(-basis, centre)
+    return controls
 
 
 def check_alive_units(units: pl.DataFrame, min_active: int) -> None:
@@ -634,23 +866,33 @@ def main(argv: list[str] | None = None) -> None:
     dictionaries, unit_kinds, outlier_threshold = site_dictionaries(cache, args.sae_ids, args.saes)
     table = pl.read_parquet(args.table)
     rows, positions = split_rows(table, settings.split)
-    units, concepts, scored_rows, codes = score_site(cache, table, rows[positions != 0], dictionaries, unit_kinds,
-                                                     pl.read_parquet(args.lexicons), settings, outlier_threshold)
-    check_alive_units(units, settings.min_active)
+    rows = rows[positions != 0]
+    if settings.controls:
+        controls = control_dictionaries(cache, rows, {sae_id: dictionaries[sae_id] for sae_id in args.sae_ids},
+                                        outlier_threshold, args.seed)
+        dictionaries |= controls
+        unit_kinds |= dict.fromkeys(controls, CONTROL)
+    units, concepts, scored_rows, codes = score_site(cache, table, rows, dictionaries, unit_kinds,
+                                                     pl.read_parquet(args.lexicons), settings, outlier_threshold,
+                                                     args.seed)
+    check_alive_units(units.filter(pl.col("unit_kind") != CONTROL), settings.min_active)
     site = cache.site
     site_columns = [pl.lit(site.id).alias("site"), pl.lit(site.kind).alias("site_kind"),
                     pl.lit(site.layer).alias("layer")]
     units = units.select(*site_columns, pl.all())
-    comparison = compare(units, settings.bootstrap_samples, args.seed).select(*site_columns, pl.all())
+    comparison = compare(units, settings.bootstrap_samples, args.seed, settings.matched_bin_min_units
+                         ).select(*site_columns, pl.all())
     write_parquet(units, args.units)
     write_parquet(concepts.select(*site_columns, pl.all()), args.concepts)
     write_parquet(comparison, args.comparison)
     write_codes(scored_rows, codes, args.codes)
     log.info("scored %d units on %d tokens in %.1f s", units.height, units["n_scored_tokens"][0],
              time.perf_counter() - start)
-    for row in comparison.filter(pl.col("score") == "monosemanticity").iter_rows(named=True):
-        log.info("%s vs neurons: median monosemanticity %.3f vs %.3f, difference %.3f [%.3f, %.3f]", row["sae"],
-                 row["median_features"], row["median_neurons"], row["difference"], row["ci_low"], row["ci_high"])
+    for row in comparison.filter(pl.col("score").is_in(["monosemanticity", "monosemanticity_excess", MATCHED])
+                                 ).iter_rows(named=True):
+        log.info("%s vs %s: %s median %.3f vs %.3f, difference %.3f [%.3f, %.3f]", row["sae"], row["baseline"],
+                 row["score"], row["median_features"], row["median_neurons"], row["difference"], row["ci_low"],
+                 row["ci_high"])
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def spread(tables_by_seed: dict[int, dict[str, list[dict[str, Any]]]]) -> pl.Dat
         records.append({"table": table, "row": row, "column": column, "n_seeds": len(numbers),
                         "n_nan": len(seen) - len(numbers),
                         "mean": float(numbers.mean()) if len(numbers) else math.nan,
-                        "sd": float(numbers.std(ddof=1)) if len(numbers) > 1 else math.nan,
+                        # about the first value: numpy's std of equal values is not always 0 (the mean
+                        # of n copies can round one ulp away), and an sd of 2e-15 is not a seed effect
+                        "sd": float((numbers - numbers[0]).std(ddof=1)) if len(numbers) > 1 else math.nan,
                         "min": float(numbers.min()) if len(numbers) else math.nan,
                         "max": float(numbers.max()) if len(numbers) else math.nan,
                         "integer": all(isinstance(v, int) for v in seen)})

@@ -7,6 +7,12 @@ I_i. Dense features (S = 0) get the m most important dimensions to themselves; s
 into the m dimensions in superposition, more of them the sparser they are. Many models (one per
 sparsity and importance) train at once as a batch of independent instances.
 
+The SAE reads the hidden layer of the main model at `sae_sparsity` (the instance `features.parquet`
+describes, with its feature distribution). A planted feature counts as recovered when the latent matched
+to it one to one (a latent shared by two features recovers one of them: the one that writes most along
+it) has a decoder cosine above chance: the 95th percentile of a uniformly random direction's best cosine
+against the same decoder rows.
+
 >>> settings = ToySettings(n_features=5, n_hidden=2, importance_decay=0.9, sparsities=[0.0, 0.9],
 ...                        phase_grid=3, steps=200, batch_size=256, lr=0.01, sae_d_sae=5, sae_k=1,
 ...                        sae_steps=50, sae_sparsity=0.9)
@@ -29,7 +35,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from mechinterp.errors import run_stage
+from mechinterp.errors import UserError, run_stage
 from mechinterp.files import write_parquet
 from mechinterp.saes import TopKSAE
 from mechinterp.saes.topk import TopKSettings
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 REPRESENTED_NORM = 0.5  # a feature with ||W_i|| above this is represented (the paper's figures use the same cut)
 SUPERPOSED_INTERFERENCE = 0.1  # ... and in superposition when sum_j (W_i_hat . W_j)^2 over j != i exceeds this
 PHASE_RESTARTS = 3  # trainings per cell of the phase diagram, the best kept
+CHANCE_QUANTILE = 0.95  # a feature is recovered above chance when its cosine beats this share of random directions
+CHANCE_SAMPLES = 20_000  # random directions drawn for the chance distribution
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,13 @@ class ToySettings:
     sae_steps: int
     """its training steps"""
     sae_sparsity: float
-    """the feature sparsity of the toy model whose hidden layer the SAE reads"""
+    """the feature sparsity of the main model whose hidden layer the SAE reads (one of `sparsities`)"""
+
+    def __post_init__(self) -> None:
+        if self.sae_sparsity not in self.sparsities:
+            raise UserError(f"toy.sae_sparsity = {self.sae_sparsity} is not one of toy.sparsities {self.sparsities}: "
+                            "the SAE reads one of the main models (the one toy/features.parquet describes); "
+                            "add it to toy.sparsities or pick one of them.")
 
 
 def sample_features(sparsity: torch.Tensor, batch: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -160,35 +174,80 @@ def phase_diagram(settings: ToySettings, seed: int) -> pl.DataFrame:
                          "phase": phase})
 
 
-def sae_recovery(settings: ToySettings, seed: int) -> pl.DataFrame:
-    """A TopK SAE trained on the hidden layer h = W x of a toy model at `sae_sparsity`: for each planted
-    feature, the cosine of its direction W_i to its best decoder row (1: recovered exactly)."""
-    n, m = settings.n_features, settings.n_hidden
-    sparsity = torch.tensor([settings.sae_sparsity])
-    importance = (settings.importance_decay ** torch.arange(n, dtype=torch.float32))[None]
-    W = train_toy_models(n, m, sparsity, importance, settings, seed)[0][0]
+def train_toy_sae(W: torch.Tensor, sparsity: float, settings: ToySettings, seed: int) -> TopKSAE:
+    """A TopK SAE trained on the hidden layer h = W x [*, m] of the toy model W [m, n], its features x
+    drawn as the toy model's were (each 0 with probability `sparsity`, else uniform on [0, 1])."""
+    n, m = W.shape[1], W.shape[0]
     generator = torch.Generator().manual_seed(seed)
+    sparsities = torch.tensor([sparsity])
     sae = TopKSAE(m, TopKSettings(d_sae=settings.sae_d_sae, k=settings.sae_k, auxk_coefficient=1 / 32,
                                   auxk_k=settings.sae_k))
-    sample = sample_features(sparsity, 4096, n, generator)[0] @ W.T
-    sae.initialise(sample, generator)
+    sae.initialise(sample_features(sparsities, 4096, n, generator)[0] @ W.T, generator)
     optimizer = torch.optim.Adam(sae.parameters(), lr=settings.lr)
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
     for _ in range(settings.sae_steps):
-        h = sample_features(sparsity, settings.batch_size, n, generator)[0] @ W.T
+        h = sample_features(sparsities, settings.batch_size, n, generator)[0] @ W.T
         metrics = sae.training_step(h, since_fired > 10 * settings.batch_size, progress=0.5)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sae.after_step()
         since_fired += settings.batch_size
         since_fired[metrics["active"]] = 0
-    directions = W / W.norm(dim=0).clamp_min(1e-9)  # [m, n]
-    cosines = (sae.W_dec.detach() @ directions)  # [d_sae, n]: decoder rows are unit norm
+    return sae
+
+
+def chance_cosines(decoder: torch.Tensor, n_samples: int, rng: np.random.Generator) -> torch.Tensor:
+    """The best cosine of each of `n_samples` uniformly random directions against the rows of `decoder`
+    [d_sae, m] (unit norm): the null distribution of a feature's best cosine when its direction has
+    nothing to do with the decoder. [n_samples]. Signed, as the features' cosines are: a TopK latent
+    is never negative, so a row along -W_i cannot write feature i. Drawn by numpy's generator: torch's,
+    seeded alike, would redraw the SAE's initial decoder."""
+    directions = torch.from_numpy(rng.standard_normal((n_samples, decoder.shape[1]), dtype=np.float32))
+    directions /= directions.norm(dim=1, keepdim=True)
+    return (directions @ decoder.T).max(1).values
+
+
+def one_to_one_matches(scores: torch.Tensor) -> np.ndarray:
+    """Greedy one-to-one matching of features to latents by a score [d_sae, n]: the highest pair first,
+    then the highest among the latents and features still free, so a latent aligned with two features
+    is matched to one of them. Returns each feature's latent [n] (-1: none left)."""
+    d_sae, n = scores.shape
+    latent = np.full(n, -1)
+    free_latents, free_features = np.ones(d_sae, bool), np.ones(n, bool)
+    for flat in np.argsort(-scores.numpy(), axis=None, kind="stable"):
+        j, i = divmod(int(flat), n)
+        if free_latents[j] and free_features[i]:
+            latent[i] = j
+            free_latents[j] = free_features[i] = False
+    return latent
+
+
+def recovery_table(decoder: torch.Tensor, W: torch.Tensor, seed: int) -> pl.DataFrame:
+    """How a dictionary's unit-norm rows `decoder` [d_sae, m] recover the planted features of the toy
+    model W [m, n]: per feature, its best row and cosine, the row matched to it one to one and that
+    cosine, and whether it is recovered (matched cosine above `chance_threshold`, the `CHANCE_QUANTILE`
+    of random directions' best cosines against the same rows; `chance_median` beside it). Rows are
+    matched by the feature's component along them, W_i . d_j: a row aligned with a represented feature
+    and with the tiny W_i of an unrepresented one (often parallel to it) goes to the represented one."""
+    cosines = decoder @ (W / W.norm(dim=0).clamp_min(1e-9))  # [d_sae, n]
     best = cosines.max(0)
+    matched_latent = one_to_one_matches(decoder @ W)
+    matched_cosine = np.where(matched_latent >= 0, cosines.numpy()[matched_latent, np.arange(W.shape[1])], np.nan)
+    chance = chance_cosines(decoder, CHANCE_SAMPLES, np.random.default_rng(seed))
+    threshold = float(chance.quantile(CHANCE_QUANTILE))
     geometry = feature_geometry(W)
-    return pl.DataFrame({"sparsity": settings.sae_sparsity, "feature": np.arange(n), "norm": geometry["norm"],
+    return pl.DataFrame({"feature": np.arange(W.shape[1]), "norm": geometry["norm"],
                          "represented": geometry["represented"], "best_latent": best.indices.numpy(),
-                         "best_cosine": best.values.numpy()})
+                         "best_cosine": best.values.numpy(), "matched_latent": matched_latent,
+                         "matched_cosine": matched_cosine, "recovered": np.nan_to_num(matched_cosine, nan=-1) > threshold,
+                         "chance_median": float(chance.median()), "chance_threshold": threshold})
+
+
+def sae_recovery(W: torch.Tensor, sparsity: float, settings: ToySettings, seed: int) -> pl.DataFrame:
+    """A TopK SAE trained on the hidden layer of the toy model W [m, n] at `sparsity`, scored by
+    `recovery_table`: one row per planted feature."""
+    decoder = train_toy_sae(W, sparsity, settings, seed).W_dec.detach()  # unit rows
+    return recovery_table(decoder, W, seed).select(pl.lit(sparsity).alias("sparsity"), pl.all())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,14 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     settings = ToySettings(**json.loads(args.settings))
     out = Path(args.out_dir)
     start = time.perf_counter()
-    features, gram, _ = main_models(settings, args.seed)
+    features, gram, W = main_models(settings, args.seed)
     log.info("main models (%d features in %d dimensions, %d sparsities) in %.1f s", settings.n_features,
              settings.n_hidden, len(settings.sparsities), time.perf_counter() - start)
     phase = phase_diagram(settings, args.seed)
     log.info("phase diagram (%d models) at %.1f s", len(phase), time.perf_counter() - start)
-    recovery = sae_recovery(settings, args.seed)
-    log.info("SAE on the hidden layer: median best cosine %.3f over the represented features, at %.1f s",
-             recovery.filter(pl.col("represented"))["best_cosine"].median(), time.perf_counter() - start)
+    recovery = sae_recovery(W[settings.sparsities.index(settings.sae_sparsity)], settings.sae_sparsity, settings,
+                            args.seed)
+    represented = recovery.filter(pl.col("represented"))
+    log.info("SAE on the hidden layer: %d of %d represented features recovered above chance (cosine > %.3f), %d of %d "
+             "unrepresented, at %.1f s", represented["recovered"].sum(), represented.height,
+             recovery["chance_threshold"][0], recovery["recovered"].sum() - represented["recovered"].sum(),
+             recovery.height - represented.height, time.perf_counter() - start)
     for name, frame in {"features": features, "gram": gram, "phase": phase, "sae_recovery": recovery}.items():
         write_parquet(frame, out / f"{name}.parquet")
 

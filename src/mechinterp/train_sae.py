@@ -4,7 +4,12 @@ Streams batches from the memory-mapped cache in a seeded order that is a pure fu
 so a run resumed from a checkpoint continues exactly as if it had not stopped. BOS and attention-sink
 tokens (norm far above the median) are left out: they would set the normalisation and dominate the
 loss while the SAE learns little else. Activations are scaled to a mean squared norm of d_in; the
-scale is folded into the saved weights."""
+scale is folded into the saved weights.
+
+At every row of the training log the SAE is also measured on a fixed sample of held-out tokens (its
+FVU there: no gradient, no random number drawn, so the trained weights are those of a run without
+it), and an SAE whose held-out FVU still falls over the last tenth of training is flagged
+`still_improving`: more training tokens would have given a better SAE."""
 
 from __future__ import annotations
 
@@ -54,11 +59,18 @@ class TrainingSettings:
     """steps between rows of the training log"""
     checkpoint_every: int
     """steps between checkpoints (a killed run resumes from the last one)"""
+    heldout_eval_tokens: int
+    """held-out tokens (a fixed sample) on which the FVU is measured at every row of the training log"""
+    still_improving_drop: float
+    """an SAE whose FVU fell by more than this share over the last tenth of training is `still_improving`"""
 
 
-# one row per `log_every` steps (the figures' training curves)
+# one row per `log_every` steps (the figures' training curves); `fvu` is on the step's batch, `heldout_fvu`
+# on the fixed held-out sample (NaN when there is none)
 TRAINING_LOG_SCHEMA = {"step": pl.Int64, "tokens": pl.Int64, "lr": pl.Float64, "mse": pl.Float64, "fvu": pl.Float64,
-                       "l0": pl.Float64, "auxk": pl.Float64, "l1": pl.Float64, "dead_fraction": pl.Float64}
+                       "heldout_fvu": pl.Float64, "l0": pl.Float64, "auxk": pl.Float64, "l1": pl.Float64,
+                       "dead_fraction": pl.Float64}
+LATE_FRACTION = 0.1  # the end of training over which `still_improving` looks for a falling FVU
 
 
 def _pick(cls: type, flat: dict[str, Any]) -> Any:
@@ -129,6 +141,47 @@ def batch_variance(x: torch.Tensor) -> torch.Tensor:
     return x.sub(x.mean(0)).pow(2).sum(1).mean()
 
 
+def heldout_sample(rows: np.ndarray, positions: np.ndarray, norms: np.ndarray, outlier_threshold: float,
+                   n: int) -> np.ndarray:
+    """The fixed held-out rows of the training curve: of `rows` (with their window positions and norms,
+    each [n_rows]), BOS and tokens above the training's outlier threshold left out as in training, `n`
+    rows evenly spaced over the rest (every held-out window contributes; no random number is drawn)."""
+    eligible = rows[(positions != 0) & (norms <= outlier_threshold)]
+    if len(eligible) <= n:
+        return eligible
+    return eligible[np.linspace(0, len(eligible) - 1, n).round().astype(np.int64)]
+
+
+@torch.no_grad()
+def sample_fvu(sae: SparseAutoencoder, x: torch.Tensor, variance: torch.Tensor) -> float:
+    """FVU of `sae` on the sample x [n, d_in] of total variance `variance` (batch_variance(x))."""
+    return float((sae(x) - x).pow(2).sum(1).mean() / variance)
+
+
+def late_drop(steps: np.ndarray, curve: np.ndarray, total_steps: int) -> float:
+    """Relative fall of a training curve (FVU at logged `steps`) over the last LATE_FRACTION of
+    `total_steps`: (c(start) - c(end)) / c(start), c linearly interpolated between logged steps, start =
+    (1 - LATE_FRACTION) x the last step. Positive while the curve still falls; NaN with fewer than
+    two finite points."""
+    finite = np.isfinite(curve)
+    steps, curve = steps[finite], curve[finite]
+    if len(steps) < 2:
+        return float("nan")
+    start = float(np.interp((1 - LATE_FRACTION) * (total_steps - 1), steps, curve))
+    return (start - float(curve[-1])) / start
+
+
+def still_improving(training_log: pl.DataFrame, total_steps: int, threshold: float) -> tuple[bool, float]:
+    """Whether the SAE was still improving when training stopped: the late drop (late_drop) of its
+    held-out FVU, or of its batch FVU when the log has no held-out FVU, above `threshold`. Returns the
+    flag and the drop."""
+    curve = training_log["heldout_fvu"].to_numpy()
+    if not np.isfinite(curve).any():
+        curve = training_log["fvu"].to_numpy()
+    drop = late_drop(training_log["step"].to_numpy(), curve, total_steps)
+    return bool(drop > threshold), drop
+
+
 def lr_multiplier(step: int, total: int, warmup_fraction: float, decay_fraction: float) -> float:
     """Linear warm-up, constant, then linear decay to zero over the last `decay_fraction` of steps."""
     warmup, decay_start = max(1, int(warmup_fraction * total)), int((1 - decay_fraction) * total)
@@ -147,11 +200,12 @@ def fingerprint(spec: SaeSpec, seed: int, cache: ActivationCache, selection: Row
 
 
 def train_sae(cache: ActivationCache, selection: RowSelection, spec: SaeSpec, seed: int,
-              checkpoint: Path | None = None, stop_after_step: int | None = None, device: str = "cpu"
-              ) -> tuple[SparseAutoencoder, pl.DataFrame, dict[str, Any]]:
+              checkpoint: Path | None = None, stop_after_step: int | None = None, device: str = "cpu",
+              heldout: np.ndarray | None = None) -> tuple[SparseAutoencoder, pl.DataFrame, dict[str, Any]]:
     """Train an SAE on `selection.rows` of `cache` on `device`. Returns the SAE (on the CPU, reading raw
     activations), the training log and a summary. `stop_after_step` ends early, as a crash would,
-    after writing a checkpoint."""
+    after writing a checkpoint. `heldout` (rows of `cache`, e.g. heldout_sample) is measured at every
+    log row; without it the log's `heldout_fvu` is NaN and `still_improving` reads the batch FVU."""
     training = spec.training
     d_in, batch_size = cache.header["shape"][1], training.batch_size
     if len(selection.rows) < batch_size:
@@ -177,6 +231,9 @@ def train_sae(cache: ActivationCache, selection: RowSelection, spec: SaeSpec, se
             log.info("resuming %s from step %d of %d", cache.header["site"], start_step, total_steps)
         else:
             log.info("checkpoint %s is from other settings or data; starting afresh", checkpoint)
+    if heldout is not None and len(heldout):
+        x_heldout = cache.rows(heldout).to(device) * scale
+        heldout_variance = batch_variance(x_heldout)
 
     started = time.perf_counter()
     for step in tqdm(range(start_step, total_steps), desc=f"train {spec.architecture} SAE", unit="step",
@@ -193,6 +250,8 @@ def train_sae(cache: ActivationCache, selection: RowSelection, spec: SaeSpec, se
         if step % training.log_every == 0 or step == total_steps - 1:
             rows_log.append({"step": step, "tokens": (step + 1) * batch_size, "lr": optimizer.param_groups[0]["lr"],
                              "mse": float(metrics["mse"]), "fvu": float(metrics["mse"] / batch_variance(x)),
+                             "heldout_fvu": sample_fvu(sae, x_heldout, heldout_variance)
+                             if heldout is not None and len(heldout) else float("nan"),
                              "l0": float(metrics["l0"]), "auxk": float(metrics.get("auxk", 0.0)),
                              "l1": float(metrics.get("l1", 0.0)),
                              "dead_fraction": float((since_fired >= training.dead_after_tokens).float().mean())})
@@ -206,12 +265,16 @@ def train_sae(cache: ActivationCache, selection: RowSelection, spec: SaeSpec, se
     steps_run = (min(total_steps, stop_after_step or total_steps)) - start_step
     sae.fold_scale(scale)
     sae.cpu()
+    training_log = pl.DataFrame(rows_log, schema=TRAINING_LOG_SCHEMA)
+    improving, drop = still_improving(training_log, total_steps, training.still_improving_drop)
     summary = {"scale": scale, "total_steps": total_steps, "train_seconds": seconds,
                "tokens_per_s": steps_run * batch_size / seconds if seconds else float("nan"),
                "n_train_rows": len(selection.rows), "n_excluded_bos": selection.n_bos,
                "n_excluded_outliers": selection.n_outliers, "median_norm": selection.median_norm,
-               "outlier_threshold": selection.outlier_threshold}
-    return sae, pl.DataFrame(rows_log, schema=TRAINING_LOG_SCHEMA), summary
+               "outlier_threshold": selection.outlier_threshold, "n_heldout_rows": 0 if heldout is None else len(heldout),
+               "heldout_fvu": float(training_log["heldout_fvu"][-1]) if len(training_log) else float("nan"),
+               "late_fvu_drop": drop, "still_improving": improving}
+    return sae, training_log, summary
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -247,14 +310,20 @@ def main(argv: list[str] | None = None) -> None:
     flat = json.loads(args.spec)
     spec = SaeSpec.from_config(flat)
     cache = ActivationCache.open(args.cache, args.table)
-    rows, positions = split_rows(pl.read_parquet(args.table, columns=["split", "position"]), "train")
+    table = pl.read_parquet(args.table, columns=["split", "position"])
+    rows, positions = split_rows(table, "train")
     selection = select_rows(cache, rows, positions, spec.training.outlier_norm_ratio)
     log.info("training rows: %d (left out: %d BOS, %d norm outliers above %.1f = %.0f x median %.1f)",
              len(selection.rows), selection.n_bos, selection.n_outliers, selection.outlier_threshold,
              spec.training.outlier_norm_ratio, selection.median_norm)
+    heldout_rows, heldout_positions = split_rows(table, "heldout")
+    norms = np.concatenate([chunk.norm(dim=1).numpy() for _, chunk in cache.chunks(heldout_rows)]) if len(heldout_rows) \
+        else np.zeros(0)
+    heldout = heldout_sample(heldout_rows, heldout_positions, norms, selection.outlier_threshold,
+                             spec.training.heldout_eval_tokens)
     checkpoint = Path(args.checkpoint)
     sae, training_log, summary = train_sae(cache, selection, spec, args.seed, checkpoint,
-                                           device=resolve_device(args.device))
+                                           device=resolve_device(args.device), heldout=heldout)
     header = cache.header
     with atomic_path(args.out) as tmp:
         sae.save(tmp, saelens_metadata(header, args.model_name, args.dataset),
@@ -263,8 +332,14 @@ def main(argv: list[str] | None = None) -> None:
         write_json({**summary, "site": header["site"], "spec": flat, "seed": args.seed}, tmp / "training_summary.json")
     checkpoint.unlink(missing_ok=True)
     last = training_log.row(-1, named=True)
-    log.info("trained %s: %d steps at %.0f tokens/s; last batch FVU %.3f, L0 %.1f, dead %.1f%%", args.out,
-             summary["total_steps"], summary["tokens_per_s"], last["fvu"], last["l0"], 100 * last["dead_fraction"])
+    log.info("trained %s: %d steps at %.0f tokens/s; last batch FVU %.3f, held-out FVU %.3f (%d tokens), L0 %.1f, "
+             "dead %.1f%%", args.out, summary["total_steps"], summary["tokens_per_s"], last["fvu"], last["heldout_fvu"],
+             len(heldout), last["l0"], 100 * last["dead_fraction"])
+    if summary["still_improving"]:
+        log.warning("%s: still improving at the end of training (held-out FVU fell %.1f%% over the last %.0f%% of "
+                    "steps, above sae.still_improving_drop = %g); more training tokens (sae.training_tokens) "
+                    "would give a better SAE", args.out, 100 * summary["late_fvu_drop"], 100 * LATE_FRACTION,
+                    spec.training.still_improving_drop)
 
 
 if __name__ == "__main__":

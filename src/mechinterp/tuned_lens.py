@@ -8,6 +8,15 @@ Positions are of three kinds, kept apart in training and evaluation: `bos` (posi
 attention sink: a residual far larger than the rest of its window at that layer, see
 `position_kinds`) and `other`. Translators train on `other` positions only: BOS and sinks carry
 massive residuals whose decoded distribution is nothing like the rest, and would dominate the loss.
+
+Training (`train_translators`) works from a cache of the training windows' residuals at every layer
+and of the model's output log-probabilities, so no step reruns the model. Each layer's translator
+starts from the least-squares map of its residual onto the output residual's direction (a warm start:
+the untrained translator is still the logit lens), then takes Adam steps on KL(output || lens) over
+sampled positions until a stopping rule on the KL of validation windows (held out of the training
+windows) or a cap on the steps; the parameters of the best validation evaluation are kept. Two
+baselines stand beside it: a bias-only translator (h + b, trained the same way) and a constant
+distribution (the mean output distribution over the training windows), which reads no residual.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,8 +50,10 @@ from mechinterp.tokens import split_sequences
 log = logging.getLogger(__name__)
 KINDS = ("bos", "sink", "other")  # position kinds; position_kinds returns indices into this
 BOS, SINK, OTHER = range(len(KINDS))
-LENSES = ("logit", "tuned")
+LENSES = ("logit", "tuned", "bias_only", "constant")
+TRAINED = ("tuned", "bias_only")  # the lenses with a translator to train: affine and bias-only
 N_BOOTSTRAP = 1000  # resamples of the held-out windows for each confidence interval
+RIDGE = 1e-3  # the warm start's ridge penalty, relative to the mean variance of a residual coordinate
 
 
 @dataclass(frozen=True)
@@ -51,7 +63,7 @@ class TunedLensSettings:
     train_tokens: int
     """train-split tokens the translators see (whole windows: rounded down to a multiple of the context)"""
     batch_sequences: int
-    """windows per forward pass; each batch is one Adam step for every layer's translator"""
+    """windows per forward pass of the model (caching the training windows, held-out evaluation)"""
     lr: float
     """Adam learning rate of the translators"""
     eval_sequences: int
@@ -59,13 +71,26 @@ class TunedLensSettings:
     sink_norm_ratio: float
     """a non-BOS position whose residual norm at a layer exceeds this x its window's median norm at that
     layer counts as an attention sink there"""
+    validation_windows: int
+    """training windows held out of the fit, on whose KL the stopping rule decides"""
+    batch_tokens: int
+    """positions per Adam step of one layer's translator, drawn from the fit windows"""
+    eval_every: int
+    """Adam steps between two evaluations of the validation KL"""
+    patience: int
+    """evaluations without an improvement after which a layer's translator stops"""
+    min_improvement: float
+    """relative drop of the best validation KL that counts as an improvement"""
+    max_steps: int
+    """cap on the Adam steps of each layer's translator"""
 
 
 class Translators(torch.nn.Module):
-    """One affine translator per lens layer but the last: layer l's residual h [..., d_model] becomes
-    h + h @ weight[l] + bias[l], with weight [n_layers, d_model, d_model] and bias [n_layers, d_model].
-    The last lens layer (`n_layers`, the residual the model decodes) passes unchanged. Both start at
-    zero, so the untrained tuned lens is exactly the logit lens.
+    """One translator per lens layer but the last: layer l's residual h [..., d_model] becomes
+    h + h @ weight[l] + bias[l] (affine), or h + bias[l] (`affine=False`: the bias-only baseline, which
+    has no weight at all), with weight [n_layers, d_model, d_model] and bias [n_layers, d_model]. The
+    last lens layer (`n_layers`, the residual the model decodes) passes unchanged. Both start at zero,
+    so the untrained tuned lens is exactly the logit lens.
 
     >>> translators = Translators(n_layers=2, d_model=4)
     >>> resid = torch.randn(3, 5, 4)  # [n_layers + 1, n_pos, d_model]
@@ -75,19 +100,21 @@ class Translators(torch.nn.Module):
     ...     _ = translators.bias[0].fill_(1.0)
     >>> torch.equal(translators(resid)[0], resid[0] + 1), torch.equal(translators(resid)[2], resid[2])
     (True, True)
+    >>> [name for name, _ in Translators(2, 4, affine=False).named_parameters()]
+    ['bias']
     """
 
-    def __init__(self, n_layers: int, d_model: int) -> None:
+    def __init__(self, n_layers: int, d_model: int, affine: bool = True) -> None:
         super().__init__()
         self.n_layers = n_layers
-        self.weight = torch.nn.Parameter(torch.zeros(n_layers, d_model, d_model))
+        self.weight = torch.nn.Parameter(torch.zeros(n_layers, d_model, d_model)) if affine else None
         self.bias = torch.nn.Parameter(torch.zeros(n_layers, d_model))
 
     def translate(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """Lens layer `layer`'s residuals [..., d_model], translated (the last layer as it is)."""
         if layer == self.n_layers:
             return resid
-        return resid + resid @ self.weight[layer] + self.bias[layer]
+        return translate(resid, None if self.weight is None else self.weight[layer], self.bias[layer])
 
     def forward(self, resid: torch.Tensor) -> torch.Tensor:
         """Stacked residuals [n_layers + 1, ..., d_model] -> translated residuals of the same shape."""
@@ -103,13 +130,19 @@ class Translators(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> Translators:
+        """Translators saved by `save`: affine when the file holds a weight, bias-only otherwise."""
         from safetensors.torch import load_file
 
         tensors = load_file(str(path))
         n_layers, d_model = tensors["bias"].shape
-        translators = cls(n_layers, d_model)
+        translators = cls(n_layers, d_model, affine="weight" in tensors)
         translators.load_state_dict(tensors)
         return translators.to(device)
+
+
+def translate(resid: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """One layer's translator on residuals [..., d_model]: resid + resid @ weight + bias (no weight: bias-only)."""
+    return resid + bias if weight is None else resid + resid @ weight + bias
 
 
 def position_kinds(resid: torch.Tensor, sink_norm_ratio: float) -> torch.Tensor:
@@ -134,65 +167,206 @@ def sample_windows(windows: np.ndarray, n_windows: int, seed: int) -> np.ndarray
     return np.asarray(windows[np.random.default_rng(seed).permutation(len(windows))[:n_windows]], dtype=np.int64)
 
 
-def train_translators(bridge, windows: np.ndarray, settings: TunedLensSettings) -> tuple[Translators, pl.DataFrame]:
-    """Train one translator per layer on train-split windows [n_windows, n_pos] (in the order given):
-    per batch of `batch_sequences` windows, one forward pass, then for every layer one Adam step on
-    KL(model output || tuned lens at that layer), the mean over the batch's `other` positions at that
-    layer. The layers' losses share no parameters, so one step of the stacked parameters after every
-    layer's backward pass is each layer's own step. Returns the translators and the training table
-    (layer, step, loss: the loss before the step)."""
-    translators = Translators(bridge.cfg.n_layers, bridge.cfg.d_model).to(bridge.cfg.device)
-    params = list(translators.parameters())
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
-    rows = []
-    starts = range(0, len(windows), settings.batch_sequences)
-    for step, start in enumerate(tqdm(starts, desc="tuned lens", unit="batch")):
-        logits, resid = residual_stream(bridge, torch.from_numpy(windows[start : start + settings.batch_sequences]))
-        final = logits.float().log_softmax(-1)
-        kinds = position_kinds(resid, settings.sink_norm_ratio)
-        optimizer.zero_grad(set_to_none=True)
-        for layer in range(translators.n_layers):
-            keep = kinds[layer] == OTHER
-            if not keep.any():  # a batch of very short windows can be all BOS and sinks: nothing to learn from
+@torch.no_grad()
+def cache_residuals(bridge, windows: np.ndarray, batch_sequences: int, sink_norm_ratio: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over windows [n_windows, n_pos], in batches: every layer's residual stream
+    [n_layers + 1, n_windows, n_pos, d_model] and every position's kind [n_layers + 1, n_windows, n_pos]."""
+    resid, kinds = [], []
+    for start in tqdm(range(0, len(windows), batch_sequences), desc="cache residuals", unit="batch"):
+        _, batch = residual_stream(bridge, torch.from_numpy(windows[start : start + batch_sequences]))
+        resid.append(batch)
+        kinds.append(position_kinds(batch, sink_norm_ratio))
+    return torch.cat(resid, dim=1), torch.cat(kinds, dim=1)
+
+
+@torch.no_grad()
+def output_log_probs(bridge, final_resid: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """The model's output log-probabilities [n, vocab] decoded from last-layer residuals [n, d_model]
+    (exactly the model's output: see logit_lens.decode), in chunks of positions to bound the memory."""
+    return torch.cat([decode(bridge, final_resid[i : i + chunk]) for i in range(0, len(final_resid), chunk)])
+
+
+def constant_log_probs(final_log_probs: torch.Tensor) -> torch.Tensor:
+    """The constant baseline: log of the mean output distribution over positions [n, vocab] -> [vocab]."""
+    return final_log_probs.logsumexp(0) - math.log(len(final_log_probs))
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over the last axis, kept: [..., d] -> [..., 1]."""
+    return x.pow(2).mean(-1, keepdim=True).sqrt()
+
+
+@torch.no_grad()
+def least_squares_start(resid: torch.Tensor, final_resid: torch.Tensor, affine: bool
+                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Warm start of one layer's translator from residuals [n, d_model] and the same positions' last-layer
+    residuals [n, d_model]: the weight [d, d] (affine) and bias [d] minimising the squared distance of
+    the translated residual to the output residual's direction at the residual's own norm (the final
+    norm makes only the direction count), with a ridge penalty on the weight. Bias-only: the mean offset."""
+    target = final_resid * rms(resid) / rms(final_resid) - resid
+    if not affine:
+        return None, target.mean(0)
+    x_mean, y_mean = resid.mean(0), target.mean(0)
+    x, y = resid - x_mean, target - y_mean
+    gram = x.T @ x
+    penalty = RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    weight = torch.linalg.solve(gram + penalty, x.T @ y)
+    return weight, y_mean - x_mean @ weight
+
+
+def stop_rule(history: list[float], patience: int, min_improvement: float) -> bool:
+    """Whether training stops after the validation losses `history` (one per evaluation, oldest first):
+    when none of the last `patience` evaluations has lowered the best earlier loss by more than a
+    fraction `min_improvement` of it (at 0, when none has lowered it at all)."""
+    if len(history) <= patience:
+        return False
+    return min(history[-patience:]) >= (1 - min_improvement) * min(history[:-patience])
+
+
+def mean_kl(bridge, weight: torch.Tensor | None, bias: torch.Tensor, resid: torch.Tensor, final: torch.Tensor
+            ) -> torch.Tensor:
+    """Mean KL(output || translated lens) over positions: residuals [n, d_model], output log-probs [n, vocab]."""
+    return kl_to_final(final, decode(bridge, translate(resid, weight, bias))).mean()
+
+
+def train_layer(bridge, fit: torch.Tensor, fit_final: torch.Tensor, validation: torch.Tensor,
+                validation_final: torch.Tensor, start: dict[str, tuple[torch.Tensor | None, torch.Tensor]],
+                settings: TunedLensSettings, generator: torch.Generator
+                ) -> tuple[dict[str, tuple[torch.Tensor | None, torch.Tensor]], list[dict]]:
+    """Train one layer's translators (`start`: lens -> warm-start weight, bias) on fit residuals [n, d]
+    with output log-probs [n, vocab]: Adam steps on `batch_tokens` sampled positions, the validation KL
+    evaluated every `eval_every` steps (and after the last), each lens stopping by `stop_rule` or at
+    `max_steps`. The bias is trained in units of the residuals' RMS, so one learning rate suits every
+    layer's scale. Returns each lens's parameters at its best evaluation, and the training rows (lens,
+    step, train_loss: before the step, val_loss: at evaluations, stopped_by, kept)."""
+    scale = float(rms(fit).median())
+    params, optimizers, best, history, stopped, rows = {}, {}, {}, {}, {}, []
+    for lens, (weight, bias) in start.items():
+        params[lens] = [torch.nn.Parameter(bias / scale), *([] if weight is None else [torch.nn.Parameter(weight)])]
+        optimizers[lens] = torch.optim.Adam(params[lens], lr=settings.lr)
+        history[lens] = []
+
+    def current(lens: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        unit_bias, *weight = params[lens]
+        return (weight[0] if weight else None), unit_bias * scale
+
+    for step in range(settings.max_steps + 1):
+        active = [lens for lens in params if lens not in stopped]
+        if not active:
+            break
+        evaluate = step % settings.eval_every == 0 or step == settings.max_steps
+        picks = torch.randint(len(fit), (settings.batch_tokens,), generator=generator)
+        for lens in active:
+            row = {"lens": lens, "step": step, "train_loss": None, "val_loss": None}
+            if evaluate:
+                with torch.no_grad():
+                    row["val_loss"] = mean_kl(bridge, *current(lens), validation, validation_final).item()
+                history[lens].append(row["val_loss"])
+                if row["val_loss"] <= min(history[lens]):
+                    best[lens] = (step, *(None if t is None else t.detach().clone() for t in current(lens)))
+                if stop_rule(history[lens], settings.patience, settings.min_improvement):
+                    stopped[lens] = "rule"
+            if step == settings.max_steps:
+                stopped.setdefault(lens, "cap")
+            if lens in stopped:
+                rows.append(row)
                 continue
-            loss = kl_to_final(final[keep], decode(bridge, translators.translate(layer, resid[layer][keep]))).mean()
-            # only the translators' gradients: the model's weights need none (and the unembedding's is costly)
-            loss.backward(inputs=params)
-            rows.append({"layer": layer, "step": step, "loss": loss.item()})
-        optimizer.step()
-    return translators, pl.DataFrame(rows, schema={"layer": pl.Int64, "step": pl.Int64, "loss": pl.Float64})
+            optimizers[lens].zero_grad(set_to_none=True)
+            loss = mean_kl(bridge, *current(lens), fit[picks], fit_final[picks])
+            # only the translator's gradients: the model's weights need none (and the unembedding's is costly)
+            loss.backward(inputs=params[lens])
+            optimizers[lens].step()
+            row["train_loss"] = loss.item()
+            rows.append(row)
+    for row in rows:
+        row["stopped_by"] = stopped[row["lens"]]
+        row["kept"] = row["step"] == best[row["lens"]][0]
+    return {lens: best[lens][1:] for lens in params}, rows
 
 
-def loss_ends(training: pl.DataFrame) -> pl.DataFrame:
-    """Per layer, the mean training loss over the first and over the last eighth of the steps (at least
-    one step each: single steps are noisy, one batch is a few windows)."""
-    n = max(1, training["step"].n_unique() // 8)
-    return training.sort("step").group_by("layer", maintain_order=True).agg(
-        first_loss=pl.col("loss").head(n).mean(), final_loss=pl.col("loss").tail(n).mean()).sort("layer")
+def train_translators(bridge, resid: torch.Tensor, kinds: torch.Tensor, n_validation: int,
+                      settings: TunedLensSettings, seed: int) -> tuple[dict[str, Translators], torch.Tensor, pl.DataFrame]:
+    """Train the affine (`tuned`) and bias-only translators of every layer but the last from cached
+    residuals [n_layers + 1, n_windows, n_pos, d_model] and position kinds [n_layers + 1, n_windows, n_pos]
+    (cache_residuals): the first `n_validation` windows are the validation split of the stopping rule,
+    the rest the fit split. Each layer learns on its `other` positions (see train_layer). Returns the
+    translators by lens, the constant baseline's log-probs [vocab] (the mean output distribution over
+    the fit windows' positions after BOS) and the training table (lens, layer, step, train_loss, val_loss,
+    stopped_by, kept)."""
+    n_layers = resid.shape[0] - 1
+    final = output_log_probs(bridge, resid[-1].reshape(-1, resid.shape[-1])).reshape(*resid.shape[1:3], -1)
+    constant = constant_log_probs(final[n_validation:, 1:].reshape(-1, final.shape[-1]))
+    translators = {lens: Translators(n_layers, resid.shape[-1], affine=lens == "tuned").to(resid.device)
+                   for lens in TRAINED}
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for layer in tqdm(range(n_layers), desc="tuned lens", unit="layer"):
+        keep = kinds[layer] == OTHER
+        fit_keep, validation_keep = keep.clone(), keep.clone()
+        fit_keep[:n_validation], validation_keep[n_validation:] = False, False
+        fit, validation = resid[layer][fit_keep], resid[layer][validation_keep]
+        start = {lens: least_squares_start(fit, resid[-1][fit_keep], affine=lens == "tuned") for lens in TRAINED}
+        kept, layer_rows = train_layer(bridge, fit, final[fit_keep], validation, final[validation_keep], start,
+                                       settings, generator)
+        rows += [{"layer": layer, **row} for row in layer_rows]
+        with torch.no_grad():
+            for lens, (weight, bias) in kept.items():
+                translators[lens].bias[layer] = bias
+                if weight is not None:
+                    translators[lens].weight[layer] = weight
+    table = pl.DataFrame(rows, schema={"layer": pl.Int64, "lens": pl.Utf8, "step": pl.Int64, "train_loss": pl.Float64,
+                                       "val_loss": pl.Float64, "stopped_by": pl.Utf8, "kept": pl.Boolean})
+    return translators, constant, table
+
+
+def training_summary(training: pl.DataFrame) -> pl.DataFrame:
+    """Per lens and layer: the steps taken, how training stopped (`rule` or `cap`), the validation KL at
+    the first evaluation (the warm start) and at the kept one."""
+    return training.group_by("lens", "layer").agg(
+        steps=pl.col("train_loss").count(), stopped_by=pl.col("stopped_by").first(),
+        start_val_loss=pl.col("val_loss").drop_nulls().first(),
+        kept_val_loss=pl.col("val_loss").filter(pl.col("kept")).first()).sort("lens", "layer")
+
+
+def window_bootstrap(sums: np.ndarray, counts: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token-weighted means sum(sums) / sum(counts) over the last axis (windows) [...], and the same under
+    `n_boot` resamples of whole windows [..., n_boot] (tokens of one window are not independent; the
+    same resamples for the same seed, so arrays bootstrapped alike are paired). NaN where no token counts."""
+    picks = np.random.default_rng(seed).integers(0, sums.shape[-1], size=(n_boot, sums.shape[-1]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums.sum(-1) / counts.sum(-1), sums[..., picks].sum(-1) / counts[..., picks].sum(-1)
+
+
+def interval(boot: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """95% percentile interval over the last axis of bootstrap samples; NaN where fewer than two windows
+    (last axis of `counts`) have tokens."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells (a kind no window has) stay NaN
+        low, high = np.nanpercentile(boot, [2.5, 97.5], axis=-1)
+    enough = (counts > 0).sum(-1) >= 2
+    return np.where(enough, low, np.nan), np.where(enough, high, np.nan)
 
 
 def window_means(sums: np.ndarray, counts: np.ndarray, n_boot: int, seed: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token-weighted means sum(sums) / sum(counts) over the last axis (windows) and their 95% percentile
-    bootstrap interval, resampling whole windows (tokens of one window are not independent). NaN where
-    no token counts, and an interval of NaN where fewer than two windows have tokens."""
-    picks = np.random.default_rng(seed).integers(0, sums.shape[-1], size=(n_boot, sums.shape[-1]))
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells (a kind no window has) stay NaN
-        mean = sums.sum(-1) / counts.sum(-1)
-        boot = sums[..., picks].sum(-1) / counts[..., picks].sum(-1)
-        low, high = np.nanpercentile(boot, [2.5, 97.5], axis=-1)
-    enough = (counts > 0).sum(-1) >= 2
-    return mean, np.where(enough, low, np.nan), np.where(enough, high, np.nan)
+    """Token-weighted means over the last axis (windows) and their 95% percentile bootstrap interval,
+    resampling whole windows (window_bootstrap). NaN where no token counts, and an interval of NaN where
+    fewer than two windows have tokens."""
+    mean, boot = window_bootstrap(sums, counts, n_boot, seed)
+    return mean, *interval(boot, counts)
 
 
 @torch.no_grad()
-def heldout_kl(bridge, translators: Translators, windows: np.ndarray, batch_sequences: int, sink_norm_ratio: float,
-               n_boot: int = N_BOOTSTRAP, seed: int = 0) -> pl.DataFrame:
-    """KL(model output || lens) on held-out windows [n_windows, n_pos], per layer, lens (`logit`,
-    `tuned`) and position kind: n_tokens, n_windows (windows with such positions), mean_kl (over
-    tokens) and ci_low, ci_high (95% percentile bootstrap over windows, see window_means)."""
-    n_lens_layers = translators.n_layers + 1
+def heldout_kl(bridge, translators: dict[str, Translators], constant: torch.Tensor, windows: np.ndarray,
+               batch_sequences: int, sink_norm_ratio: float, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> pl.DataFrame:
+    """KL(model output || lens) on held-out windows [n_windows, n_pos], per layer, lens (LENSES: the
+    logit lens, the `tuned` and `bias_only` translators, the `constant` log-probs [vocab]) and position
+    kind: n_tokens, n_windows (windows with such positions), mean_kl (over tokens), ci_low, ci_high (95%
+    percentile bootstrap over windows, see window_means), and excess_over_tuned = mean_kl minus the tuned
+    lens's, with its paired interval excess_ci_low, excess_ci_high (the same window resamples). Rows with
+    a null layer are the mean over every layer but the last (where every translated lens is the output)."""
+    n_lens_layers = next(iter(translators.values())).n_layers + 1
     sums = np.zeros((len(LENSES), n_lens_layers, len(KINDS), len(windows)))
     counts = np.zeros((n_lens_layers, len(KINDS), len(windows)))
     for start in tqdm(range(0, len(windows), batch_sequences), desc="held-out KL", unit="batch"):
@@ -201,16 +375,31 @@ def heldout_kl(bridge, translators: Translators, windows: np.ndarray, batch_sequ
         final = logits.float().log_softmax(-1)
         kinds = torch.nn.functional.one_hot(position_kinds(resid, sink_norm_ratio), len(KINDS)).double()
         counts[:, :, batch] = kinds.sum(2).permute(0, 2, 1).cpu().numpy()
-        for layer in range(n_lens_layers):
-            for i, h in enumerate((resid[layer], translators.translate(layer, resid[layer]))):
-                kl = kl_to_final(final, decode(bridge, h)).double()
+        for i, lens in enumerate(LENSES):
+            for layer in range(n_lens_layers):
+                if lens == "constant":
+                    decoded = constant.expand_as(final)
+                else:
+                    h = resid[layer] if lens == "logit" else translators[lens].translate(layer, resid[layer])
+                    decoded = decode(bridge, h)
+                kl = kl_to_final(final, decoded).double()
                 sums[i, layer, :, batch] = torch.einsum("bp,bpk->kb", kl, kinds[layer]).cpu().numpy()
-    mean, low, high = window_means(sums, np.broadcast_to(counts, sums.shape), n_boot, seed)
-    rows = [{"layer": layer, "lens": lens, "position_kind": kind, "n_tokens": int(counts[layer, k].sum()),
-             "n_windows": int((counts[layer, k] > 0).sum()), "mean_kl": float(mean[i, layer, k]),
-             "ci_low": float(low[i, layer, k]), "ci_high": float(high[i, layer, k])}
-            for i, lens in enumerate(LENSES) for layer in range(n_lens_layers) for k, kind in enumerate(KINDS)]
-    return pl.DataFrame(rows)
+    counts = np.broadcast_to(counts, sums.shape)
+    mean, boot = window_bootstrap(sums, counts, n_boot, seed)
+    excess, excess_boot = mean - mean[LENSES.index("tuned")], boot - boot[LENSES.index("tuned")]
+    # the mean over the layers before the last, per resample: one more "layer" at the end of the layer axis
+    mean, excess = (np.concatenate([a, a[:, :-1].mean(1, keepdims=True)], 1) for a in (mean, excess))
+    boot, excess_boot = (np.concatenate([a, a[:, :-1].mean(1, keepdims=True)], 1) for a in (boot, excess_boot))
+    counts = np.concatenate([counts, counts[:, :-1].sum(1, keepdims=True)], 1)
+    low, high = interval(boot, counts)
+    excess_low, excess_high = interval(excess_boot, counts)
+    rows = [{"layer": layer if layer < n_lens_layers else None, "lens": lens, "position_kind": kind,
+             "n_tokens": int(counts[i, layer, k].sum()), "n_windows": int((counts[i, layer, k] > 0).sum()),
+             "mean_kl": float(mean[i, layer, k]), "ci_low": float(low[i, layer, k]), "ci_high": float(high[i, layer, k]),
+             "excess_over_tuned": float(excess[i, layer, k]), "excess_ci_low": float(excess_low[i, layer, k]),
+             "excess_ci_high": float(excess_high[i, layer, k])}
+            for i, lens in enumerate(LENSES) for layer in range(n_lens_layers + 1) for k, kind in enumerate(KINDS)]
+    return pl.DataFrame(rows, schema_overrides={"layer": pl.Int64})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,31 +433,41 @@ def main(argv: list[str] | None = None) -> None:
     if len(heldout) < settings.eval_sequences:
         raise UserError(f"tuned_lens.eval_sequences = {settings.eval_sequences} but the heldout split has "
                         f"{len(heldout)} windows; lower tuned_lens.eval_sequences or raise tokens.heldout_tokens.")
+    if n_train <= settings.validation_windows:
+        raise UserError(f"tuned_lens.train_tokens = {settings.train_tokens} gives {n_train} windows, not more than "
+                        f"tuned_lens.validation_windows = {settings.validation_windows}: nothing is left to fit.")
     train = sample_windows(train, n_train, args.seed)
     train_start = time.perf_counter()
-    translators, training = train_translators(bridge, train, settings)
+    resid, kinds = cache_residuals(bridge, train, settings.batch_sequences, settings.sink_norm_ratio)
+    translators, constant, training = train_translators(bridge, resid, kinds, settings.validation_windows, settings,
+                                                        args.seed)
+    del resid, kinds
     train_seconds = time.perf_counter() - train_start
     eval_windows = sample_windows(heldout, settings.eval_sequences, args.seed)
-    kl = heldout_kl(bridge, translators, eval_windows, settings.batch_sequences, settings.sink_norm_ratio,
+    kl = heldout_kl(bridge, translators, constant, eval_windows, settings.batch_sequences, settings.sink_norm_ratio,
                     seed=args.seed)
     inputs = lens_inputs(bridge.tokenizer, lens_settings, heldout, windows.shape[1], args.seed)
-    result = run_logit_lens(bridge, inputs, lens_settings.top_k, translator=translators)
+    result = run_logit_lens(bridge, inputs, lens_settings.top_k, translator=translators["tuned"],
+                            random_tokens=lens_settings.random_tokens, seed=args.seed)
     out = Path(args.out_dir)
     for name in ("positions", "targets", "first_layer"):
         write_parquet(result[name], out / f"{name}.parquet")
     write_parquet(kl, out / "heldout_kl.parquet")
     write_parquet(training, out / "training.parquet")
-    translators.save(out / "translators.safetensors")
-    ends = loss_ends(training)
-    summary = {"train_windows": len(train), "train_tokens": int(train.size), "steps": training["step"].n_unique(),
-               "first_loss": ends["first_loss"].to_list(),
-               "final_loss": ends["final_loss"].to_list(), "max_final_abs_diff": result["max_final_abs_diff"],
-               "n_inputs": len(inputs), "train_seconds": train_seconds, "seconds": time.perf_counter() - start,
-               "device": str(bridge.cfg.device)}
+    translators["tuned"].save(out / "translators.safetensors")
+    translators["bias_only"].save(out / "bias_translators.safetensors")
+    stops = training_summary(training)
+    summary = {"train_windows": len(train), "validation_windows": settings.validation_windows,
+               "train_tokens": int(train.size),
+               **{f"{lens}_{key}": stops.filter(pl.col("lens") == lens)[key].to_list()
+                  for lens in TRAINED for key in ("steps", "stopped_by", "start_val_loss", "kept_val_loss")},
+               "max_final_abs_diff": result["max_final_abs_diff"], "n_inputs": len(inputs),
+               "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "device": str(bridge.cfg.device)}
     write_json(summary, out / "summary.json")
-    for row in ends.iter_rows(named=True):
-        log.info("layer %d: training loss %.4f -> %.4f", row["layer"], row["first_loss"], row["final_loss"])
-    log.info("tuned lens: %s", {k: v for k, v in summary.items() if not k.endswith("_loss")})
+    for row in stops.iter_rows(named=True):
+        log.info("%s layer %d: %d steps, stopped by %s; validation KL %.4f -> %.4f", row["lens"], row["layer"],
+                 row["steps"], row["stopped_by"], row["start_val_loss"], row["kept_val_loss"])
+    log.info("tuned lens: %s", {k: v for k, v in summary.items() if not isinstance(v, list)})
 
 
 if __name__ == "__main__":

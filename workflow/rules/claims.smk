@@ -1,11 +1,16 @@
 rule claims:
     input:
+        # one input per field of claims.StudyTables, passed as --<field>; a replicate's claims read its
+        # own SAEs, scores and clamping, and the main run's deterministic or unreplicated stages
         lens_summary=rules.logit_lens.output.summary,
-        lens_targets=rules.logit_lens.output.targets,
         first_layer=rules.logit_lens.output.first_layer,
+        tuned_lens_kl=rules.tuned_lens.output.heldout_kl,
         sae_metrics=rules.collect_sae_metrics.output.metrics,
         comparison=rules.collect_polysemanticity.output.comparison,
         clamping_verdict=rules.clamping.output.verdict,
+        crosscoder_metrics=rules.evaluate_crosscoder.output.metrics,
+        crosscoder_match_rates=rules.crosscoder_latents.output.match_rates,
+        toy_recovery=rules.toy_superposition.output.sae_recovery,
     output:
         f"{RESULTS}/{{replicate}}claims.parquet",
     log:
@@ -21,8 +26,10 @@ rule claims:
         code=stage_code("mechinterp.claims"),
         settings=settings("claims"),
         headline_site=SAES[config["clamping"]["sae"]].site.id,
+        tables=lambda wc, input: " ".join(
+            f"--{name.replace('_', '-')} {shlex.quote(path)}"
+            for name, path in input.items()
+        ),
     shell:
-        "python -m mechinterp.claims --lens-summary {input.lens_summary} --lens-targets {input.lens_targets}"
-        " --first-layer {input.first_layer} --sae-metrics {input.sae_metrics} --comparison {input.comparison}"
-        " --clamping-verdict {input.clamping_verdict} --headline-site {params.headline_site}"
+        "python -m mechinterp.claims {params.tables} --headline-site {params.headline_site}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

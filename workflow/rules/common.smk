@@ -2,6 +2,7 @@ import ast
 import hashlib
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -324,6 +325,8 @@ SAE_FIGURES = ["metrics_by_layer", "density_histograms", "training_curves"]
 POLYSEMANTICITY_FIGURES = [
     "score_distributions",
     "median_differences",
+    "score_vs_activity",
+    "controls",
     "example_neuron",
     "example_feature",
 ]

@@ -1,4 +1,12 @@
 CROSSCODER_SAES = expand(main_run(rules.train_sae.output[0]), sae=CROSSCODER.saes)
+# the match-rate baseline: the first site's SAE trained again with the first replicate seed (the replicates
+# target reuses it); the schema's replicates.seeds has at least two seeds, so one differs from `seed`
+SECOND_SEED = next(
+    seed for seed in config["replicates"]["seeds"] if seed != config["seed"]
+)
+SECOND_SEED_SAE = rules.train_sae.output[0].format(
+    replicate=replicate_dir(SECOND_SEED), sae=CROSSCODER.saes[0]
+)
 
 
 rule train_crosscoder:
@@ -56,12 +64,13 @@ rule evaluate_crosscoder:
         code=stage_code("mechinterp.evaluate_crosscoder"),
         sae_ids=" ".join(CROSSCODER.saes),
         settings=settings("sae_eval"),
+        seed=config["seed"],
         device=config["device"],
     shell:
         "python -m mechinterp.evaluate_crosscoder --crosscoder {input.crosscoder} --saes {input.saes}"
         " --sae-ids {params.sae_ids} --sae-metrics {input.sae_metrics} --caches {input.caches}"
         " --table {input.table} --tokens {input.tokens} --model {input.model}"
-        " --settings {params.settings:q} --device {params.device} --threads {threads}"
+        " --settings {params.settings:q} --seed {params.seed} --device {params.device} --threads {threads}"
         " --out {output.metrics} --density-out {output.density} > {log} 2>&1"
 
 
@@ -69,11 +78,13 @@ rule crosscoder_latents:
     input:
         crosscoder=rules.train_crosscoder.output[0],
         saes=CROSSCODER_SAES,
+        second_seed_sae=SECOND_SEED_SAE,
         caches=CROSSCODER_CACHES,
         table=rules.tokenize.output.table,
         lexicons=rules.fetch_corpus.output.lexicons,
     output:
         latents=f"{RESULTS}/crosscoder/latents.parquet",
+        match_rates=f"{RESULTS}/crosscoder/match_rates.parquet",
         units=f"{RESULTS}/crosscoder/units.parquet",
         codes=directory(f"{RESULTS}/crosscoder/codes"),
     log:
@@ -92,6 +103,7 @@ rule crosscoder_latents:
         seed=config["seed"],
     shell:
         "python -m mechinterp.crosscoder_latents --crosscoder {input.crosscoder} --saes {input.saes}"
-        " --caches {input.caches} --table {input.table} --lexicons {input.lexicons}"
+        " --seed-sae {input.second_seed_sae} --caches {input.caches} --table {input.table} --lexicons {input.lexicons}"
         " --settings {params.settings:q} --polysemanticity {params.polysemanticity:q} --seed {params.seed}"
-        " --threads {threads} --out {output.latents} --units {output.units} --codes {output.codes} > {log} 2>&1"
+        " --threads {threads} --out {output.latents} --match-rates {output.match_rates} --units {output.units}"
+        " --codes {output.codes} > {log} 2>&1"

@@ -3,6 +3,7 @@ rule figures_logit_lens:
         positions=rules.logit_lens.output.positions,
         targets=rules.logit_lens.output.targets,
         first_layer=rules.logit_lens.output.first_layer,
+        null=rules.logit_lens.output.null,
     output:
         notebook=f"{RESULTS}/figures/logit_lens.ipynb",
         html=report(
@@ -47,7 +48,7 @@ rule figures_logit_lens:
     shell:
         "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
         " -p positions {input.positions} -p targets {input.targets} -p first_layer {input.first_layer}"
-        " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"
+        " -p null {input.null} -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"
 
 
 rule figures_sae:
@@ -84,10 +85,12 @@ rule figures_sae:
         figure_dir=lambda wc, output: Path(output.figures[0]).parent,
         saes=lambda wc, input: json.dumps(list(input.saes)),
         model_name=config["model"]["name"],
+        bounds=settings("claims"),
     shell:
         "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
         " -p metrics {input.metrics} -p density {input.density} -p sae_dirs {params.saes:q}"
-        " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} > {log} 2>&1"
+        " -p figure_dir {params.figure_dir} -p model_name {params.model_name:q} -p bounds {params.bounds:q}"
+        " > {log} 2>&1"
 
 
 rule figures_polysemanticity:
@@ -248,6 +251,7 @@ rule figures_crosscoder:
         metrics=rules.evaluate_crosscoder.output.metrics,
         latents=rules.crosscoder_latents.output.latents,
         latent_units=rules.crosscoder_latents.output.units,
+        match_rates=rules.crosscoder_latents.output.match_rates,
         site_units=main_run(rules.collect_polysemanticity.output.units),
         lexicons=rules.fetch_corpus.output.lexicons,
     output:
@@ -283,7 +287,7 @@ rule figures_crosscoder:
     shell:
         "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
         " -p metrics {input.metrics} -p latents {input.latents} -p latent_units {input.latent_units}"
-        " -p site_units {input.site_units} -p lexicons {input.lexicons} -p figure_dir {params.figure_dir}"
+        " -p match_rates {input.match_rates} -p site_units {input.site_units} -p lexicons {input.lexicons} -p figure_dir {params.figure_dir}"
         " -p drive_threshold {params.drive_threshold} -p match_cosine {params.match_cosine}"
         " -p model_name {params.model_name:q} > {log} 2>&1"
 

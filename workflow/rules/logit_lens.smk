@@ -7,6 +7,7 @@ rule logit_lens:
         positions=f"{RESULTS}/logit_lens/positions.parquet",
         targets=f"{RESULTS}/logit_lens/targets.parquet",
         first_layer=f"{RESULTS}/logit_lens/first_layer.parquet",
+        null=f"{RESULTS}/logit_lens/null.parquet",
         summary=f"{RESULTS}/logit_lens/summary.json",
     log:
         f"{RESULTS}/logs/logit_lens.log",
@@ -41,6 +42,7 @@ rule tuned_lens:
         heldout_kl=f"{RESULTS}/tuned_lens/heldout_kl.parquet",
         training=f"{RESULTS}/tuned_lens/training.parquet",
         translators=f"{RESULTS}/tuned_lens/translators.safetensors",
+        bias_translators=f"{RESULTS}/tuned_lens/bias_translators.safetensors",
         summary=f"{RESULTS}/tuned_lens/summary.json",
     log:
         f"{RESULTS}/logs/tuned_lens.log",

@@ -114,11 +114,12 @@ rule evaluate_sae:
     params:
         code=stage_code("mechinterp.evaluate_sae"),
         settings=settings("sae_eval"),
+        seed=replicate_seed,
         device=config["device"],
     shell:
         "python -m mechinterp.evaluate_sae --model {input.model} --sae {input.sae} --sae-id {wildcards.sae}"
         " --cache {input.cache} --table {input.table} --tokens {input.tokens} --settings {params.settings:q}"
-        " --device {params.device} --threads {threads} --out {output.metrics}"
+        " --seed {params.seed} --device {params.device} --threads {threads} --out {output.metrics}"
         " --density-out {output.density} > {log} 2>&1"
 
 
