@@ -263,7 +263,9 @@ def test_feature_page_shows_the_cached_activations_and_the_unembedding_of_its_de
         with torch.no_grad():
             cached = sae.encode(cache.rows(np.array([r for r, _ in scored])))[:, unit].numpy()
         assert strongest == scored[int(np.argmax(cached))][0] == row
-        np.testing.assert_allclose([a for _, a in scored], cached, rtol=2e-3, atol=1e-3)
+        # the page keeps three significant digits (browser.round_value): up to half a unit of the third
+        # digit, 5e-3 of a value just above a power of ten (1.0961 is shown as 1.1)
+        np.testing.assert_allclose([a for _, a in scored], cached, rtol=5e-3, atol=1e-3)
 
     # promoted tokens: the decoder row through the final norm's scale and the (tied) unembedding
     weights = load_file(results / "model" / "model.safetensors")

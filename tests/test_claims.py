@@ -38,7 +38,8 @@ def study_tables() -> StudyTables:
         "site": "s1", "sae": "good", "baseline": ["neurons", "control:random_init:good",
                                                   "control:random_directions:good", "neurons"],
         "score": ["monosemanticity_matched", "monosemanticity_excess", "monosemanticity_excess", "monosemanticity"],
-        "difference": [0.1, 0.2, -0.1, 0.3], "ci_low": [0.05, 0.1, -0.2, 0.2], "ci_high": [0.15, 0.3, 0.0, 0.4]})
+        "difference": [0.1, 0.2, -0.1, 0.3], "ci_low": [0.05, 0.1, -0.2, 0.2], "ci_high": [0.15, 0.3, 0.0, 0.4],
+        "n_bins": [7, None, None, None]})
     verdict = pl.DataFrame({"site": "mlp3", "feature_selection": ["input", "output", "output"],
                             "statistic": ["mean_difference", "mean_difference", "monotone"],
                             "baseline": ["random", "random", ""], "n_concepts": 8, "value": [0.01, 0.2, 0.9],

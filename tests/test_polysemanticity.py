@@ -840,7 +840,7 @@ def test_polysemanticity_claims_use_the_matched_difference_and_the_excess_over_e
 
     def row(sae, baseline, score, difference, low, high):
         return {"site": "mlp1", "sae": sae, "baseline": baseline, "score": score, "difference": difference,
-                "ci_low": low, "ci_high": high}
+                "ci_low": low, "ci_high": high, "n_bins": 3 if score == "monosemanticity_matched" else None}
 
     comparison = pl.DataFrame([
         row("mlp1-topk", "neurons", "monosemanticity", 0.3, 0.2, 0.4),  # the raw difference: no claim
@@ -857,7 +857,7 @@ def test_polysemanticity_claims_use_the_matched_difference_and_the_excess_over_e
         "polysemanticity.mlp1-topk.beats_random_directions": "fails"}
     matched = claims["polysemanticity.mlp1-topk.beyond_activity"]
     assert (matched["value"], matched["ci_low"], matched["ci_high"], matched["bound"]) == (0.05, -0.01, 0.1, 0.0)
-    assert "within log2 bins of active tokens" in matched["statement"]
+    assert "within log2 bins of active tokens (3 bins" in matched["statement"]
     assert claims["polysemanticity.mlp1-topk.beats_random_init"]["value"] == 0.2
 
 

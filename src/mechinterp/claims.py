@@ -212,8 +212,8 @@ def polysemanticity_claims(comparison: pl.DataFrame) -> list[dict]:
         sae, site = row["sae"], row["site"]
         rows.append(claim(f"polysemanticity.{sae}.beyond_activity",
                           f"{sae}'s features are more monosemantic than the units of {site} beyond what their activity "
-                          f"explains: medians compared within the {row['n_bins']} log2 bins of active tokens both "
-                          "groups fill",
+                          f"explains: medians compared within log2 bins of active tokens ({row['n_bins']} bins that "
+                          "both groups fill)",
                           "median(features) - median(neurons) within bins of active tokens, weighted mean over bins, "
                           "monosemanticity", row["difference"], row["ci_low"], row["ci_high"], 0.0,
                           by_interval(row["ci_low"], row["ci_high"], 0.0),
