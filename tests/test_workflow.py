@@ -143,9 +143,10 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     topk = metrics.filter(pl.col("sae") == "resid3-topk").row(0, named=True)
     assert topk["l0"] == pytest.approx(32, abs=0.5) and 0 < topk["fvu"] < 1
     assert topk["ce_clean"] < topk["ce_sae"] < topk["ce_zero"]
-    # the smoke config's briefly trained ReLU SAE comes out with every latent dense: flagged, and warned of
-    assert topk["quality_flags"] == [] and metrics.filter(pl.col("sae") == "mlp3-relu")["quality_flags"][0].to_list() == [
-        "mostly_dense"]
+    # the smoke config's briefly trained ReLU SAE comes out with every latent dense: flagged, and warned of; its
+    # TopK SAE may still be improving after 40,000 tokens (a flag of its own), never dense
+    assert set(topk["quality_flags"]) <= {"still_improving"}
+    assert "mostly_dense" in metrics.filter(pl.col("sae") == "mlp3-relu")["quality_flags"][0].to_list()
     assert "mlp3-relu: 100% of its latents are dense" in (results / "logs/evaluate_sae/mlp3-relu.log").read_text()
     cfg = json.loads((results / "saes" / "resid3-topk" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
@@ -154,10 +155,15 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
         assert (figures / "sae" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (results / "checkpoints").exists() or not list((results / "checkpoints").iterdir())
 
-    units = pl.read_parquet(results / "polysemanticity" / "units.parquet")
+    all_units = pl.read_parquet(results / "polysemanticity" / "units.parquet")
+    units = all_units.filter(pl.col("unit_kind") != "control")
     assert units.group_by("site", "dictionary").len().sort("site", "dictionary").rows() == [
         ("mlp3", "mlp3-relu", 1536), ("mlp3", "neurons", 1536), ("resid3", "neurons", 576),
         ("resid3", "resid3-topk", 1152)]
+    # the controls beside them: random directions and the untrained SAE per SAE, the negated units per site, and
+    # the principal axes and a random rotation (both signs) at the residual site
+    controls = all_units.filter(pl.col("unit_kind") == "control").group_by("site").agg(pl.col("dictionary").n_unique())
+    assert controls.sort("site").rows() == [("mlp3", 3), ("resid3", 7)]
     alive = units.filter(pl.col("status") == "alive")
     assert alive["monosemanticity"].is_between(0, 1).all() and alive["top_contexts"].list.len().min() >= 1
     comparison = pl.read_parquet(results / "polysemanticity" / "comparison.parquet")
