@@ -89,6 +89,14 @@ def mean_percentile_by_prompt(first_layer: pl.DataFrame, column: str, n_boot: in
     return float(total.sum() / n.sum()), low, high
 
 
+def beyond_random_claim(name: str, statement: str, statistic: str, first_layer: pl.DataFrame, column: str) -> dict:
+    """A claim that tokens rise with depth more than their prompt's random tokens: the mean percentile
+    `column` (bootstrap over prompts) against 0.5, where a random token sits."""
+    value, low, high = mean_percentile_by_prompt(first_layer, column)
+    return claim(name, statement, statistic, value, low, high, 0.5, by_interval(low, high, 0.5),
+                 against="random vocabulary tokens of the same prompt")
+
+
 def lens_claims(summary: dict, first_layer: pl.DataFrame) -> list[dict]:
     """The logit lens's claims, on the configured prompts' targets (`logit_lens/first_layer.parquet`,
     the corpus windows left out) and the stage's summary (`logit_lens/summary.json`): the last layer is
@@ -102,21 +110,19 @@ def lens_claims(summary: dict, first_layer: pl.DataFrame) -> list[dict]:
                   "holds" if summary["max_final_abs_diff"] <= LENS_OUTPUT_TOLERANCE else "fails")]
     prompts = first_layer.filter(pl.col("origin") == "prompt")
     random_rise = summary.get("random_rise_share", float("nan"))
-    value, low, high = mean_percentile_by_prompt(prompts, "rise_percentile")
-    rows.append(claim("logit_lens.targets_rise_beyond_random",
-                      f"the prompts' targets gain log-probability with depth more than random tokens do "
-                      f"({random_rise:.1%} of random tokens rise; {prompts.height} targets)",
-                      "mean percentile of a target's Spearman(layer, log p) among its prompt's random tokens",
-                      value, low, high, 0.5, by_interval(low, high, 0.5),
-                      against="random vocabulary tokens of the same prompt"))
+    rows.append(beyond_random_claim(
+        "logit_lens.targets_rise_beyond_random",
+        f"the prompts' targets gain log-probability with depth more than random tokens do "
+        f"({random_rise:.1%} of random tokens rise; {prompts.height} targets)",
+        "mean percentile of a target's Spearman(layer, log p) among its prompt's random tokens",
+        prompts, "rise_percentile"))
     tops = prompts.unique("prompt_id", keep="first", maintain_order=True)
-    value, low, high = mean_percentile_by_prompt(tops, "top_rise_percentile")
-    rows.append(claim("logit_lens.top_token_rises_beyond_random",
-                      f"control: the model's own top token at the output gains log-probability with depth more "
-                      f"than random tokens do ({tops.height} prompts)",
-                      "mean percentile of the top token's Spearman(layer, log p) among the prompt's random tokens",
-                      value, low, high, 0.5, by_interval(low, high, 0.5),
-                      against="random vocabulary tokens of the same prompt"))
+    rows.append(beyond_random_claim(
+        "logit_lens.top_token_rises_beyond_random",
+        f"control: the model's own top token at the output gains log-probability with depth more than random "
+        f"tokens do ({tops.height} prompts)",
+        "mean percentile of the top token's Spearman(layer, log p) among the prompt's random tokens",
+        tops, "top_rise_percentile"))
     ranked = prompts.filter(pl.col("ranked_at_output"))
     n_before = ranked.filter(pl.col("entry") == "before_last").height
     low, high = wilson_interval(n_before, ranked.height)
