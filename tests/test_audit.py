@@ -195,7 +195,9 @@ def test_reference_needs_current_replicates(tmp_path):
     assert not (tmp_path / "ref").exists()
 
 
-def test_manifest_records_files_config_and_jobs(tmp_path):
+def test_manifest_records_files_config_and_jobs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # a run made under another CPU's rounding says so
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     run = tmp_path / "results" / "r"
     (run / "benchmarks" / "train_sae").mkdir(parents=True)
     (run / "model").mkdir()
@@ -212,6 +214,7 @@ def test_manifest_records_files_config_and_jobs(tmp_path):
     assert out["jobs"] == {"train_sae/resid1-topk": {"wall_s": 12.5, "max_rss_mib": 800.5}}
     assert out["seeds"] == {"seed": 3, "data_seed": 0} and out["environment"]["threads"] == 2
     assert out["environment"]["cpu"] and out["code"] == {"commit": None, "dirty": None}
+    assert out["environment"]["rounding"] == {"ATEN_CPU_CAPABILITY": None, "MKL_CBWR": "COMPATIBLE"}
 
 
 def test_replicates_doctest():
@@ -381,13 +384,17 @@ def test_a_missing_input_file_fails_and_a_missing_stage_output_is_a_note():
 
 
 def test_environment_differences_are_noted_and_equal_ones_are_not():
-    """Packages, device, CPU and seeds: a note for each that differs from the reference, none for the same."""
+    """Packages, device, CPU, emulated rounding and seeds: a note for each that differs from the reference, none
+    for the same."""
     same = audit(seed_manifests()[0], reference(), SETTINGS)
-    assert same.passed and not any(note.startswith(("package ", "device", "cpu", "seeds")) for note in same.notes)
+    assert same.passed and not any(note.startswith(("package ", "device", "cpu", "rounding", "seeds"))
+                                   for note in same.notes)
     run = seed_manifests()[0]
-    run["environment"] = {"packages": {"torch": "2.14.0"}, "device": "cuda", "cpu": "Intel Xeon"}
+    run["environment"] = {"packages": {"torch": "2.14.0"}, "device": "cuda", "cpu": "Intel Xeon",
+                          "rounding": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": None}}
     notes = audit(run, reference(), SETTINGS).notes
     assert "package torch: 2.14.0 vs reference 2.13.0" in notes and "device: cuda vs reference cpu" in notes
+    assert "rounding: {'ATEN_CPU_CAPABILITY': 'default', 'MKL_CBWR': None} vs reference None" in notes
     assert not any(note.startswith(("cpu", "seeds")) for note in notes)
 
 

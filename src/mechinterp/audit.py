@@ -331,7 +331,7 @@ def audit(manifest: dict[str, Any], reference: Reference, settings: AuditSetting
     for name, version in ref["environment"]["packages"].items():
         if manifest["environment"]["packages"].get(name) != version:
             result.notes.append(f"package {name}: {manifest['environment']['packages'].get(name)} vs reference {version}")
-    for key in ("device", "cpu"):
+    for key in ("device", "cpu", "rounding"):
         if manifest["environment"].get(key) != ref["environment"].get(key):
             result.notes.append(f"{key}: {manifest['environment'].get(key)} vs reference {ref['environment'].get(key)}")
     return result

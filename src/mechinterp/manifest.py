@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "transformer-lens", "transformers", "safetensors", "numpy", "polars", "datasets", "seaborn",
             "papermill", "snakemake", "mechinterp")
+# Settings that change the last bits of torch's and MKL's kernels: a run made under them emulates another CPU's
+# rounding, which the manifest records beside the CPU it ran on.
+ROUNDING_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR")
 # The metric tables a manifest carries, with the columns that identify a row.
 METRIC_TABLES = {
     "logit_lens/first_layer.parquet": ["prompt_id", "target"],
@@ -68,8 +71,8 @@ def environment(threads: int) -> dict[str, Any]:
             versions[name] = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-            "cpu": cpu_model(), "packages": versions, "device": device, "cpu_count": os.cpu_count(),
-            "threads": threads}
+            "cpu": cpu_model(), "rounding": {name: os.environ.get(name) for name in ROUNDING_VARIABLES},
+            "packages": versions, "device": device, "cpu_count": os.cpu_count(), "threads": threads}
 
 
 def cpu_model() -> str:
