@@ -85,9 +85,11 @@ def relu_sae(d_in: int, d_sae: int, l1_coefficient: float = 5.0, l1_warmup_fract
     return ReluSAE(d_in, ReluSettings(d_sae=d_sae, l1_coefficient=l1_coefficient, l1_warmup_fraction=l1_warmup_fraction))
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: float | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run Snakemake in `workdir`, with `env` added to the environment."""
     result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=timeout, env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

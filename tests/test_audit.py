@@ -36,7 +36,7 @@ def manifest(fvu: float = 0.2, n_dead: int = 2, mono: float = 0.3, beats: float 
                         "clamping/summary.parquet": [{"concept": "c", "site": "mlp3", "unit_kind": "feature",
                                                       "selection": "input", "unit": 3,
                                                       "spearman_relative": float("nan")}],
-                        "clamping/verdict.parquet": [{"site": "mlp3", "feature_selection": "output", "statistic": "beats",
+                        "clamping/verdict.parquet": [{"site": "mlp3", "feature_selection": "output", "concepts": "real", "statistic": "beats",
                                                       "baseline": "random", "value": 0.5, "n_concepts": 32}],
                         "claims.parquet": [claim("sae.resid1-topk.fvu", fvu, "holds" if fvu <= 0.5 else "fails"),
                                            claim("polysemanticity.resid1-topk", mono, "holds" if mono > 0.1 else "fails"),
@@ -71,10 +71,14 @@ def test_spread_and_claim_stability():
 
 def test_tolerance_is_multiples_of_the_spread_with_floors():
     tolerances = Tolerances(reference().spread, SETTINGS)
-    assert tolerances("sae_eval/metrics.parquet", '["resid1-topk"]', "fvu", 0.2, False)[0] == pytest.approx(0.04)
+    # 4 sd of the three seeds, widened as a t prediction interval from three seeds is: 4.303 sqrt(4/3) / 1.96
+    widened = 4.303 * math.sqrt(4 / 3) / 1.959964
+    tolerance, how = tolerances("sae_eval/metrics.parquet", '["resid1-topk"]', "fvu", 0.2, False)
+    assert tolerance == pytest.approx(4 * 0.01 * widened) and how == "4 x sd 0.01 x 2.54 for 3 seeds"
     # a count gets at least count_floor; a metric the seeds do not move gets the floor
     n_dead_sd = reference().spread.filter(pl.col("column") == "n_dead")["sd"][0]
-    assert tolerances("sae_eval/metrics.parquet", '["resid1-topk"]', "n_dead", 2, True)[0] == max(1.0, 4 * n_dead_sd)
+    assert tolerances("sae_eval/metrics.parquet", '["resid1-topk"]', "n_dead", 2, True)[0] == pytest.approx(
+        max(1.0, 4 * n_dead_sd * widened))
     assert tolerances("logit_lens/first_layer.parquet", '["p", " x"]', "final_prob", 0.5, False) == (0.001, "floor")
     # no replicates: the floor everywhere
     assert Tolerances(None, SETTINGS)("sae_eval/metrics.parquet", '["resid1-topk"]', "fvu", 0.2, False)[0] == 0.001
@@ -87,7 +91,7 @@ def test_a_rerun_with_another_seed_passes():
         assert result.counts["claims"] == [3, 3] and result.counts["inputs"] == [1, 1]
         assert "seeds: {'seed': %d, 'data_seed': 0} vs reference {'seed': 0, 'data_seed': 0}" % seed in result.notes
     report = audit(seed_manifests()[1], reference(), SETTINGS).report()
-    assert "OK     clamping.beats: inconclusive 0.05 [-0.05, 0.15] | holds 0.12 [0.02, 0.22]; unstable" in report
+    assert "OK     clamping.beats: inconclusive 0.05 [-0.05, 0.15] | holds 0.12 [0.02, 0.22]; fragile, unstable" in report
 
 
 def test_a_broken_run_fails_naming_the_claim():
@@ -234,7 +238,7 @@ def test_nan_matches_a_number_only_where_the_seeds_gave_both():
     assert audit(seeds[1], ref, SETTINGS).passed
     never_nan = Reference(seeds[1], spread({1: seeds[1]["metrics"], 3: seeds[1]["metrics"]}), reference().claims)
     failures = audit(seeds[2], never_nan, SETTINGS).failures
-    assert "clamping/verdict.parquet [mlp3, output, beats, random] value" in [f.split(":")[0] for f in failures]
+    assert "clamping/verdict.parquet [mlp3, output, real, beats, random] value" in [f.split(":")[0] for f in failures]
 
 
 def test_per_unit_rows_and_few_concepts_are_reported_not_audited():
@@ -332,7 +336,7 @@ def test_a_nan_reference_is_told_apart_by_whether_the_seeds_gave_numbers_too():
     """A NaN reference has a NaN tolerance, labelled by whether that very row was NaN and a number across seeds."""
     seeds = nan_in_two_of_three_seeds()
     tolerances = Tolerances(spread({s: m["metrics"] for s, m in seeds.items()}), SETTINGS)
-    row = '["mlp3", "output", "beats", "random"]'
+    row = '["mlp3", "output", "real", "beats", "random"]'
     tolerance, how = tolerances("clamping/verdict.parquet", row, "value", float("nan"), False)
     assert math.isnan(tolerance) and how == "NaN or a number"
     tolerance, how = tolerances("clamping/verdict.parquet", '["mlp3", "input", "beats", "random"]', "value",
@@ -348,7 +352,8 @@ def test_an_unstable_claim_with_nan_in_some_seeds_accepts_a_number():
                     claim_stability({s: pl.DataFrame(m["metrics"]["claims.parquet"]) for s, m in seeds.items()}))
     result = audit(seeds[1], ref, SETTINGS)
     assert result.passed, result.report()
-    assert any(line.startswith("OK     clamping.beats: inconclusive nan | holds 0.12 [0.02, 0.22]; unstable") for line in result.claims)
+    assert any(line.startswith("OK     clamping.beats: inconclusive nan | holds 0.12 [0.02, 0.22]; fragile, unstable")
+               for line in result.claims)
 
 
 def test_without_replicates_a_claim_is_audited_by_its_verdict_alone():
@@ -367,8 +372,41 @@ def test_a_stable_claim_is_audited_by_its_verdict_not_its_statistic():
     run["metrics"]["claims.parquet"][1] = claim("polysemanticity.resid1-topk", 0.9, "holds")  # reference 0.3
     result = audit(run, reference(), SETTINGS)
     assert result.passed, result.report()
-    assert any(line.startswith("OK     polysemanticity.resid1-topk") and "verdict matches (stable: holds 3)" in line
-               for line in result.claims)
+    assert any(line.startswith("OK     polysemanticity.resid1-topk") and "verdict matches (robust: holds 3, margin 0.2 > a new draw's 0)"
+               in line for line in result.claims)
+
+
+def test_a_stable_claim_near_its_bound_is_fragile_and_audited_by_its_statistic():
+    """Stable in every seed, but in one seed its interval came closer to the bound than a new draw of its
+    statistic would move (the 95% prediction interval from three seeds: 4.97 sd): another seed or CPU could
+    flip it, so its verdict is not audited, its statistic is. A run whose verdict flipped with a statistic
+    inside the tolerance passes; one whose statistic moved far fails. Seeds that agree closely make the same
+    claim robust, and then a flipped verdict fails."""
+    seeds = {0: manifest(mono=0.3), 1: manifest(mono=0.25, seed=1), 2: manifest(mono=0.12, seed=2)}
+    ref = Reference(seeds[0], spread({s: m["metrics"] for s, m in seeds.items()}),
+                    claim_stability({s: pl.DataFrame(m["metrics"]["claims.parquet"]) for s, m in seeds.items()}))
+    row = ref.claims.filter(pl.col("claim") == "polysemanticity.resid1-topk").row(0, named=True)
+    assert row["stable"] and row["margin"] == pytest.approx(0.02)  # seed 2's interval [0.02, 0.22]
+    flipped = manifest(mono=0.08)  # its interval [-0.02, 0.18] straddles the bound: inconclusive
+    flipped["metrics"]["claims.parquet"][1]["verdict"] = "inconclusive"
+    result = audit(flipped, ref, SETTINGS)
+    line = next(line for line in result.claims if "polysemanticity.resid1-topk" in line)
+    assert result.passed and line.startswith("OK ") and "fragile: holds 3, margin 0.02 <= a new draw's 0.46" in line, line
+    assert not audit(manifest(mono=-0.9), ref, SETTINGS).passed
+    close = {0: manifest(mono=0.3), 1: manifest(mono=0.31, seed=1), 2: manifest(mono=0.29, seed=2)}
+    ref = Reference(close[0], spread({s: m["metrics"] for s, m in close.items()}),
+                    claim_stability({s: pl.DataFrame(m["metrics"]["claims.parquet"]) for s, m in close.items()}))
+    assert any(f.startswith("claim polysemanticity.resid1-topk") for f in audit(flipped, ref, SETTINGS).failures)
+
+
+def test_a_new_draws_prediction_interval_widens_with_fewer_seeds():
+    from mechinterp.audit import prediction_half_width
+
+    assert prediction_half_width(1.0, 3) == pytest.approx(4.303 * math.sqrt(4 / 3))
+    assert prediction_half_width(1.0, 4) == pytest.approx(3.182 * math.sqrt(5 / 4))
+    assert prediction_half_width(2.0, 30) == pytest.approx(2 * 1.959964 * (1 + 1 / 116) * math.sqrt(31 / 30))
+    assert prediction_half_width(0.0, 4) == 0.0 and prediction_half_width(float("nan"), 4) == 0.0
+    assert prediction_half_width(1.0, 1) == 0.0  # one seed: no spread to predict from
 
 
 def test_a_missing_input_file_fails_and_a_missing_stage_output_is_a_note():
@@ -420,3 +458,25 @@ def test_equal_values_over_seeds_have_no_spread():
               for seed in range(3)}
     sd = dict(spread(tables).select("column", "sd").iter_rows())
     assert sd["ce_zero"] == 0.0 and sd["fvu"] == pytest.approx(0.01)
+
+
+def test_p_values_and_matched_activity_comparisons_are_reported_not_audited():
+    """A p-value is a function of an audited statistic and interval; a comparison within matched activity is
+    over units that change with the SAE draw (its claim is audited): both are listed, neither fails a run."""
+    seeds = seed_manifests()
+    for seed, run in seeds.items():
+        run["metrics"]["clamping/verdict.parquet"][0]["p_value"] = 0.5 + 0.01 * seed
+        run["metrics"]["polysemanticity/comparison.parquet"] = [
+            {"site": "mlp3", "sae": "resid1-topk", "baseline": "neurons", "score": "monosemanticity_matched",
+             "difference": 0.1 + 0.001 * seed, "n_neurons": 100 + seed}]
+    ref = Reference(seeds[0], spread({s: m["metrics"] for s, m in seeds.items()}),
+                    claim_stability({s: pl.DataFrame(m["metrics"]["claims.parquet"]) for s, m in seeds.items()}))
+    run = seeds[1]
+    run["metrics"]["clamping/verdict.parquet"][0]["p_value"] = 0.001
+    run["metrics"]["polysemanticity/comparison.parquet"][0].update(difference=0.5, n_neurons=15)
+    result = audit(run, ref, SETTINGS)
+    assert result.passed, result.report()
+    assert any(" p_value: 0.001 " in n and "reported, not audited: a p-value" in n for n in result.notes)
+    assert any(" n_neurons: 15 " in n and "matched activity bins" in n for n in result.notes)
+    run["metrics"]["clamping/verdict.parquet"][0]["value"] = 5.0  # the statistic itself still is audited
+    assert not audit(run, ref, SETTINGS).passed

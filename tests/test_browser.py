@@ -308,8 +308,13 @@ def test_a_clamped_feature_shows_its_selection_scores_and_effect_curve(browser, 
     assert output == pytest.approx(target["output_score"])
     headings = shown.eval_on_selector_all(".clamping h3", "h => h.map(x => x.textContent)")
     assert f"{target['concept']} — clamped as feature (output)" in headings
+    # every unit its own strengths: the probes, then those aimed at its KL targets (a repeat counts once)
+    strengths = pl.read_parquet(results / "clamping" / "effects.parquet").filter(
+        (pl.col("site") == target["site"]) & (pl.col("concept") == target["concept"])
+        & (pl.col("unit_kind") == "feature") & (pl.col("selection") == "output"))["strength"].n_unique()
     curves = shown.query_selector_all(".clamping .curves polyline")
-    assert len(curves) >= 5 and all(len(c.get_attribute("points").split()) == 4 for c in curves)  # 4 strengths
+    points = {c.get_attribute("stroke-width"): len(c.get_attribute("points").split()) for c in curves}
+    assert len(curves) >= 5 and points["3"] == strengths >= 3  # the clamped unit's own curve, drawn bold
     assert page.errors == []
 
 

@@ -40,10 +40,17 @@ def study_tables() -> StudyTables:
         "score": ["monosemanticity_matched", "monosemanticity_excess", "monosemanticity_excess", "monosemanticity"],
         "difference": [0.1, 0.2, -0.1, 0.3], "ci_low": [0.05, 0.1, -0.2, 0.2], "ci_high": [0.15, 0.3, 0.0, 0.4],
         "n_bins": [7, None, None, None]})
-    verdict = pl.DataFrame({"site": "mlp3", "feature_selection": ["input", "output", "output"],
-                            "statistic": ["mean_difference", "mean_difference", "monotone"],
-                            "baseline": ["random", "random", ""], "n_concepts": 8, "value": [0.01, 0.2, 0.9],
-                            "ci_low": [-0.1, 0.1, 0.6], "ci_high": [0.1, 0.3, 0.98], "p_value": [0.6, 0.01, None]})
+    # the clamping verdict: mean differences with Bonferroni (family) intervals over the site's 3 tests; a placebo
+    # family's row, which no claim reads
+    verdict = pl.DataFrame({"site": "mlp3", "feature_selection": ["input", "output", "output", "output", "output"],
+                            "concepts": ["real", "real", "real", "real", "placebo"],
+                            "statistic": ["mean_difference", "mean_difference", "effect_beyond_placebo", "monotone",
+                                          "mean_difference"],
+                            "baseline": ["random", "random", "placebo", "", "random"], "n_concepts": [8, 8, 8, 8, 4],
+                            "value": [0.01, 0.2, 0.15, 0.9, 0.3], "ci_low": [-0.1, 0.1, 0.02, 0.6, 0.2],
+                            "ci_high": [0.1, 0.3, 0.3, 0.98, 0.4], "family_ci_low": [-0.2, 0.05, -0.01, None, 0.1],
+                            "family_ci_high": [0.2, 0.35, 0.32, None, 0.5], "p_value": [0.6, 0.01, 0.03, None, 0.01],
+                            "p_holm": [0.6, 0.03, 0.06, None, 0.02]})
     crosscoder = pl.DataFrame({
         "kind": ["crosscoder", "crosscoder", "sae"], "fvu": [0.3, 0.4, 0.2], "dead_fraction": [0.01, 0.01, 0.0],
         "dense_fraction": [0.0, 0.0, 0.0], "n_loss_windows": [16, 16, 16], "ce_increase": [0.2, 0.3, 0.1],
@@ -83,6 +90,7 @@ def test_every_claim_family_with_its_verdict(caplog):
     assert verdict["polysemanticity.good.beats_random_directions"] == "inconclusive"
     assert verdict["clamping.mlp3.output_feature_beats_random"] == "holds"
     assert verdict["clamping.mlp3.input_feature_beats_random"] == "inconclusive"
+    assert verdict["clamping.mlp3.output_feature_beyond_placebo"] == "inconclusive"  # its family interval spans 0
     assert verdict["clamping.mlp3.output_feature_monotone"] == "holds"
     assert verdict["crosscoder.s1_matches_beyond_second_seed"] == "fails"  # 10% against a second seed's 40%
     assert verdict["toy.sae_recovers_represented_features"] == "holds"
@@ -101,15 +109,19 @@ def test_every_comparative_claim_names_its_null_or_control():
     against = dict(claims.select("claim", "against").iter_rows())
     assert against["logit_lens.targets_rise_beyond_random"] == "random vocabulary tokens of the same prompt"
     assert against["polysemanticity.good.beats_random_init"] == "the same SAE untrained"
-    assert against["clamping.mlp3.output_feature_beats_random"] == "the random clamped for the same concept, at equal KL"
+    assert against["clamping.mlp3.output_feature_beats_random"] == ("the mean of the random features of the pool, clamped "
+                                                                    "for the same concept, at equal KL")
+    assert against["clamping.mlp3.output_feature_beyond_placebo"].startswith("placebo concepts")
 
 
 def test_only_the_headline_sites_clamping_claims_with_their_concept_count():
     tables = study_tables()
     rows = {r["claim"]: r for r in clamping_claims(tables.clamping_verdict, "mlp3")}
-    beats = rows["clamping.mlp3.output_feature_beats_random"]
+    assert len(rows) == 4  # 3 tests of the real concepts and 1 monotone share; no placebo family row
+    beats = rows["clamping.mlp3.output_feature_beats_random"]  # judged by its family (Bonferroni) interval
     assert (beats["value"], beats["ci_low"], beats["ci_high"], beats["bound"], beats["n_concepts"]) == (
-        0.2, 0.1, 0.3, 0.0, 8)
+        0.2, 0.05, 0.35, 0.0, 8)
+    assert "Holm p = 0.03" in beats["statement"] and "Bonferroni" in beats["statistic"]
     monotone = rows["clamping.mlp3.output_feature_monotone"]
     assert (monotone["value"], monotone["bound"]) == (0.9, 0.5)
     assert clamping_claims(tables.clamping_verdict, "elsewhere") == []

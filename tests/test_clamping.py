@@ -5,6 +5,7 @@ claim, hooks never outlive a run, and continuations are reproducible."""
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import polars as pl
@@ -15,10 +16,10 @@ from hypothesis import strategies as st
 
 from conftest import topk_sae
 from mechinterp.clamping import (ClampedNextToken, ClampingSettings, SiteInputs, SiteStatistics, StatisticsTokens,
-                                 Units, boundary_prompts, choose_concepts, choose_units, clamp_hook, clamp_rows,
+                                 Units, boundary_prompts, bracketing_strengths, choose_concepts, choose_units, clamp_hook, clamp_rows,
                                  concept_tokens, continue_prompt, coordinate_units, direct_logit_effects,
                                  final_residual, frequency_matched, load_parts, measure, normed_directions, perplexity,
-                                 run_clamping, sae_units, selection_scores, site_statistics, statistics_rows,
+                                 run_clamping, sae_units, selection_scores, site_statistics, site_units, statistics_rows,
                                  unambiguous_terms, word_list_tokens, word_tokens)
 from mechinterp.errors import UserError
 from mechinterp.sites import Site
@@ -152,9 +153,9 @@ def test_a_planted_feature_whose_decoder_row_is_a_concept_tokens_unembedding_ran
     assert int(effects.argmax()) == planted
     step = ClampedNextToken(model_parts, ids, site, sae, batch_rows=64)
     candidates = torch.tensor([planted, 0, 1, 2, 3])
-    scored = measure(step, sae_units(sae, candidates, scales[candidates]), [4.0], [concept] * 5, [[100, 200]] * 5,
-                     desc="output scores")
-    output_score = (scored["concept"] - scored["control"])[:, 0].mean(1)
+    scored = measure(step, sae_units(sae, candidates, scales[candidates]), torch.full((5, 1), 4.0),
+                     [(concept, [100, 200])], desc="output scores")
+    output_score = (scored["concept"] - scored["control"])[:, 0, :, 0].mean(1)
     assert int(np.argmax(output_score)) == 0 and output_score[0] > 0
 
 
@@ -309,8 +310,9 @@ def clamping_settings(**overrides) -> ClampingSettings:
     values = dict(sae="resid1-topk", word_lists={}, concepts=[], lexicon_concepts=0, max_word_categories=2,
                   min_concept_tokens=2, exclude_frequent_words=0, min_concept_words=1, statistics_tokens=100,
                   prompt_tokens=6, selection_prompts=3, measure_prompts=4, output_strength=4.0, output_candidates=3,
-                  strengths=[-1.0, 0.0, 1.0, 2.0], kl_levels=[0.03, 0.1], monotone_threshold=0.5,
-                  bootstrap_samples=20, batch_rows=16, prompts=[], continuation_prompts=0, new_tokens=3)
+                  strengths=[-1.0, 0.0, 1.0], kl_targets=[0.02, 0.3], max_strength=32.0, kl_levels=[0.03, 0.1],
+                  random_pool=3, placebo_concepts=0, monotone_threshold=0.5, bootstrap_samples=20, batch_rows=16,
+                  prompts=[], continuation_strengths=[-1.0, 0.0, 2.0], continuation_prompts=0, new_tokens=3)
     return ClampingSettings(**{**values, **overrides})
 
 
@@ -412,9 +414,10 @@ def test_a_unit_that_writes_nothing_changes_neither_concept_nor_control_nor_the_
     ids = prompts(4)
     step = ClampedNextToken(model_parts, ids, site, None, batch_rows=8)
     silent = Units(torch.tensor([-1, -1]), torch.eye(width)[[0, 1]], torch.zeros(2, width), torch.tensor([1.0, 2.0]))
-    measured = measure(step, silent, [-2.0, 3.0], [[17, 42], [5]], [[100, 200], [300, 301, 302]], desc="silent")
-    for key in ("concept", "control", "kl"):
-        assert measured[key].shape == (2, 2, 4)
+    measured = measure(step, silent, torch.tensor([[-2.0, 3.0], [0.5, 8.0]]), [([17, 42], [100, 200]), ([5], [300, 301])],
+                       desc="silent")
+    for key, shape in (("concept", (2, 2, 4, 2)), ("control", (2, 2, 4, 2)), ("kl", (2, 2, 4))):
+        assert measured[key].shape == shape
         assert np.abs(measured[key]).max() <= 1e-5
     assert np.array_equal(measured["top_token"], np.broadcast_to(step.clean.argmax(-1).numpy(), (2, 2, 4)))
 
@@ -475,8 +478,10 @@ def planted_statistics(width: int, d_sae: int) -> SiteStatistics:
     neuron_active = torch.full((width,), 50.0)
     neuron_active[:2] = 0
     diffmean = torch.nn.functional.normalize(torch.randn(len(CONCEPTS), width, generator=generator), dim=1)
-    return SiteStatistics(feature_max, feature_active, input_score, 0.5 + 1.5 * torch.rand(width, generator=generator),
-                          neuron_active, diffmean, torch.tensor([1.5, 2.5]))
+    next_input_score = input_score / 2  # -inf where ineligible, as the input score
+    return SiteStatistics(feature_max, feature_active, input_score, next_input_score,
+                          0.5 + 1.5 * torch.rand(width, generator=generator), neuron_active, diffmean,
+                          torch.tensor([1.5, 2.5]))
 
 
 @pytest.fixture(scope="module")
@@ -495,30 +500,36 @@ def chosen_units(parts):
     reference = final_residual(model_parts, ids)
     correlated = {f: (3 * f) % width for f in range(sae.d_sae)}
     settings_ = clamping_settings(output_candidates=3, output_strength=4.0)
-    chosen, units, scores = choose_units(model_parts, site, sae, stats, CONCEPTS, CONCEPT_SETS, CONTROL_SETS,
-                                         correlated, step, reference, settings_, seed=0)
+    chosen, scores = choose_units(model_parts, site, sae, stats, CONCEPTS, CONCEPT_SETS, CONTROL_SETS, correlated, step,
+                                  reference, settings_, seed=0, random_pool=POOL_SIZE)
+    units = site_units([c.space for c in chosen], sae, stats)
     return dict(site=site, sae=sae, stats=stats, ids=ids, reference=reference, correlated=correlated, chosen=chosen,
                 units=units, scores=scores, width=width)
 
 
-KINDS = [("feature", "input"), ("feature", "output"), ("neuron", "output"), ("correlated_neuron", ""),
-         ("diffmean", ""), ("random", "")]
+POOL_SIZE = 3
+KINDS = [("feature", "input"), ("feature", "output"), ("neuron", "output"), ("correlated_neuron", "input"),
+         ("correlated_neuron", "output"), ("diffmean", "")]
 
 
-def test_each_concept_gets_its_input_feature_output_units_and_the_three_baselines(chosen_units):
+def test_each_concept_gets_its_input_feature_output_units_and_the_baselines(chosen_units):
     chosen, stats, correlated = chosen_units["chosen"], chosen_units["stats"], chosen_units["correlated"]
-    assert [(c.concept, c.unit_kind, c.selection) for c in chosen] == [(a, *k) for a in CONCEPTS for k in KINDS]
-    by_kind = {(c.concept, c.unit_kind, c.selection): c for c in chosen}
+    kinds = [(c.concept, c.unit_kind, c.selection) for c in chosen]
+    assert kinds == [(a, *k) for a in CONCEPTS for k in [*KINDS, *[("random", "pool")] * POOL_SIZE]]
+    by_kind = {(c.concept, c.unit_kind, c.selection): c for c in chosen if c.selection != "pool"}
     assert by_kind["a", "feature", "input"].unit == 20 and by_kind["b", "feature", "input"].unit == 40
     assert by_kind["a", "feature", "input"].input_score == pytest.approx(0.9)
+    assert by_kind["a", "feature", "input"].next_input_score == pytest.approx(0.45)
     assert by_kind["a", "feature", "output"].unit == PLANTED  # the feature that writes the concept's token
     assert by_kind["a", "feature", "output"].input_score == pytest.approx(0.1)
+    pools = [[c.unit for c in chosen if c.concept == concept and c.selection == "pool"] for concept in CONCEPTS]
+    assert pools[0] == pools[1] == sorted(set(pools[0]))  # one pool for the site, every concept reads it
+    assert all(stats.feature_active[u] > 0 for u in pools[0])
     for c, concept in enumerate(CONCEPTS):
-        assert by_kind[concept, "correlated_neuron", ""].unit == correlated[by_kind[concept, "feature", "input"].unit]
+        for selection in ("input", "output"):
+            feature = by_kind[concept, "feature", selection].unit
+            assert by_kind[concept, "correlated_neuron", selection].unit == correlated[feature]
         assert by_kind[concept, "diffmean", ""].unit == c
-        random_unit = by_kind[concept, "random", ""].unit
-        assert stats.feature_active[random_unit] > 0
-        assert random_unit not in {by_kind[concept, "feature", s].unit for s in ("input", "output")}
         assert stats.neuron_active[by_kind[concept, "neuron", "output"].unit] > 0
         for kind in ("neuron", "correlated_neuron", "diffmean"):
             assert np.isnan(next(u for (a, k, _), u in by_kind.items() if a == concept and k == kind).input_score)
@@ -527,7 +538,7 @@ def test_each_concept_gets_its_input_feature_output_units_and_the_three_baseline
 def test_the_chosen_units_read_and_write_what_their_kind_says_at_their_maximum(chosen_units):
     chosen, units, stats, sae = (chosen_units[k] for k in ("chosen", "units", "stats", "sae"))
     eye = torch.eye(chosen_units["width"])
-    assert len(units) == len(chosen) == 12
+    assert len(units) == len(chosen) == 2 * (len(KINDS) + POOL_SIZE)
     for row, unit in enumerate(chosen):
         c = CONCEPTS.index(unit.concept)
         if unit.unit_kind in ("feature", "random"):
@@ -553,6 +564,9 @@ def test_direct_logit_effects_of_the_chosen_units_equal_the_full_unembedding_of_
             write, scale = stats.diffmean[c], stats.diffmean_max[c]
         else:
             write, scale = eye[unit.unit], stats.neuron_max[unit.unit]
+            if stats.neuron_active[unit.unit] == 0:  # a dead neuron (a feature's best-correlated one may be) has none
+                assert np.isnan(unit.direct_logit_effect)
+                continue
         expected = direct_effect(model_parts, reference, write, float(scale), CONCEPT_SETS[c], CONTROL_SETS[c])
         assert unit.direct_logit_effect == pytest.approx(expected, abs=1e-4), (unit.unit_kind, unit.concept)
 
@@ -569,8 +583,11 @@ def test_output_candidates_are_the_largest_direct_effects_and_their_scores_are_c
         alive = torch.nonzero(stats.feature_active > 0).squeeze(1).tolist()
         effects = {f: direct_effect(model_parts, reference, sae.W_dec[f].detach(), float(stats.feature_max[f]),
                                     CONCEPT_SETS[c], CONTROL_SETS[c]) for f in alive}
-        candidates = outputs.filter((pl.col("concept") == concept) & (pl.col("unit_kind") == "feature"))
-        assert sorted(candidates["unit"].to_list()) == sorted(sorted(effects, key=effects.get)[-3:])
+        listed = outputs.filter((pl.col("concept") == concept) & (pl.col("unit_kind") == "feature"))
+        top = sorted(effects, key=effects.get)[-3:]
+        pool = {u.unit for u in chosen if u.selection == "pool"}
+        assert set(listed["unit"]) == set(top) | pool  # the candidates, and the random pool's output scores
+        candidates = listed.filter(pl.col("unit").is_in(top))
         for row in candidates.iter_rows(named=True):
             assert row["direct_logit_effect"] == pytest.approx(effects[row["unit"]], abs=1e-4)
         neurons = outputs.filter((pl.col("concept") == concept) & (pl.col("unit_kind") == "neuron"))
@@ -604,7 +621,7 @@ def test_a_concept_no_eligible_feature_fires_on_is_an_error_naming_min_concept_w
                                          r" 'a' in the statistics tokens"):
         choose_units(model_parts, chosen_units["site"], chosen_units["sae"], blind, CONCEPTS, CONCEPT_SETS,
                      CONTROL_SETS, chosen_units["correlated"], step, chosen_units["reference"], clamping_settings(),
-                     seed=0)
+                     seed=0, random_pool=POOL_SIZE)
 
 
 # --- the whole stage on a tiny corpus -----------------------------------------------------------------
@@ -617,7 +634,7 @@ TOY_LEXICON = {"place": ["France", "Japan", "Paris", "Tokyo", "bank"],
                "tiny": ["fun"]}
 RUN_SETTINGS = dict(sae="resid1-topk", word_lists={"suspicion": [" scam", " fraud", " email"]}, concepts=["toy:place"],
                     lexicon_concepts=2, min_concept_tokens=3, exclude_frequent_words=2, statistics_tokens=500,
-                    prompts=["The email asked for my bank", "He promised"], continuation_prompts=1)
+                    placebo_concepts=1, prompts=["The email asked for my bank", "He promised"], continuation_prompts=1)
 SEED, DATA_SEED = 3, 5
 RUN_SITES = {"resid1-topk": Site("resid", 1), "mlp0-topk": Site("mlp", 0)}
 
@@ -695,31 +712,38 @@ def clamping_run(parts, tmp_path_factory):
                 settings=settings_, vocabulary=vocabulary_strings(tokenizer), messages=handler.messages)
 
 
-def test_the_stage_writes_every_table_with_six_units_per_concept_and_site(clamping_run):
+def test_the_stage_writes_every_table_with_each_concepts_units_and_the_random_pool(clamping_run):
+    from mechinterp.clamping import OTHER_SITES_RANDOM_POOL
+
     tables = clamping_run["tables"]
     assert set(tables) == {"targets", "effects", "summary", "comparisons", "verdict", "continuations", "scores"}
     targets = tables["targets"]
     named = ["list:suspicion", "toy:place"]
     headline = targets.filter(pl.col("sae") == "resid1-topk")
-    sampled = sorted(set(headline["concept"]) - set(named))
+    sampled = sorted(set(headline["concept"]) - set(named) - {"placebo:00"})
     assert len(sampled) == 2 and set(sampled) <= {"toy:money", "toy:film", "toy:speech"}
-    for sae_id, concepts in (("resid1-topk", named + sampled), ("mlp0-topk", named)):
+    assert headline.filter(pl.col("placebo"))["concept"].unique().to_list() == ["placebo:00"]
+    pools = {"resid1-topk": clamping_run["settings"].random_pool, "mlp0-topk": OTHER_SITES_RANDOM_POOL}
+    for sae_id, concepts in (("resid1-topk", [*named, *sampled, "placebo:00"]), ("mlp0-topk", named)):
         rows = targets.filter(pl.col("sae") == sae_id)
         site = RUN_SITES[sae_id]
         assert rows.select("site", "layer").unique().rows() == [(site.id, site.layer)]
         assert sorted(rows.select("concept", "unit_kind", "selection").rows()) == sorted(
-            (c, *k) for c in concepts for k in KINDS)
+            (c, *k) for c in concepts for k in [*KINDS, *[("random", "pool")] * pools[sae_id]])
         assert rows.filter(pl.col("named"))["concept"].unique().sort().to_list() == named
-        inputs = {r["concept"]: r["unit"] for r in rows.filter(pl.col("selection") == "input").iter_rows(named=True)}
+        features = {(r["concept"], r["selection"]): r["unit"]
+                    for r in rows.filter(pl.col("unit_kind") == "feature").iter_rows(named=True)}
         for row in rows.filter(pl.col("unit_kind") == "correlated_neuron").iter_rows(named=True):
-            assert row["unit"] == (5 * inputs[row["concept"]]) % clamping_run["widths"][sae_id]  # this SAE's table
+            feature = features[row["concept"], row["selection"]]
+            assert row["unit"] == (5 * feature) % clamping_run["widths"][sae_id]  # this SAE's table
     place = targets.filter(pl.col("concept") == "toy:place")
     assert place["concept_tokens"][0].to_list() == [" France", " Japan", " Paris", " Tokyo"]  # " bank" is ambiguous
     assert (place["n_concept_tokens"] == 4).all()
-    summary = tables["summary"]
-    assert summary.height == targets.height
-    assert summary.select("layer", "sae", "max_activation", "named").null_count().sum_horizontal()[0] == 0
+    summary = tables["summary"]  # the pool's members become two rows per concept: its mean and its best
+    assert summary.height == targets.filter(pl.col("selection") != "pool").height + 2 * (4 + 1 + 2)
+    assert summary.select("layer", "sae", "named", "placebo").null_count().sum_horizontal()[0] == 0
     assert set(tables["verdict"]["site"]) == {"resid1", "mlp0"}
+    assert set(tables["verdict"].filter(pl.col("site") == "resid1")["concepts"]) == {"real", "placebo"}
 
 
 def test_each_units_maximum_is_its_largest_value_on_the_statistics_tokens(clamping_run):
@@ -744,7 +768,7 @@ def test_every_effect_row_is_a_clamped_forward_of_its_unit_strength_and_prompt(p
     model_parts, _ = parts
     tables, vocabulary, table = clamping_run["tables"], clamping_run["vocabulary"], clamping_run["table"]
     effects, settings_ = tables["effects"], clamping_run["settings"]
-    n_strengths, n_prompts = len(settings_.strengths), settings_.measure_prompts
+    n_strengths, n_prompts = len(settings_.strengths) + 2 * len(settings_.kl_targets), settings_.measure_prompts
     assert effects.height == tables["targets"].height * n_strengths * n_prompts
     change = effects["concept_logprob_change"] - effects["control_logprob_change"]
     assert np.allclose(effects["relative_effect"], change)
@@ -773,10 +797,15 @@ def test_every_effect_row_is_a_clamped_forward_of_its_unit_strength_and_prompt(p
                               & (pl.col("unit_kind") == kind) & (pl.col("selection") == selection)).sort(
                                   "strength", "prompt")
         assert rows.height == n_strengths * n_prompts
-        for s, strength in enumerate(sorted(settings_.strengths)):
+        # the probes, then strengths aimed at the KL targets from the unit's mean KL at the probes
+        probe_kl = [rows.filter(pl.col("strength") == p)["kl"].mean() for p in settings_.strengths]
+        aimed = bracketing_strengths(settings_.strengths, np.array([probe_kl]), settings_.kl_targets,
+                                     settings_.max_strength)[0]
+        assert sorted(rows["strength"].to_list()) == sorted(np.repeat([*settings_.strengths, *aimed], n_prompts))
+        for strength in sorted(set(rows["strength"].to_list())):
             lp = clamped_last_log_probs(model_parts, site, ids, unit, strength * float(scale[0]), sae)
-            part = rows[s * n_prompts : (s + 1) * n_prompts]
-            assert (part["strength"] == strength).all() and part["prompt"].to_list() == list(range(n_prompts))
+            part = rows.filter(pl.col("strength") == strength).head(n_prompts)
+            assert part["prompt"].to_list() == list(range(n_prompts))
             for column, ids_ in (("concept_logprob_change", concept_ids), ("control_logprob_change", control_ids)):
                 expected = lp[:, ids_].logsumexp(-1) - clean[:, ids_].logsumexp(-1)
                 assert np.allclose(part[column].to_numpy(), expected.numpy(), atol=1e-4)
@@ -792,7 +821,9 @@ def test_selection_scores_name_their_site_and_sae(clamping_run):
     outputs = scores.filter(pl.col("output_score").is_not_null())
     assert outputs["concept"].null_count() == 0 and set(outputs["unit_kind"]) == {"feature", "neuron"}
     k = clamping_run["settings"].output_candidates
-    assert outputs.height == (4 + 2) * 2 * k  # every concept's feature and neuron candidates at both sites
+    # every concept's feature and neuron candidates, and the random pool's output scores, at both sites (5 concepts,
+    # a placebo among them, and a pool of 3 at the headline; the 2 named ones and a pool of 4 at the other)
+    assert outputs.height == 5 * (2 * k + 3) + 2 * (2 * k + 4)
 
 
 def test_continuations_clamp_the_named_concepts_features_at_the_headline_site(parts, clamping_run):
@@ -803,7 +834,7 @@ def test_continuations_clamp_the_named_concepts_features_at_the_headline_site(pa
     continuations = tables["continuations"]
     assert continuations.columns == ["concept", "site", "selection", "unit", "prompt", "prompt_text", "mode",
                                      "strength", "continuation", "perplexity"]
-    assert continuations.height == 2 * 2 * settings_.continuation_prompts * 2 * len(settings_.strengths)
+    assert continuations.height == 2 * 2 * settings_.continuation_prompts * 2 * len(settings_.continuation_strengths)
     assert set(continuations["site"]) == {"resid1"} and set(continuations["mode"]) == {"greedy", "sampled"}
     assert set(continuations["prompt_text"]) == {settings_.prompts[0]}
     target = tables["targets"].filter((pl.col("sae") == "resid1-topk") & (pl.col("concept") == "toy:place")
@@ -811,7 +842,7 @@ def test_continuations_clamp_the_named_concepts_features_at_the_headline_site(pa
                                       & (pl.col("unit_kind") == "feature")).row(0, named=True)
     sae = clamping_run["saes"]["resid1-topk"]
     unit = sae_units(sae, torch.tensor([target["unit"]]), torch.tensor([target["max_activation"]]))
-    values = torch.tensor(settings_.strengths) * target["max_activation"]
+    values = torch.tensor(settings_.continuation_strengths) * target["max_activation"]
     prompt = encode(tokenizer, settings_.prompts[0])
     greedy = continue_prompt(model_parts, RUN_SITES["resid1-topk"], sae, unit, values, prompt, settings_.new_tokens,
                              False, SEED)
@@ -825,6 +856,17 @@ def test_continuations_clamp_the_named_concepts_features_at_the_headline_site(pa
 def test_the_stage_logs_each_sites_statistics_choice_and_measurement(clamping_run):
     messages = clamping_run["messages"]
     assert any(m.startswith("resid1: statistics of 500 train tokens in ") for m in messages)
-    assert any(m.startswith("resid1: 24 units chosen for 4 concepts in ") for m in messages)
-    assert any(m.startswith("mlp0: 12 units chosen for 2 concepts in ") for m in messages)
-    assert any(m.startswith(f"mlp0: {12 * 4 * 4} clamped rows in ") for m in messages)
+    # resid1: 5 concepts (a placebo among them) x (6 units + a pool of 3); mlp0: 2 x (6 + 4)
+    chosen = {m.split(":")[0]: m for m in messages if " chosen for " in m}
+    assert re.match(r"resid1: 45 units \((\d+) distinct\) chosen for 5 concepts in ", chosen["resid1"])
+    distinct = int(re.match(r"mlp0: 20 units \((\d+) distinct\) chosen for 2 concepts in ", chosen["mlp0"]).group(1))
+    assert 4 < distinct <= 20
+    assert any(m.startswith(f"mlp0: {distinct * 7 * 4} clamped rows in ") for m in messages)
+
+
+def test_strengths_need_a_probe_on_each_side():
+    """Each unit's strengths are aimed at its KL targets from its KL at the largest positive and the most negative
+    probe strength: a config without one of them is an error naming the key and the fix."""
+    with pytest.raises(UserError, match=r"clamping.strengths is \[0.0, 1.0\]: it needs a negative and a positive"):
+        clamping_settings(strengths=[0.0, 1.0])
+    assert clamping_settings(strengths=[-0.5, 2.0]).strengths == [-0.5, 2.0]

@@ -18,7 +18,7 @@ from conftest import topk_sae
 from mechinterp.activations import ActivationCache, header_path
 from mechinterp.claims import ClaimsSettings, crosscoder_claims
 from mechinterp.crosscoder import Layout, StackedCache, fold_site_scales, heldout_rows, site_scales
-from mechinterp.clamping_stats import share_difference_interval
+from mechinterp.intervals import share_difference_interval
 from mechinterp.crosscoder_latents import (CrosscoderSettings, best_matches, decoder_shares, effective_sites,
                                            initial_effective_sites, latent_table, live_decoder_rows, match_rate_row,
                                            match_rates, site_drives)

@@ -322,6 +322,17 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     snakemake(workdir, *audit)
     audit_report = (results / "audit.txt").read_text()
     assert audit_report.startswith("AUDIT PASSED: inputs ") and "CLAIMS: reference | this run" in audit_report
+    # the run made again on another machine, emulated on this one: torch's kernels without vector units
+    # (ATEN_CPU_CAPABILITY=default) and MKL's GEMM in its compatible mode round differently, so the SAEs train
+    # to other weights; the stochastic stages rerun under them pass the audit, which notes the rounding
+    weights = results / "saes" / "resid3-topk" / "sae_weights.safetensors"
+    native = sha256_file(weights)
+    emulated = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+    snakemake(workdir, "--cores", "2", *smoke, str(audit_config), "--forcerun", "train_sae", "--", "audit", env=emulated)
+    assert sha256_file(weights) != native
+    audit_report = (results / "audit.txt").read_text()
+    assert audit_report.startswith("AUDIT PASSED: inputs "), audit_report[:3000]
+    assert f"NOTE   rounding: {emulated} vs reference {{'ATEN_CPU_CAPABILITY': None, 'MKL_CBWR': None}}" in audit_report
     other_config = workdir / "default_reference.yaml"
     other_config.write_text("audit: {reference: reference/default}\n")
     refused = snakemake(workdir, "--cores", "1", *smoke, str(other_config), "--", "audit", check=False)

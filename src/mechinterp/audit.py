@@ -8,16 +8,26 @@ replicates' spread (`replicates/spread.parquet`, `replicates/claims.parquet`). T
 - the run beside the manifest is the one it hashed (each file there, of its size) and every stage
   output verifies (an SAE loads, an array's header matches its size);
 - the inputs and models are identical (sha256 of the downloads, the model folder, the corpus, the tokens);
-- every claim agrees: a claim whose verdict was the same in every seed of the reference's replicates
-  must have that verdict; an unstable claim's statistic must be within tolerance;
+- every claim agrees: a robust claim must have the reference's verdict; a fragile one's statistic must
+  be within its tolerance. A claim is robust when its verdict was the same in every seed of the
+  reference's replicates and, in every seed, its interval stayed farther from changing that verdict
+  than a new draw of its statistic would move: the half-width of the 95% prediction interval from the
+  n seeds, t(0.975, n - 1) x sqrt(1 + 1/n) x their standard deviation (with four seeds, 3.6 sd). Else
+  another seed, or another CPU's rounding, which moves the SAE draw as a seed does, could flip it, and
+  only its statistic is a fact about the run;
 - every metric is within tolerance: `spread_multiple` seed standard deviations (the larger of the
   row's own and its column's median, so one lucky row of three seeds does not make a tolerance of
-  zero), never less than the `floor` (and `count_floor` for counts).
+  zero), widened for the few seeds it comes from as a t prediction interval is (by t(0.975, n - 1) x
+  sqrt(1 + 1/n) / 1.96: 1.82 with four seeds), never less than the `floor` (and `count_floor` for counts).
 
 Some rows are reported beside their tolerance but not audited, because another seed does not measure
-the same quantity again: a clamping summary row is one concept's unit, which each SAE chooses anew, and
-a clamping statistic over fewer than `min_concepts` concepts moves in steps too coarse for the spread
-of a few seeds (over 2 concepts a share is 0, 0.5 or 1); so is a clamping claim over so few concepts.
+the same quantity again: a clamping summary row is one concept's unit, which each SAE chooses anew; a
+polysemanticity comparison within matched activity is over the units of the activity bins that hold
+enough of both kinds, which change with the SAE draw (225 residual dimensions in one seed, 15 in the
+next: its claim, judged as above, is what is audited); a clamping statistic over fewer than
+`min_concepts` concepts moves in steps too coarse for the spread of a few seeds (over 2 concepts a
+share is 0, 0.5 or 1), and so does a clamping claim over so few concepts. P-values are reported, not
+audited: they are functions of a statistic and its interval, which are, and near 1 they saturate.
 
 Everything else (other files' hashes, packages, device, CPU) is listed as information.
 """
@@ -49,6 +59,9 @@ UNCOMPARED_PREFIXES = ("logs/", "benchmarks/")  # differ on every run by nature;
 # audited and replicated, and how its results are browsed (the browser shows numbers the audit compares,
 # and makes none). The toy model, the crosscoder and the tuned lens are not free: the claims judge them.
 FREE_CONFIG_KEYS = ("run", "seed", "device", "resources", "audit", "replicates", "browser")
+REPORTED_COLUMNS = ("p_value", "p_holm")  # functions of audited statistics and intervals
+# Student's t(0.975, df) for df = 1..10; beyond, the normal quantile with Fisher's first correction
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 REFERENCE_MANIFEST = "MANIFEST.json"
 REFERENCE_SPREAD = "replicates/spread.parquet"
 REFERENCE_CLAIMS = "replicates/claims.parquet"
@@ -101,6 +114,7 @@ class Tolerances:
     def __init__(self, spread: pl.DataFrame | None, settings: AuditSettings):
         self.settings = settings
         self.sd: dict[tuple[str, str, str], float] = {}
+        self.n_seeds: dict[tuple[str, str, str], int] = {}
         self.column_sd: dict[tuple[str, str], float] = {}
         self.mixed: set[tuple[str, str, str]] = set()  # NaN in some seeds, a number in others
         if spread is not None:
@@ -108,6 +122,7 @@ class Tolerances:
                           .select("table", "row", "column").iter_rows()}
             known = spread.filter(pl.col("sd").is_not_nan())
             self.sd = {(t, r, c): sd for t, r, c, sd in known.select("table", "row", "column", "sd").iter_rows()}
+            self.n_seeds = {(t, r, c): n for t, r, c, n in known.select("table", "row", "column", "n_seeds").iter_rows()}
             self.column_sd = {(t, c): m for t, c, m in known.group_by("table", "column")
                               .agg(pl.col("sd").median()).iter_rows()}
 
@@ -123,8 +138,12 @@ class Tolerances:
         floor = max(self.settings.floor["abs"], self.settings.floor["rel"] * abs(reference),
                     self.settings.count_floor if integer else 0.0)
         sd = max(self.sd.get((table, row, column), 0.0), self.column_sd.get((table, column), 0.0))
-        spread = self.settings.spread_multiple * sd
-        return (spread, f"{self.settings.spread_multiple:g} x sd {sd:.3g}") if spread > floor else (floor, "floor")
+        # a standard deviation from a few seeds underestimates: widen it as a t prediction interval does
+        n = self.n_seeds.get((table, row, column), 0)
+        small_sample = prediction_half_width(1.0, n) / 1.959964 if n >= 2 else 1.0
+        spread = self.settings.spread_multiple * sd * small_sample
+        how = f"{self.settings.spread_multiple:g} x sd {sd:.3g} x {small_sample:.2f} for {n} seeds"
+        return (spread, how) if spread > floor else (floor, "floor")
 
 
 @dataclass
@@ -227,10 +246,14 @@ def audit_run_files(manifest: dict[str, Any], run_dir: Path, result: AuditResult
         result.failures.append(rebuild_hint(*(run_dir / name for name in sorted(owners | set(broken)))))
 
 
-def reported_only(table: str, row: dict[str, Any], settings: AuditSettings) -> str | None:
-    """Why a metric row is reported but not audited (see the module docstring), or None."""
+def reported_only(table: str, row: dict[str, Any], settings: AuditSettings, column: str | None = None) -> str | None:
+    """Why a metric row (or one of its columns) is reported but not audited (see the module docstring), or None."""
     if table == "clamping/summary.parquet":
         return "one concept's unit, chosen anew by each SAE"
+    if table == "polysemanticity/comparison.parquet" and row.get("score") == "monosemanticity_matched":
+        return "over the units of the matched activity bins, which change with the SAE draw; its claim is audited"
+    if column in REPORTED_COLUMNS:
+        return "a p-value, a function of the audited statistic and interval"
     n_concepts = row.get("n_concepts")  # of a clamping verdict row or claim
     if n_concepts is not None and n_concepts < settings.min_concepts:
         return f"{n_concepts} concepts, under audit.min_concepts"
@@ -259,7 +282,7 @@ def audit_metrics(manifest: dict[str, Any], reference: dict[str, Any], tolerance
                 value = mine[row_key].get(column)
                 ok = _close(value, ref_value, tolerance, tolerances.nan_or_number(table, row, column))
                 line = f"{label} {column}: {value!r} vs reference {ref_value!r} (tolerance {tolerance:.3g}, {how})"
-                if reason := reported_only(table, ref_row, tolerances.settings):
+                if reason := reported_only(table, ref_row, tolerances.settings, column):
                     result.reported[0] += ok
                     result.reported[1] += 1
                     if not ok:
@@ -277,27 +300,55 @@ def _claim_text(row: dict[str, Any] | None) -> str:
     return f"{row['verdict']} {row['value']:.4g}{interval}"
 
 
+def prediction_half_width(sd: float, n: int) -> float:
+    """Half-width of the 95% prediction interval of one new draw from n draws with standard deviation sd:
+    t(0.975, n - 1) x sqrt(1 + 1/n) x sd; 0 for a statistic the seeds did not move (sd 0 or NaN).
+
+    >>> round(prediction_half_width(1.0, 4), 3)
+    3.558
+    """
+    if n < 2 or not sd > 0:
+        return 0.0
+    df = n - 1
+    t = T_975[df - 1] if df <= len(T_975) else 1.959964 * (1 + 1 / (4 * df))
+    return t * math.sqrt(1 + 1 / n) * sd
+
+
+def claim_robustness(seeds: dict[str, Any] | None, sd: float) -> tuple[bool, str]:
+    """Whether a claim's verdict is audited (robust) or its statistic (fragile), and why, from its row of the
+    reference's replicates/claims.parquet (None: the reference has no replicates, every verdict is audited)
+    and its statistic's standard deviation over the seeds."""
+    if seeds is None:
+        return True, "no replicates"
+    if not seeds["stable"]:
+        return False, f"fragile, unstable: {seeds['counts']}"
+    needed = prediction_half_width(sd, len(seeds["seeds"]))
+    if seeds["margin"] > needed:
+        return True, f"robust: {seeds['counts']}, margin {seeds['margin']:.3g} > a new draw's {needed:.3g}"
+    return False, f"fragile: {seeds['counts']}, margin {seeds['margin']:.3g} <= a new draw's {needed:.3g}"
+
+
 def audit_claims(manifest: dict[str, Any], reference: Reference, tolerances: Tolerances, result: AuditResult) -> None:
     ref_claims = reference.manifest["metrics"].get(CLAIMS_TABLE, [])
     mine = {row["claim"]: row for row in manifest["metrics"].get(CLAIMS_TABLE, [])}
     stability = ({} if reference.claims is None else
-                 {r["claim"]: r for r in reference.claims.select("claim", "stable", "counts").iter_rows(named=True)})
+                 {r["claim"]: r for r in reference.claims.select("claim", "seeds", "stable", "margin", "counts")
+                  .iter_rows(named=True)})
     for ref in ref_claims:
         name, row = ref["claim"], mine.get(ref["claim"])
         seeds = stability.get(name)
         reason = reported_only(CLAIMS_TABLE, ref, tolerances.settings)
+        claim_row = row_id(CLAIMS_TABLE, ref)
+        robust, basis = claim_robustness(seeds, tolerances.sd.get((CLAIMS_TABLE, claim_row, "value"), 0.0))
         if row is None:
             ok, why = False, "missing from this run"
-        elif seeds is None or seeds["stable"]:
+        elif robust:
             ok = row["verdict"] == ref["verdict"]
-            basis = "no replicates" if seeds is None else f"stable: {seeds['counts']}"
             why = f"verdict {'matches' if ok else 'differs'} ({basis})"
         else:
-            claim_row = row_id(CLAIMS_TABLE, ref)
             tolerance, how = tolerances(CLAIMS_TABLE, claim_row, "value", ref["value"], False)
             ok = _close(row["value"], ref["value"], tolerance, tolerances.nan_or_number(CLAIMS_TABLE, claim_row, "value"))
-            why = (f"unstable ({seeds['counts']}): statistic {'within' if ok else 'outside'} "
-                   f"{tolerance:.3g} ({how})")
+            why = f"{basis}: statistic {'within' if ok else 'outside'} {tolerance:.3g} ({how})"
         line = f"{name}: {_claim_text(ref)} | {_claim_text(row)}; {why}"
         if reason and row is not None:
             result.claims.append(f"{'OK  ' if ok else 'DIFF'}   {line}; reported, not audited: {reason}")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mechinterp.activations import ActivationCache
 from mechinterp.clamping import load_parts
-from mechinterp.clamping_stats import mean_effects, unit_label
+from mechinterp.clamping_stats import BASELINES, mean_effects, unit_label
 from mechinterp.crosscoder import Layout, StackedCache, load_crosscoder, open_stacked
 from mechinterp.errors import UserError, run_stage
 from mechinterp.evaluate_sae import DENSE_THRESHOLD
@@ -268,14 +268,18 @@ def clamping_records(dictionary: str, sae: str, site: str, targets: pl.DataFrame
             curve = curves.filter((pl.col("concept") == concept) & (pl.col("unit_kind") == other["unit_kind"])
                                   & (pl.col("selection") == other["selection"]) & (pl.col("unit") == other["unit"]))
             lines.append({"label": unit_label(other["unit_kind"], other["selection"]), "unit": other["unit"],
-                          "this": other["unit_kind"] == target["unit_kind"] and other["selection"] == target["selection"],
+                          "this": (other["unit_kind"], other["selection"], other["unit"])
+                          == (target["unit_kind"], target["selection"], unit),
                           "strength": curve["strength"].to_list(),
                           "effect": [round_value(v) for v in curve["relative_effect"].to_list()],
                           "kl": [round_value(v) for v in curve["kl"].to_list()]})
         if target["unit_kind"] == "feature":
             mine = (pl.col("feature_selection") == target["selection"]) & (pl.col("feature") == unit)
-        else:
-            mine = (pl.col("baseline") == target["unit_kind"]) & (pl.col("baseline_unit") == unit)
+        else:  # the baselines this unit was: a pool member is `best_random` where it was the best
+            names = [name for name, kind, _ in BASELINES if kind == target["unit_kind"]]
+            mine = pl.col("baseline").is_in(names) & (pl.col("baseline_unit") == unit)
+            if target["unit_kind"] == "correlated_neuron":  # each selected feature has its own
+                mine = mine & (pl.col("feature_selection") == target["selection"])
         compared = comparisons.filter((pl.col("site") == site) & (pl.col("concept") == concept) & mine)
         texts = continuations.filter((pl.col("site") == site) & (pl.col("concept") == concept)
                                      & (pl.col("selection") == target["selection"]) & (pl.col("unit") == unit))

@@ -14,8 +14,9 @@ no structure scores), and a verdict: `holds`, `fails` or `inconclusive` (an inte
 - polysemanticity, per SAE: features more monosemantic than their site's neurons within matched
   activity, and than an untrained SAE and a TopK code of random directions on the excess over the
   activity-matched null;
-- clamping, at the headline site: the selected features beat each baseline at equal damage (the
-  bootstrap CI over concepts of the mean difference), and move their concept monotonically;
+- clamping, at the headline site: the selected features beat each baseline at equal damage and move
+  real concepts more than placebo concepts (hierarchical bootstrap over concepts and prompts,
+  Bonferroni intervals over the site's tests), and move their concept monotonically;
 - crosscoder: judged as an SAE, and its latents' match rate against a second seed of a site's SAE;
 - toy model: its SAE recovers the represented features above chance and more often than the others.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import polars as pl
 
-from mechinterp.clamping_stats import percentile_ci, prompt_resamples, share_difference_interval, wilson_interval
+from mechinterp.intervals import percentile_ci, prompt_resamples, share_difference_interval, wilson_interval
 from mechinterp.errors import run_stage
 from mechinterp.files import write_parquet
 from mechinterp.toy_superposition import CHANCE_QUANTILE
@@ -237,16 +238,42 @@ def polysemanticity_claims(comparison: pl.DataFrame) -> list[dict]:
     return rows
 
 
+BASELINE_DESCRIPTIONS = {
+    "neuron": "the neuron with the best output score",
+    "correlated_neuron": "the selected feature's best-correlated neuron",
+    "diffmean": "the difference-of-means vector",
+    "random": "the mean of the random features of the pool",
+    "best_random": "the random feature of the pool with the best output score (the selection's own effect)",
+}
+
+
 def clamping_claims(verdict: pl.DataFrame, site: str) -> list[dict]:
+    """The clamping claims at the headline site, over its real concepts (clamping/verdict.parquet): each
+    feature selection against each baseline at equal KL, and beyond the placebo concepts, each by its
+    Bonferroni interval over the site's tests (a hierarchical bootstrap over concepts and prompts); and
+    the share of concepts moved monotonically against one half."""
     rows = []
-    at_site = verdict.filter(pl.col("site") == site)
-    for row in at_site.filter(pl.col("statistic") == "mean_difference").iter_rows(named=True):
-        rows.append(claim(f"clamping.{site}.{row['feature_selection']}_feature_beats_{row['baseline']}",
-                          f"the {row['feature_selection']}-selected feature at {site} moves its concept more than the "
-                          f"{row['baseline']} at KL 0.1 ({row['n_concepts']} concepts)",
-                          "mean difference of relative effects (nats)", row["value"], row["ci_low"], row["ci_high"],
-                          0.0, by_interval(row["ci_low"], row["ci_high"], 0.0), row["n_concepts"],
-                          against=f"the {row['baseline']} clamped for the same concept, at equal KL"))
+    at_site = verdict.filter((pl.col("site") == site) & (pl.col("concepts") == "real"))
+    tests = at_site.filter(pl.col("p_holm").is_not_null())
+    family = f"Bonferroni 95% interval over the site's {tests.height} tests, concepts and prompts resampled"
+    for row in tests.iter_rows(named=True):
+        selection, baseline = row["feature_selection"], row["baseline"]
+        if row["statistic"] == "mean_difference":
+            name = f"clamping.{site}.{selection}_feature_beats_{baseline}"
+            statement = (f"the {selection}-selected feature at {site} moves its concept more than "
+                         f"{BASELINE_DESCRIPTIONS[baseline]} at KL 0.1 ({row['n_concepts']} concepts; Holm p = "
+                         f"{row['p_holm']:.3g})")
+            statistic, against = (f"mean difference of relative effects (nats); {family}",
+                                  f"{BASELINE_DESCRIPTIONS[baseline]}, clamped for the same concept, at equal KL")
+        else:
+            name = f"clamping.{site}.{selection}_feature_beyond_placebo"
+            statement = (f"the {selection}-selected feature at {site} moves real concepts more than placebo concepts "
+                         f"at KL 0.1 ({row['n_concepts']} concepts; Holm p = {row['p_holm']:.3g})")
+            statistic, against = (f"mean relative effect, real minus placebo concepts (nats); {family}",
+                                  "placebo concepts: random frequency-matched word sets, selected and measured alike")
+        rows.append(claim(name, statement, statistic, row["value"], row["family_ci_low"], row["family_ci_high"], 0.0,
+                          by_interval(row["family_ci_low"], row["family_ci_high"], 0.0), row["n_concepts"],
+                          against=against))
     for row in at_site.filter(pl.col("statistic") == "monotone").iter_rows(named=True):
         rows.append(claim(f"clamping.{site}.{row['feature_selection']}_feature_monotone",
                           f"the {row['feature_selection']}-selected feature at {site} moves most concepts "

@@ -7,7 +7,9 @@ against baselines at the same site judged at equal damage.
 - **Concepts**: every lexicon category with at least `min_concept_tokens` unambiguous whole-word
   tokens (words its lexicon lists under at most `max_word_categories` categories, without the corpus's
   most frequent words); the named ones (`concepts`, and `word_lists` such as the default suspicion
-  list " scam", " fraud", ...) plus `lexicon_concepts` sampled with the seed at the headline SAE.
+  list " scam", " fraud", ...) plus `lexicon_concepts` sampled with the seed at the headline SAE, and
+  `placebo_concepts` placebos there: random word sets frequency-matched to the sampled concepts, which
+  go through everything below; their statistics are the null of the real concepts'.
 - **Units**: a unit reads a value from the site's activation and writes along one direction, and
   clamping sets the value: x + (v - read(x)) * write. An SAE feature reads f_j(x) and writes
   W_dec[j] (so the SAE's reconstruction error stays out of the edit: clamping to the current value
@@ -17,17 +19,22 @@ against baselines at the same site judged at equal damage.
   unit's maximum on the statistics tokens.
 - **Selection**, on the train split only: the input score of a feature is its concept specificity
   (share of its activation mass on the concept's tokens over their base rate, as in the
-  polysemanticity stage); the output score (Arad, Mueller and Belinkov 2025) is the concept's
-  relative gain when the unit is amplified to `output_strength` x its maximum on neutral train
-  prompts, measured for the `output_candidates` units with the largest direct logit effect (the
-  unit's write direction through the final norm and the unembedding). Baselines: the neuron with the
-  best output score, the input feature's best-correlated neuron, the difference-of-means vector, and
-  a random live feature.
+  polysemanticity stage; the same on the position before a concept token is reported beside it as
+  `next_input_score`, where the effect is read); the output score (Arad, Mueller and Belinkov 2025)
+  is the concept's relative gain when the unit is amplified to `output_strength` x its maximum on
+  neutral train prompts, measured for the `output_candidates` units with the largest direct logit
+  effect (the unit's write direction through the final norm and the unembedding). Baselines: the
+  neuron with the best output score, each selected feature's own best-correlated neuron, the
+  difference-of-means vector, and a pool of `random_pool` random live features (their mean, and the
+  best of them by the same output score: the output selection's own selection effect).
 - **Measurement**, on held-out prompts (corpus windows of `prompt_tokens` tokens cut before a word):
-  the unit is clamped at the position whose next token is read, every strength; per row the change
-  in log-probability of the concept's tokens minus that of frequency-matched control tokens, and the
-  KL from the clean distribution. Earlier positions are clean, so every row reuses the prompt's clean
-  key-value cache and runs one token through the model instead of the whole window.
+  the unit is clamped at the position whose next token is read; per row the change in log-probability
+  of the concept's tokens minus that of frequency-matched control tokens, and the KL from the clean
+  distribution. Every unit is measured at the probe `strengths`, then at strengths aimed at each of
+  `kl_targets` from its probe KL, so that its measured points bracket the KL levels at which units are
+  compared (a level no two points bracket gives NaN). A unit serving several concepts is measured once
+  and read for each. Earlier positions are clean, so every row reuses the prompt's clean key-value
+  cache and runs one token through the model instead of the whole window.
 - **Continuations** of the hand-written prompts, with the named concepts' input- and output-selected
   features clamped at every position (BOS excepted), are scored by their perplexity under the clean model.
 
@@ -62,6 +69,9 @@ from mechinterp.sites import Site
 from mechinterp.tokens import split_rows
 
 log = logging.getLogger(__name__)
+# the random pool at the sites clamped with the named concepts only: their cross-concept verdicts are
+# reported, not audited (too few concepts), and each pool member costs a unit's measurement
+OTHER_SITES_RANDOM_POOL = 4
 
 
 @dataclass(frozen=True)
@@ -97,9 +107,21 @@ class ClampingSettings:
     output_candidates: int
     """units per concept, by direct logit effect, whose output score is measured"""
     strengths: list[float]
-    """clamp values as multiples of the unit's maximum (0 ablates; negative pushes against the unit)"""
+    """clamp values (x the unit's maximum) measured for every unit (0 ablates; negative pushes against the
+    unit); the largest positive and the most negative probe the unit's KL for `kl_targets`"""
+    kl_targets: list[float]
+    """KL (nats) each unit's extra strengths aim at, raising and lowering (KL taken to grow as strength^2
+    from the probe), so that its measured points bracket every KL level"""
+    max_strength: float
+    """the largest |strength| an aimed strength may take"""
     kl_levels: list[float]
-    """KL (nats) at which effects are read off the effect-against-damage curve"""
+    """KL (nats) at which effects are read off the effect-against-damage curve, between the measured points
+    that bracket them (NaN where none do)"""
+    random_pool: int
+    """random live features per site, measured once and read for every concept: the random baselines"""
+    placebo_concepts: int
+    """random word sets, frequency-matched to sampled concepts, run through the same selection and measurement
+    at the headline SAE: the null of every cross-concept statistic"""
     monotone_threshold: float
     """a unit moves its concept monotonically when Spearman(strength, effect) reaches this"""
     bootstrap_samples: int
@@ -108,10 +130,17 @@ class ClampingSettings:
     """clamped rows per forward pass"""
     prompts: list[str]
     """hand-written prompts for the continuations"""
+    continuation_strengths: list[float]
+    """clamp values (x the unit's maximum) of the continuations"""
     continuation_prompts: int
     """the first this many hand prompts are continued at every strength for the named concepts"""
     new_tokens: int
     """tokens generated per continuation"""
+
+    def __post_init__(self) -> None:
+        if not (min(self.strengths) < 0 < max(self.strengths)):
+            raise UserError(f"clamping.strengths is {self.strengths}: it needs a negative and a positive strength, "
+                            "the probes from which each unit's strengths are aimed at clamping.kl_targets (e.g. [-1, 0, 1]).")
 
 
 # --- concepts -------------------------------------------------------------------------------------
@@ -231,6 +260,34 @@ def frequency_matched(concept_ids: list[int], candidate_ids: list[int], counts: 
 
 
 # --- prompts --------------------------------------------------------------------------------------
+
+def placebo_sets(models: list[list[int]], candidate_ids: list[int], present: np.ndarray, counts: np.ndarray, n: int,
+                 seed: int, nearest: int = 20) -> dict[str, list[int]]:
+    """`n` placebo concepts `placebo:<i>`: random sets of whole-word tokens, each frequency-matched to a
+    model concept's tokens (`models`, cycled): every model token is replaced by one of the `nearest`
+    unused candidates closest to it in log corpus count, drawn at random. Candidates are the words in
+    no model concept that occur in the statistics tokens (`present` [vocab] bool), so input scores
+    exist; the placebos share no token."""
+    rng = np.random.default_rng(seed)
+    taken = {t for ids in models for t in ids}
+    pool = np.array(sorted(t for t in set(candidate_ids) - taken if present[t]), dtype=np.int64)
+    log_count = np.log1p(counts[pool].astype(float))
+    unused = np.ones(len(pool), dtype=bool)
+    placebos = {}
+    for i in range(n):
+        picked = []
+        for token in models[i % len(models)]:
+            free = np.flatnonzero(unused)
+            if len(free) == 0:
+                raise UserError(f"clamping.placebo_concepts = {n}: the corpus has too few unused words for "
+                                f"placebo {i}; lower it.")
+            near = free[np.argsort(np.abs(log_count[free] - np.log1p(counts[token])), kind="stable")[:nearest]]
+            pick = int(rng.choice(near))
+            unused[pick] = False
+            picked.append(int(pool[pick]))
+        placebos[f"placebo:{i:02d}"] = sorted(picked)
+    return placebos
+
 
 def boundary_prompts(windows: np.ndarray, word_start: np.ndarray, n: int, length: int, seed: int) -> np.ndarray:
     """`n` prompts [n, length] from distinct windows [n_windows, context]: the window's BOS, then the
@@ -458,33 +515,59 @@ def log_mass(log_probs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return log_probs[..., token_ids].logsumexp(-1)
 
 
-def measure(step: ClampedNextToken, units: Units, strengths: list[float], concept_ids: list[list[int]],
-            control_ids: list[list[int]], desc: str) -> dict[str, np.ndarray]:
-    """For each unit g (concept tokens `concept_ids[g]`) at each strength, on every prompt: the change
-    in log-probability of its concept's tokens and of its control tokens, and KL(clean || clamped).
-    Arrays [G, S, P]; the unit's top next token [G, S, P]."""
-    n_units, n_strengths, n_prompts = len(units), len(strengths), len(step.prompts)
+def measure(step: ClampedNextToken, units: Units, strengths: torch.Tensor, token_sets: list[tuple[list[int], list[int]]],
+            desc: str) -> dict[str, np.ndarray]:
+    """Each unit g clamped at each of its strengths `strengths` [G, S] (x its maximum), on every prompt:
+    the change in log-probability of every token set's concept tokens and of its control tokens
+    [G, S, P, C] (C = len(token_sets)), KL(clean || clamped) and the top next token [G, S, P]. A clamped
+    forward is read for every set, so a unit is measured once for all its concepts.
+
+    >>> measured = measure(step, units, torch.tensor([[-1.0, 1.0]] * len(units)), [(concept, control)], "units")  # doctest: +SKIP
+    >>> measured["concept"].shape  # [G, 2, P, 1]   # doctest: +SKIP
+    """
+    n_units, n_strengths = strengths.shape
+    n_prompts, n_sets = len(step.prompts), len(token_sets)
     grid = torch.arange(n_units).repeat_interleave(n_strengths)  # unit-major, then strength
-    values = torch.tensor(strengths, dtype=torch.float32).repeat(n_units) * units.scale[grid]
-    out = {k: np.zeros((n_units * n_strengths, n_prompts)) for k in ("concept", "control", "kl")}
-    out["top_token"] = np.zeros((n_units * n_strengths, n_prompts), dtype=np.int64)
+    values = strengths.reshape(-1).float() * units.scale[grid]
+    id_sets = {"concept": [torch.tensor(c) for c, _ in token_sets], "control": [torch.tensor(c) for _, c in token_sets]}
     clean = step.clean
     clean_probs = clean.exp()
-    masses = {}
+    clean_mass = {k: torch.stack([log_mass(clean, ids) for ids in sets], -1) for k, sets in id_sets.items()}  # [P, C]
+    out = {k: np.zeros((n_units * n_strengths, n_prompts, n_sets)) for k in id_sets}
+    out["kl"] = np.zeros((n_units * n_strengths, n_prompts))
+    out["top_token"] = np.zeros((n_units * n_strengths, n_prompts), dtype=np.int64)
     for start, log_probs in tqdm(step.batches(units.take(grid), values), desc=desc, unit="batch",
                                  total=-(-len(grid) // step.batch_units)):
-        for offset in range(len(log_probs)):
-            row, unit = start + offset, int(grid[start + offset])
-            if unit not in masses:
-                ids = (torch.tensor(concept_ids[unit]), torch.tensor(control_ids[unit]))
-                masses[unit] = ids, (log_mass(clean, ids[0]), log_mass(clean, ids[1]))
-            (concept, control), (clean_concept, clean_control) = masses[unit]
-            lp = log_probs[offset]
-            out["concept"][row] = (log_mass(lp, concept) - clean_concept).double().numpy()
-            out["control"][row] = (log_mass(lp, control) - clean_control).double().numpy()
-            out["kl"][row] = (clean_probs * (clean - lp)).sum(-1).clamp_min(0).double().numpy()
-            out["top_token"][row] = lp.argmax(-1).numpy()
-    return {k: v.reshape(n_units, n_strengths, n_prompts) for k, v in out.items()}
+        rows = slice(start, start + len(log_probs))
+        for k, sets in id_sets.items():
+            mass = torch.stack([log_mass(log_probs, ids) for ids in sets], -1)  # [g, P, C]
+            out[k][rows] = (mass - clean_mass[k]).double().numpy()
+        out["kl"][rows] = (clean_probs * (clean - log_probs)).sum(-1).clamp_min(0).double().numpy()
+        out["top_token"][rows] = log_probs.argmax(-1).numpy()
+    return {k: v.reshape(n_units, n_strengths, *v.shape[1:]) for k, v in out.items()}
+
+
+def bracketing_strengths(probe: list[float], probe_kl: np.ndarray, targets: list[float], max_strength: float
+                         ) -> np.ndarray:
+    """Per unit, strengths [G, 2T] aimed at each KL target raising and lowering it (raising first), from
+    its mean KL at the probe strengths `probe_kl` [G, len(probe)]: s = s_probe * sqrt(target / KL_probe),
+    with s_probe the largest positive (the most negative) probe strength, so KL is taken to grow as
+    strength^2 (a unit's measured KL, not this law, decides what its points bracket); |s| is at most
+    `max_strength`, which a unit with no KL at the probe gets.
+
+    >>> bracketing_strengths([-1.0, 0.0, 1.0], np.array([[0.4, 0.0, 0.1]]), [0.025, 0.4], 32.0).tolist()
+    [[0.5, 2.0, -0.25, -1.0]]
+    """
+    probe = np.asarray(probe, dtype=float)
+    targets = np.asarray(targets, dtype=float)
+    columns = []
+    for sign in (1.0, -1.0):
+        side = np.flatnonzero(probe * sign > 0)
+        at = side[np.argmax(np.abs(probe[side]))]
+        kl = probe_kl[:, at, None]
+        ratio = np.divide(targets[None], kl, out=np.full((len(kl), len(targets)), np.inf), where=kl > 0)
+        columns.append(sign * np.minimum(abs(probe[at]) * np.sqrt(ratio), max_strength))
+    return np.concatenate(columns, 1)
 
 
 # --- statistics of a site on the train split ------------------------------------------------------
@@ -495,7 +578,8 @@ class SiteStatistics:
 
     feature_max: torch.Tensor  # [F] largest activation of each SAE feature
     feature_active: torch.Tensor  # [F] tokens on which it is positive
-    input_score: torch.Tensor  # [C, F] concept specificity, -inf where ineligible
+    input_score: torch.Tensor  # [C, F] concept specificity on the current token, -inf where ineligible
+    next_input_score: torch.Tensor  # [C, F] the same on the position before a concept token, -inf where ineligible
     neuron_max: torch.Tensor  # [N] largest activation of each site unit (neuron or residual dimension)
     neuron_active: torch.Tensor  # [N]
     diffmean: torch.Tensor  # [C, d] unit-norm mean before the concept's tokens minus elsewhere
@@ -507,8 +591,9 @@ def site_statistics(cache: ActivationCache, rows: np.ndarray, token_ids: np.ndar
                     concepts: list[list[int]], sae: SparseAutoencoder, outlier_threshold: float,
                     min_active: int, min_concept_words: int, chunk: int = 4096) -> SiteStatistics:
     """Two reads of cache `rows` (current tokens `token_ids`, next tokens `next_ids`, -1 at a window's
-    end): the first for feature and unit maxima, input scores and difference-of-means vectors, the
-    second for the largest projection onto each vector."""
+    end): the first for feature and unit maxima, input scores (on the current token, and on the next
+    token: where the difference-of-means vector and the effect are read) and difference-of-means
+    vectors, the second for the largest projection onto each vector."""
     vocab = int(max(token_ids.max(), next_ids.max(), max(max(c) for c in concepts))) + 1
     membership = torch.zeros(vocab + 1, len(concepts))  # last row: no token
     for c, ids in enumerate(concepts):
@@ -518,6 +603,7 @@ def site_statistics(cache: ActivationCache, rows: np.ndarray, token_ids: np.ndar
     word_index[words] = torch.arange(len(words))
     f_max, f_active = torch.full((sae.d_sae,), -torch.inf), torch.zeros(sae.d_sae)
     f_mass, f_concept = torch.zeros(sae.d_sae), torch.zeros(len(concepts), sae.d_sae)
+    f_next_concept = torch.zeros(len(concepts), sae.d_sae)
     word_active = torch.zeros(len(words) + 1, sae.d_sae)
     width = cache.header["shape"][1]
     n_max, n_active = torch.full((width,), -torch.inf), torch.zeros(width)
@@ -539,6 +625,7 @@ def site_statistics(cache: ActivationCache, rows: np.ndarray, token_ids: np.ndar
         word_active.index_add_(0, word_index[current], (z > 0).float())
         n_max, n_active = torch.maximum(n_max, x.max(0).values), n_active + (x > 0).sum(0)
         before = membership[following]
+        f_next_concept += before.T @ positive
         before_sum += before.T.double() @ x.double()
         before_n += before.sum(0)
         all_sum += x.double().sum(0)
@@ -550,9 +637,12 @@ def site_statistics(cache: ActivationCache, rows: np.ndarray, token_ids: np.ndar
     d_max = torch.full((len(concepts),), -torch.inf)
     for _, x in cache.chunks(np.concatenate(kept_rows), chunk):
         d_max = torch.maximum(d_max, (x @ direction.T).max(0).values)
-    base = (concept_rows / max(n_rows, 1))[:, None]
-    share = f_concept / f_mass.clamp_min(torch.finfo(torch.float32).tiny)
-    specificity = (share - base) / (1 - base).clamp_min(1e-9)
+    mass = f_mass.clamp_min(torch.finfo(torch.float32).tiny)
+
+    def specificity(on_concept: torch.Tensor, concept_share: torch.Tensor) -> torch.Tensor:
+        base = concept_share[:, None]
+        return (on_concept / mass - base) / (1 - base).clamp_min(1e-9)
+
     concept_words = torch.zeros(len(concepts), len(words) + 1)
     for c, ids in enumerate(concepts):
         concept_words[c, word_index[ids]] = 1
@@ -562,8 +652,10 @@ def site_statistics(cache: ActivationCache, rows: np.ndarray, token_ids: np.ndar
     frequent = (f_active >= min_active)[None]
     reached = (words_active * frequent).max(1, keepdim=True).values.clamp(min=1)
     eligible = frequent & (words_active >= torch.minimum(reached, torch.tensor(float(min_concept_words))))
-    return SiteStatistics(f_max, f_active, specificity.masked_fill(~eligible, -torch.inf), n_max, n_active,
-                          direction, d_max)
+    rows = max(n_rows, 1)
+    return SiteStatistics(f_max, f_active, specificity(f_concept, concept_rows / rows).masked_fill(~eligible, -torch.inf),
+                          specificity(f_next_concept, before_n / rows).masked_fill(~eligible, -torch.inf),
+                          n_max, n_active, direction, d_max)
 
 
 # --- direct logit effects and the choice of units -------------------------------------------------
@@ -608,15 +700,26 @@ def final_residual(parts: ModelParts, prompts: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Chosen:
-    """One clamped unit: what it is, how it was chosen, and its scores."""
+    """One clamped unit of one concept: what it is, how it was chosen, and its scores."""
 
     concept: str
     unit_kind: str  # feature, neuron, correlated_neuron, diffmean, random
-    selection: str  # input, output, or "" for the baselines chosen by rule
+    selection: str  # input, output, or "" for a baseline chosen by rule; pool for a random feature
     unit: int  # feature or neuron index; the concept's index for diffmean
-    input_score: float
+    input_score: float  # concept specificity on the current token (the input selection's score)
+    next_input_score: float  # concept specificity on the position before a concept token
     output_score: float
     direct_logit_effect: float
+
+    @property
+    def space(self) -> tuple[str, int]:
+        """The unit's identity at its site: the same feature or neuron chosen for two concepts is one unit."""
+        return unit_space(self.unit_kind), self.unit
+
+
+def unit_space(unit_kind: str) -> str:
+    """What a kind of unit clamps: an SAE `feature`, a site coordinate (`neuron`) or a `diffmean` vector."""
+    return {"random": "feature", "correlated_neuron": "neuron"}.get(unit_kind, unit_kind)
 
 
 def sae_units(sae: SparseAutoencoder, features: torch.Tensor, scales: torch.Tensor) -> Units:
@@ -632,25 +735,48 @@ def concat_units(parts: list[Units]) -> Units:
     return Units(*(torch.cat([getattr(u, f) for u in parts]) for f in ("sae_index", "read", "write", "scale")))
 
 
+def site_units(spaces: list[tuple[str, int]], sae: SparseAutoencoder, stats: SiteStatistics) -> Units:
+    """The Units of distinct (kind, index) identities: SAE features, site coordinates (neurons or residual
+    dimensions) and difference-of-means vectors (index: the concept's)."""
+    width = stats.neuron_max.numel()
+    parts = []
+    for kind, index in spaces:
+        i = torch.tensor([index])
+        if kind == "feature":
+            parts.append(sae_units(sae, i, stats.feature_max[i]))
+        elif kind == "neuron":
+            parts.append(coordinate_units(width, i, stats.neuron_max[i]))
+        else:
+            parts.append(Units(torch.tensor([-1]), stats.diffmean[i], stats.diffmean[i], stats.diffmean_max[i]))
+    return concat_units(parts)
+
+
 def choose_units(parts: ModelParts, site: Site, sae: SparseAutoencoder, stats: SiteStatistics, concepts: list[str],
                  concept_sets: list[list[int]], control_sets: list[list[int]], correlated: dict[int, int],
-                 selection_step: ClampedNextToken, reference: torch.Tensor, settings: ClampingSettings, seed: int
-                 ) -> tuple[list[Chosen], Units, pl.DataFrame]:
+                 selection_step: ClampedNextToken, reference: torch.Tensor, settings: ClampingSettings, seed: int,
+                 random_pool: int) -> tuple[list[Chosen], pl.DataFrame]:
     """Per concept: the feature with the best input score, the feature and the neuron with the best
-    output score (among the `output_candidates` with the largest direct logit effect), the input
-    feature's best-correlated neuron, the difference-of-means vector and a random live feature.
-    Also every selection score computed (`selection_scores`)."""
+    output score (among the `output_candidates` with the largest direct logit effect), each selected
+    feature's best-correlated neuron, the difference-of-means vector, and the site's pool of
+    `random_pool` random live features (the same for every concept, each with its output score for the
+    concept, so the best of them is the output selection's own control). Also every selection score
+    computed (`selection_scores`)."""
     rng = np.random.default_rng(seed)
     alive_features = torch.nonzero(stats.feature_active > 0).squeeze(1)
     alive_neurons = torch.nonzero(stats.neuron_active > 0).squeeze(1)
     width = stats.neuron_max.numel()
-    chosen, units, measured = [], [], []
+    token_sets = list(zip(concept_sets, control_sets, strict=True))
     with torch.no_grad():
         normed_features = normed_directions(parts, site, sae.W_dec[alive_features], stats.feature_max[alive_features],
                                             reference)
         normed_neurons = normed_directions(parts, site, torch.eye(width)[alive_neurons], stats.neuron_max[alive_neurons],
                                            reference)
         normed_diffmean = normed_directions(parts, site, stats.diffmean, stats.diffmean_max, reference)
+    pool = np.sort(rng.choice(alive_features.numpy(), min(random_pool, len(alive_features)), replace=False))
+    pool_scored = measure(selection_step, sae_units(sae, torch.from_numpy(pool), stats.feature_max[pool]),
+                          torch.full((len(pool), 1), settings.output_strength), token_sets, desc="random pool output scores")
+    pool_output = (pool_scored["concept"] - pool_scored["control"])[:, 0].mean(1)  # [R, C]
+    chosen, measured = [], []
     for c, concept in enumerate(tqdm(concepts, desc=f"choosing units at {site.id}", unit="concept")):
         feature_effect = direct_logit_effects(parts, normed_features, concept_sets[c], control_sets[c])
         neuron_effect = direct_logit_effects(parts, normed_neurons, concept_sets[c], control_sets[c])
@@ -660,45 +786,38 @@ def choose_units(parts: ModelParts, site: Site, sae: SparseAutoencoder, stats: S
         neuron_candidates = alive_neurons[neuron_effect.topk(min(k, len(alive_neurons))).indices]
         candidates = concat_units([sae_units(sae, feature_candidates, stats.feature_max[feature_candidates]),
                                    coordinate_units(width, neuron_candidates, stats.neuron_max[neuron_candidates])])
-        scored = measure(selection_step, candidates, [settings.output_strength], [concept_sets[c]] * len(candidates),
-                         [control_sets[c]] * len(candidates), desc="output scores")
-        output = (scored["concept"] - scored["control"])[:, 0].mean(1)
-        effect_of = dict(zip(alive_features.tolist(), feature_effect.tolist(), strict=True))
-        neuron_effect_of = dict(zip(alive_neurons.tolist(), neuron_effect.tolist(), strict=True))
+        scored = measure(selection_step, candidates, torch.full((len(candidates), 1), settings.output_strength),
+                         [token_sets[c]], desc="output scores")
+        output = (scored["concept"] - scored["control"])[:, 0, :, 0].mean(1)
+        effect_of = {"feature": dict(zip(alive_features.tolist(), feature_effect.tolist(), strict=True)),
+                     "neuron": dict(zip(alive_neurons.tolist(), neuron_effect.tolist(), strict=True)),
+                     "diffmean": {c: float(diffmean_effect[c].detach())}}
         n_f = len(feature_candidates)
-        best_f, best_n = int(np.argmax(output[:n_f])), int(np.argmax(output[n_f:]))
         input_feature = int(stats.input_score[c].argmax())
         if not torch.isfinite(stats.input_score[c, input_feature]):
             raise UserError(f"clamping: no feature of {site.id} is active on clamping.min_concept_words = "
                             f"{settings.min_concept_words} words of {concept!r} in the statistics tokens; lower "
                             "clamping.min_concept_words or raise clamping.statistics_tokens.")
-        neuron = correlated[input_feature]
-        pool = sorted(set(alive_features.tolist()) - {input_feature, int(feature_candidates[best_f])})
-        random_feature = int(rng.choice(pool))
-        output_of = {("f", int(u)): float(s) for u, s in zip(feature_candidates, output[:n_f], strict=True)}
-        output_of.update({("n", int(u)): float(s) for u, s in zip(neuron_candidates, output[n_f:], strict=True)})
-        measured += [{"concept": concept, "unit_kind": "feature" if space == "f" else "neuron", "unit": unit,
-                      "output_score": score,
-                      "direct_logit_effect": (effect_of if space == "f" else neuron_effect_of)[unit]}
-                     for (space, unit), score in output_of.items()]
-        rows = [("feature", "input", input_feature, "f"), ("feature", "output", int(feature_candidates[best_f]), "f"),
-                ("neuron", "output", int(neuron_candidates[best_n]), "n"), ("correlated_neuron", "", neuron, "n"),
-                ("diffmean", "", c, "d"), ("random", "", random_feature, "f")]
-        for kind, selection, unit, space in rows:
-            effect = (effect_of.get(unit) if space == "f" else neuron_effect_of.get(unit) if space == "n" else
-                      float(diffmean_effect[c].detach()))
-            score = float(stats.input_score[c, unit]) if space == "f" else float("nan")
-            chosen.append(Chosen(concept, kind, selection, unit, score if np.isfinite(score) else float("nan"),
+        output_feature = int(feature_candidates[int(np.argmax(output[:n_f]))])
+        output_neuron = int(neuron_candidates[int(np.argmax(output[n_f:]))])
+        output_of = {("feature", int(u)): float(v) for u, v in zip(feature_candidates, output[:n_f], strict=True)}
+        output_of.update({("neuron", int(u)): float(v) for u, v in zip(neuron_candidates, output[n_f:], strict=True)})
+        output_of.update({("feature", int(u)): float(v) for u, v in zip(pool, pool_output[:, c], strict=True)})
+        measured += [{"concept": concept, "unit_kind": space, "unit": unit, "output_score": score,
+                      "direct_logit_effect": effect_of[space][unit]} for (space, unit), score in output_of.items()]
+        rows = [("feature", "input", input_feature), ("feature", "output", output_feature),
+                ("neuron", "output", output_neuron), ("correlated_neuron", "input", correlated[input_feature]),
+                ("correlated_neuron", "output", correlated[output_feature]), ("diffmean", "", c),
+                *(("random", clamping_stats.POOL, int(f)) for f in pool)]
+        for kind, selection, unit in rows:
+            space = unit_space(kind)
+            inputs = ((stats.input_score[c, unit], stats.next_input_score[c, unit]) if space == "feature"
+                      else (torch.tensor(-torch.inf),) * 2)  # only features have input scores
+            chosen.append(Chosen(concept, kind, selection, unit, *(float(v) if torch.isfinite(v) else float("nan")
+                                                                  for v in inputs),
                                  output_of.get((space, unit), float("nan")),
-                                 float(effect) if effect is not None else float("nan")))
-        units.append(concat_units([
-            sae_units(sae, torch.tensor([input_feature, int(feature_candidates[best_f])]),
-                      stats.feature_max[[input_feature, int(feature_candidates[best_f])]]),
-            coordinate_units(width, torch.tensor([int(neuron_candidates[best_n]), neuron]),
-                             stats.neuron_max[[int(neuron_candidates[best_n]), neuron]]),
-            Units(torch.tensor([-1]), stats.diffmean[c : c + 1], stats.diffmean[c : c + 1], stats.diffmean_max[c : c + 1]),
-            sae_units(sae, torch.tensor([random_feature]), stats.feature_max[[random_feature]])]))
-    return chosen, concat_units(units), selection_scores(stats.input_score, concepts, measured)
+                                 float(effect_of[space].get(unit, float("nan")))))
+    return chosen, selection_scores(stats.input_score, concepts, measured)
 
 
 def selection_scores(input_score: torch.Tensor, concepts: list[str], measured: list[dict], best: int = 3
@@ -795,10 +914,11 @@ class StatisticsTokens:
 
 def run_site(parts: ModelParts, inputs: SiteInputs, concepts: list[str], token_sets: dict[str, list[int]],
              controls: dict[str, list[int]], statistics: StatisticsTokens, units_table: pl.DataFrame,
-             selection_prompts: torch.Tensor, measure_prompts: torch.Tensor, settings: ClampingSettings, seed: int
-             ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+             selection_prompts: torch.Tensor, measure_prompts: torch.Tensor, settings: ClampingSettings, seed: int,
+             random_pool: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Choose and measure every unit of every concept at one site: the targets, effects and selection
-    scores tables."""
+    scores tables. Each distinct unit is measured once, at the probe strengths and then at strengths
+    aimed at the KL targets from its probe KL, and read for every concept it serves."""
     site, sae = inputs.site, inputs.sae
     concept_sets = [token_sets[c] for c in concepts]
     control_sets = [controls[c] for c in concepts]
@@ -812,28 +932,39 @@ def run_site(parts: ModelParts, inputs: SiteInputs, concepts: list[str], token_s
     selection_step = ClampedNextToken(parts, selection_prompts, site, sae, settings.batch_rows)
     reference = final_residual(parts, selection_prompts)
     started = time.perf_counter()
-    chosen, units, scores = choose_units(parts, site, sae, stats, concepts, concept_sets, control_sets, correlated,
-                                         selection_step, reference, settings, seed)
-    log.info("%s: %d units chosen for %d concepts in %.1f s", site.id, len(units), len(concepts),
-             time.perf_counter() - started)
+    chosen, scores = choose_units(parts, site, sae, stats, concepts, concept_sets, control_sets, correlated,
+                                  selection_step, reference, settings, seed, random_pool)
+    spaces = list(dict.fromkeys(c.space for c in chosen))
+    log.info("%s: %d units (%d distinct) chosen for %d concepts in %.1f s", site.id, len(chosen), len(spaces),
+             len(concepts), time.perf_counter() - started)
     started = time.perf_counter()
+    units = site_units(spaces, sae, stats)
     step = ClampedNextToken(parts, measure_prompts, site, sae, settings.batch_rows)
-    per_unit_concepts = [token_sets[c.concept] for c in chosen]
-    per_unit_controls = [control_sets[concepts.index(c.concept)] for c in chosen]
-    measured = measure(step, units, settings.strengths, per_unit_concepts, per_unit_controls, desc=f"clamping {site.id}")
+    token_set_pairs = list(zip(concept_sets, control_sets, strict=True))
+    probe = torch.tensor(settings.strengths, dtype=torch.float64).repeat(len(units), 1)
+    probed = measure(step, units, probe, token_set_pairs, desc=f"clamping {site.id} (probe)")
+    aimed = torch.from_numpy(bracketing_strengths(settings.strengths, probed["kl"].mean(2), settings.kl_targets,
+                                                  settings.max_strength))
+    measured = measure(step, units, aimed, token_set_pairs, desc=f"clamping {site.id} (aimed at the KL targets)")
+    measured = {k: np.concatenate([probed[k], measured[k]], 1) for k in measured}
+    strengths = torch.cat([probe, aimed], 1).numpy()
     n_units, n_strengths, n_prompts = measured["kl"].shape
     seconds = time.perf_counter() - started
     log.info("%s: %d clamped rows in %.1f s (%.0f rows/s)", site.id, n_units * n_strengths * n_prompts, seconds,
              n_units * n_strengths * n_prompts / seconds)
-    unit_index = np.repeat(np.arange(n_units), n_strengths * n_prompts)
+    unit_of = np.array([spaces.index(c.space) for c in chosen])
+    concept_of = np.array([concepts.index(c.concept) for c in chosen])
     chosen_table = pl.DataFrame([asdict(c) for c in chosen]).with_columns(
         site=pl.lit(site.id), layer=pl.lit(site.layer), sae=pl.lit(inputs.sae_id),
-        max_activation=units.scale.double().numpy(), n_concept_tokens=pl.Series([len(s) for s in per_unit_concepts]))
+        max_activation=units.scale[unit_of].double().numpy(),
+        n_concept_tokens=pl.Series([len(concept_sets[c]) for c in concept_of]))
     effects = pl.DataFrame({
-        "unit_row": unit_index, "strength": np.tile(np.repeat(np.asarray(settings.strengths, float), n_prompts), n_units),
-        "prompt": np.tile(np.arange(n_prompts), n_units * n_strengths),
-        "concept_logprob_change": measured["concept"].ravel(), "control_logprob_change": measured["control"].ravel(),
-        "kl": measured["kl"].ravel(), "top_token_id": measured["top_token"].ravel()})
+        "unit_row": np.repeat(np.arange(len(chosen)), n_strengths * n_prompts),
+        "strength": np.repeat(strengths[unit_of], n_prompts, axis=1).ravel(),
+        "prompt": np.tile(np.arange(n_prompts), len(chosen) * n_strengths),
+        "concept_logprob_change": measured["concept"][unit_of, :, :, concept_of].ravel(),
+        "control_logprob_change": measured["control"][unit_of, :, :, concept_of].ravel(),
+        "kl": measured["kl"][unit_of].ravel(), "top_token_id": measured["top_token"][unit_of].ravel()})
     effects = effects.with_columns(relative_effect=pl.col("concept_logprob_change") - pl.col("control_logprob_change"))
     keys = chosen_table.select("concept", "site", "layer", "unit_kind", "selection", "unit").with_row_index("unit_row")
     effects = keys.join(effects.with_columns(pl.col("unit_row").cast(pl.UInt32)), on="unit_row").drop("unit_row")
@@ -860,7 +991,10 @@ def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: p
     present[statistics.token_ids] = True
     named, sampled = choose_concepts(token_sets, present, settings, data_seed)
     all_words = sorted(t for ids in words.values() for t in ids)
-    controls = {c: frequency_matched(token_sets[c], all_words, counts, data_seed) for c in named + sampled}
+    placebos = placebo_sets([token_sets[c] for c in sampled or named], all_words, present, counts,
+                            settings.placebo_concepts, data_seed)
+    token_sets.update(placebos)
+    controls = {c: frequency_matched(token_sets[c], all_words, counts, data_seed) for c in [*named, *sampled, *placebos]}
     word_start = np.zeros(len(vocabulary), dtype=bool)
     word_start[[i for i, text in enumerate(vocabulary) if text.startswith(" ") and text[1:2].isalpha()]] = True
     from mechinterp.tokens import split_sequences
@@ -871,24 +1005,29 @@ def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: p
                                                         settings.measure_prompts, settings.prompt_tokens, seed))
     targets, effects, site_scores = [], [], []
     for inputs in sites:
-        concepts = named + sampled if inputs.sae_id == settings.sae else named
+        headline = inputs.sae_id == settings.sae
+        concepts = [*named, *sampled, *placebos] if headline else named
         chosen, measured, scored = run_site(parts, inputs, concepts, token_sets, controls, statistics, units_table,
-                                            selection_prompts, measure_prompts, settings, seed)
+                                            selection_prompts, measure_prompts, settings, seed,
+                                            settings.random_pool if headline else OTHER_SITES_RANDOM_POOL)
         targets.append(chosen)
         effects.append(measured)
         site_scores.append(scored)
-    tokens_of = pl.DataFrame({"concept": named + sampled,
-                              "concept_tokens": [[vocabulary[t] for t in token_sets[c]] for c in named + sampled]})
-    targets_table = (pl.concat(targets).with_columns(named=pl.col("concept").is_in(named))
+    every = [*named, *sampled, *placebos]
+    tokens_of = pl.DataFrame({"concept": every, "concept_tokens": [[vocabulary[t] for t in token_sets[c]] for c in every]})
+    targets_table = (pl.concat(targets).with_columns(named=pl.col("concept").is_in(named),
+                                                     placebo=pl.col("concept").is_in(list(placebos)))
                      .join(tokens_of, on="concept", how="left", maintain_order="left"))
     effects_table = pl.concat(effects).with_columns(
         top_token=pl.col("top_token_id").replace_strict(dict(enumerate(vocabulary)), return_dtype=pl.Utf8))
     summary, samples = clamping_stats.summarise(effects_table, settings.kl_levels, settings.bootstrap_samples, seed)
-    summary = summary.join(targets_table.select(*clamping_stats.UNIT_KEYS, "layer", "sae", "input_score", "output_score",
-                                                "direct_logit_effect", "max_activation", "n_concept_tokens", "named"),
+    summary = summary.join(targets_table.select(*clamping_stats.UNIT_KEYS, "layer", "sae", "input_score",
+                                                "next_input_score", "output_score", "direct_logit_effect",
+                                                "max_activation", "n_concept_tokens", "named", "placebo"),
                            on=clamping_stats.UNIT_KEYS, how="left")
+    summary, samples = clamping_stats.pool_summary(summary, samples, settings.kl_levels)
     comparisons = clamping_stats.compare_to_baselines(summary, samples, clamping_stats.COMPARED_KL)
-    verdict = clamping_stats.verdict(summary, comparisons, settings.monotone_threshold, settings.bootstrap_samples, seed)
+    verdict = clamping_stats.verdict(summary, comparisons, samples, settings.monotone_threshold, seed)
     headline = next(s for s in sites if s.sae_id == settings.sae)
     continuation_rows = []
     for concept in named:
@@ -897,14 +1036,14 @@ def run_clamping(parts: ModelParts, tokenizer, sites: list[SiteInputs], table: p
                                        & (pl.col("unit_kind") == "feature")
                                        & (pl.col("selection") == selection)).row(0, named=True)
             unit = sae_units(headline.sae, torch.tensor([row["unit"]]), torch.tensor([row["max_activation"]]))
-            values = torch.tensor(settings.strengths, dtype=torch.float32) * row["max_activation"]
+            values = torch.tensor(settings.continuation_strengths, dtype=torch.float32) * row["max_activation"]
             for prompt_index, text in enumerate(settings.prompts[: settings.continuation_prompts]):
                 prompt = encode(tokenizer, text)
                 for mode in ("greedy", "sampled"):
                     sequences = continue_prompt(parts, headline.site, headline.sae, unit, values, prompt,
                                                 settings.new_tokens, mode == "sampled", seed)
                     scores = perplexity(parts, prompt, sequences)
-                    for strength, sequence, ppl in zip(settings.strengths, sequences, scores, strict=True):
+                    for strength, sequence, ppl in zip(settings.continuation_strengths, sequences, scores, strict=True):
                         continuation_rows.append({
                             "concept": concept, "site": headline.site.id, "selection": selection, "unit": row["unit"],
                             "prompt": prompt_index, "prompt_text": text, "mode": mode, "strength": float(strength),
@@ -951,7 +1090,8 @@ def main(argv: list[str] | None = None) -> None:
         write_parquet(frame, Path(args.out_dir) / f"{name}.parquet")
     rows = tables["effects"].height
     log.info("clamped %d units x %d strengths x %d prompts (%d rows) at %d sites in %.1f s",
-             tables["targets"].height, len(settings.strengths), settings.measure_prompts, rows, len(sites),
+             tables["targets"].height, len(settings.strengths) + 2 * len(settings.kl_targets), settings.measure_prompts,
+             rows, len(sites),
              time.perf_counter() - start)
     for row in tables["verdict"].filter(pl.col("site") == sites[0].site.id).iter_rows(named=True):
         log.info("verdict %s %s %s %s: %.3f [%.3f, %.3f] (n=%d)", row["site"], row["feature_selection"],

@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from mechinterp.clamping_stats import wilson_interval
+from mechinterp.intervals import wilson_interval
 from mechinterp.crosscoder import Layout, heldout_rows, load_crosscoder, open_stacked, site_thresholds
 from mechinterp.errors import UserError, run_stage
 from mechinterp.files import write_parquet

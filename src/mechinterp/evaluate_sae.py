@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from mechinterp.activations import ActivationCache
-from mechinterp.clamping_stats import percentile_ci
+from mechinterp.intervals import percentile_ci
 from mechinterp.errors import UserError, run_stage
 from mechinterp.files import write_parquet
 from mechinterp.saes import SparseAutoencoder, load_sae

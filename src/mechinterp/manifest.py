@@ -35,7 +35,7 @@ METRIC_TABLES = {
     "sae_eval/metrics.parquet": ["sae"],
     "polysemanticity/comparison.parquet": ["site", "sae", "baseline", "score"],
     "clamping/summary.parquet": ["concept", "site", "unit_kind", "selection"],
-    "clamping/verdict.parquet": ["site", "feature_selection", "statistic", "baseline"],
+    "clamping/verdict.parquet": ["site", "feature_selection", "concepts", "statistic", "baseline"],
     "claims.parquet": ["claim"],
 }
 CLAIMS_TABLE = "claims.parquet"  # its `verdict` is carried too: the audit compares the claims' verdicts

@@ -25,7 +25,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 UNIT_KIND_COLOURS = {
     "feature": "#0173b2", "feature (input)": "#0173b2", "feature (output)": "#de8f05",
     "neuron": "#029e73", "neuron (output)": "#029e73", "residual_dim": "#029e73",
-    "correlated_neuron": "#d55e00", "diffmean": "#cc78bc", "random": "#949494", "control": "#ca9161",
+    "correlated_neuron": "#d55e00", "correlated_neuron (input)": "#d55e00", "correlated_neuron (output)": "#fbafe4",
+    "diffmean": "#cc78bc", "random": "#949494", "random (pool)": "#949494", "random (pool_mean)": "#949494",
+    "best_random": "#56b4e9", "random (best_of_pool)": "#56b4e9", "control": "#ca9161",
 }
 
 

@@ -4,9 +4,9 @@ and what moved between them.
 
 - `spread.parquet`: per metric table, row and numeric column, the number of seeds, the mean, the
   standard deviation, min and max over seeds. The audit reads it to set each metric's tolerance.
-- `claims.parquet`: per claim, its verdict and value in each seed, and whether the verdict is
-  `stable` (the same in every seed). The audit checks a stable claim's verdict and an unstable
-  claim's statistic.
+- `claims.parquet`: per claim, its verdict, value and verdict margin in each seed, whether the
+  verdict is `stable` (the same in every seed), and its smallest margin. The audit checks a robust
+  claim's verdict (stable, its margin clear of the seeds' spread) and a fragile claim's statistic.
 
 Example (two seeds' tables, as `manifest.metric_rows` gives them):
 
@@ -71,24 +71,48 @@ def spread(tables_by_seed: dict[int, dict[str, list[dict[str, Any]]]]) -> pl.Dat
                                          "integer": pl.Boolean})
 
 
+def verdict_margin(row: dict[str, Any]) -> float:
+    """How far a claim's interval is from changing its verdict: the distance from the bound to the nearer
+    end of an interval that excludes it, or of either end to the bound when the interval straddles it;
+    for a claim without an interval, its value's distance from the bound.
+
+    >>> verdict_margin({"value": 0.5, "ci_low": 0.2, "ci_high": 0.8, "bound": 0.0})
+    0.2
+    >>> verdict_margin({"value": 0.1, "ci_low": -0.1, "ci_high": 0.3, "bound": 0.0})
+    0.1
+    """
+    low, high, bound = row.get("ci_low"), row.get("ci_high"), row["bound"]
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return abs(row["value"] - bound)
+    if low > bound:
+        return low - bound
+    if high < bound:
+        return bound - high
+    return min(bound - low, high - bound)
+
+
 def claim_stability(claims_by_seed: dict[int, pl.DataFrame]) -> pl.DataFrame:
-    """Per claim: the seeds that have it, its verdict and value in each (lists in seed order),
-    `stable` (every seed has it, with one verdict) and `counts` (e.g. "holds 4, inconclusive 1")."""
+    """Per claim: the seeds that have it, its verdict, value and verdict margin (`verdict_margin`) in
+    each (lists in seed order), `stable` (every seed has it, with one verdict), `margin` (the smallest
+    margin over the seeds: the audit calls a stable claim robust when this exceeds a multiple of the
+    value's seed spread) and `counts` (e.g. "holds 4, inconclusive 1")."""
     seeds = sorted(claims_by_seed)
     found: dict[str, dict[str, list]] = {}
     for seed in seeds:
         for row in claims_by_seed[seed].iter_rows(named=True):
-            entry = found.setdefault(row["claim"], {"seeds": [], "verdicts": [], "values": []})
+            entry = found.setdefault(row["claim"], {"seeds": [], "verdicts": [], "values": [], "margins": []})
             entry["seeds"].append(seed)
             entry["verdicts"].append(row["verdict"])
             entry["values"].append(row["value"])
+            entry["margins"].append(verdict_margin(row))
     rows = []
     for name, entry in found.items():
         counts = Counter(entry["verdicts"]).most_common()
         rows.append({"claim": name, **entry, "stable": len(counts) == 1 and len(entry["seeds"]) == len(seeds),
-                     "counts": ", ".join(f"{verdict} {n}" for verdict, n in counts)})
+                     "margin": min(entry["margins"]), "counts": ", ".join(f"{verdict} {n}" for verdict, n in counts)})
     return pl.DataFrame(rows, schema={"claim": pl.Utf8, "seeds": pl.List(pl.Int64), "verdicts": pl.List(pl.Utf8),
-                                      "values": pl.List(pl.Float64), "stable": pl.Boolean, "counts": pl.Utf8})
+                                      "values": pl.List(pl.Float64), "margins": pl.List(pl.Float64),
+                                      "stable": pl.Boolean, "margin": pl.Float64, "counts": pl.Utf8})
 
 
 def replicate_tables(run_dir: Path, replicate_dirs: dict[int, str]) -> dict[int, dict[str, list[dict[str, Any]]]]:
