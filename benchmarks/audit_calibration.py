@@ -95,8 +95,10 @@ def main() -> None:
             caught = [not audited(fault(tables[rerun]), ref, settings).passed
                       for fault in (lambda t: broken_sae(t, headline), swapped_scores)]
             sd = Tolerances(ref.spread, settings).sd
-            robust = sum(claim_robustness(r, sd.get((CLAIMS_TABLE, json.dumps([r["claim"]]), "value"), 0.0))[0]
-                         for r in ref.claims.iter_rows(named=True))
+            reference_rows = {r["claim"]: r for r in tables[reference][CLAIMS_TABLE]}
+            robust = sum(claim_robustness(r, sd.get((CLAIMS_TABLE, json.dumps([r["claim"]]), "value"), 0.0),
+                                          reference_rows[r["claim"]])[0]
+                         for r in ref.claims.iter_rows(named=True) if r["claim"] in reference_rows)
             rows.append({"rerun": rerun, "reference": reference, "spread_multiple": multiple,
                          "claims_failed": result.counts["claims"][1] - result.counts["claims"][0],
                          "metrics_failed": result.counts["metrics"][1] - result.counts["metrics"][0],

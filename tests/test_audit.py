@@ -372,7 +372,7 @@ def test_a_stable_claim_is_audited_by_its_verdict_not_its_statistic():
     run["metrics"]["claims.parquet"][1] = claim("polysemanticity.resid1-topk", 0.9, "holds")  # reference 0.3
     result = audit(run, reference(), SETTINGS)
     assert result.passed, result.report()
-    assert any(line.startswith("OK     polysemanticity.resid1-topk") and "verdict matches (robust: holds 3, margin 0.2 > a new draw's 0)"
+    assert any(line.startswith("OK     polysemanticity.resid1-topk") and "verdict matches (robust: holds 3, margin 0.2 > its half-width (not replicated) 0.1)"
                in line for line in result.claims)
 
 
@@ -480,3 +480,22 @@ def test_p_values_and_matched_activity_comparisons_are_reported_not_audited():
     assert any(" n_neurons: 15 " in n and "matched activity bins" in n for n in result.notes)
     run["metrics"]["clamping/verdict.parquet"][0]["value"] = 5.0  # the statistic itself still is audited
     assert not audit(run, ref, SETTINGS).passed
+
+
+def test_a_claim_the_replicates_do_not_move_is_judged_by_its_own_interval():
+    """A claim from a stage the replicates do not rerun has one value in every seed: no measured spread. A retrain
+    elsewhere is taken to move it as much as its interval's half-width: clear of its bound by more, its verdict is
+    audited; closer, it is fragile and its statistic must stay within that half-width."""
+    seeds = seed_manifests()
+    for run in seeds.values():  # the same in every seed, 0.05 from its bound, half-width 0.1
+        run["metrics"]["claims.parquet"].append(claim("crosscoder.match", 0.15, "holds"))
+    ref = Reference(seeds[0], spread({s: m["metrics"] for s, m in seeds.items()}),
+                    claim_stability({s: pl.DataFrame(m["metrics"]["claims.parquet"]) for s, m in seeds.items()}))
+    near = seeds[1]
+    near["metrics"]["claims.parquet"][-1] = claim("crosscoder.match", 0.08, "inconclusive")
+    result = audit(near, ref, SETTINGS)
+    line = next(line for line in result.claims if "crosscoder.match" in line)
+    assert result.passed and "fragile: holds 3, margin 0.05 <= its half-width (not replicated) 0.1" in line, line
+    assert "statistic within 0.1 (its half-width (not replicated))" in line
+    near["metrics"]["claims.parquet"][-1] = claim("crosscoder.match", 0.3, "holds")
+    assert not audit(near, ref, SETTINGS).passed

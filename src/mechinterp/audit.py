@@ -314,18 +314,28 @@ def prediction_half_width(sd: float, n: int) -> float:
     return t * math.sqrt(1 + 1 / n) * sd
 
 
-def claim_robustness(seeds: dict[str, Any] | None, sd: float) -> tuple[bool, str]:
+def half_width(claim: dict[str, Any]) -> float:
+    """Half the width of a claims row's interval; 0 without one."""
+    low, high = claim.get("ci_low"), claim.get("ci_high")
+    return 0.0 if low is None or high is None or math.isnan(low) or math.isnan(high) else (high - low) / 2
+
+
+def claim_robustness(seeds: dict[str, Any] | None, sd: float, reference: dict[str, Any]) -> tuple[bool, str]:
     """Whether a claim's verdict is audited (robust) or its statistic (fragile), and why, from its row of the
-    reference's replicates/claims.parquet (None: the reference has no replicates, every verdict is audited)
-    and its statistic's standard deviation over the seeds."""
+    reference's replicates/claims.parquet (None: the reference has no replicates, every verdict is audited),
+    its statistic's standard deviation over the seeds and its `reference` claims row. A statistic the seeds
+    did not move (its stage is not rerun by the replicates: the lenses, the crosscoder, the toy model) has no
+    measured spread; a retrain elsewhere is taken to move it as much as its own interval's half-width."""
     if seeds is None:
         return True, "no replicates"
     if not seeds["stable"]:
         return False, f"fragile, unstable: {seeds['counts']}"
-    needed = prediction_half_width(sd, len(seeds["seeds"]))
+    replicated = sd > 0
+    needed = prediction_half_width(sd, len(seeds["seeds"])) if replicated else half_width(reference)
+    moved = "a new draw's" if replicated else "its half-width (not replicated)"
     if seeds["margin"] > needed:
-        return True, f"robust: {seeds['counts']}, margin {seeds['margin']:.3g} > a new draw's {needed:.3g}"
-    return False, f"fragile: {seeds['counts']}, margin {seeds['margin']:.3g} <= a new draw's {needed:.3g}"
+        return True, f"robust: {seeds['counts']}, margin {seeds['margin']:.3g} > {moved} {needed:.3g}"
+    return False, f"fragile: {seeds['counts']}, margin {seeds['margin']:.3g} <= {moved} {needed:.3g}"
 
 
 def audit_claims(manifest: dict[str, Any], reference: Reference, tolerances: Tolerances, result: AuditResult) -> None:
@@ -339,7 +349,8 @@ def audit_claims(manifest: dict[str, Any], reference: Reference, tolerances: Tol
         seeds = stability.get(name)
         reason = reported_only(CLAIMS_TABLE, ref, tolerances.settings)
         claim_row = row_id(CLAIMS_TABLE, ref)
-        robust, basis = claim_robustness(seeds, tolerances.sd.get((CLAIMS_TABLE, claim_row, "value"), 0.0))
+        sd = tolerances.sd.get((CLAIMS_TABLE, claim_row, "value"), 0.0)
+        robust, basis = claim_robustness(seeds, sd, ref)
         if row is None:
             ok, why = False, "missing from this run"
         elif robust:
@@ -347,6 +358,8 @@ def audit_claims(manifest: dict[str, Any], reference: Reference, tolerances: Tol
             why = f"verdict {'matches' if ok else 'differs'} ({basis})"
         else:
             tolerance, how = tolerances(CLAIMS_TABLE, claim_row, "value", ref["value"], False)
+            if not sd > 0 and half_width(ref) > tolerance:  # not replicated: its interval is the spread known
+                tolerance, how = half_width(ref), "its half-width (not replicated)"
             ok = _close(row["value"], ref["value"], tolerance, tolerances.nan_or_number(CLAIMS_TABLE, claim_row, "value"))
             why = f"{basis}: statistic {'within' if ok else 'outside'} {tolerance:.3g} ({how})"
         line = f"{name}: {_claim_text(ref)} | {_claim_text(row)}; {why}"
