@@ -171,15 +171,18 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     assert mono["ci_low"] <= mono["difference"] <= mono["ci_high"]
     for stem in ("score_distributions", "median_differences", "example_neuron", "example_feature",
                  *(f"../clamping/{name}" for name in ("effect_vs_strength", "effect_vs_kl", "baseline_differences",
-                                                      "by_site", "continuations"))):
+                                                      "by_site", "continuations", "effect_at_kl_levels",
+                                                      "bracketed_share", "placebo_concepts"))):
         assert (figures / "polysemanticity" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # clamping: every SAE site, six unit kinds per concept, the named suspicion list at every site
+    # clamping: every SAE site, each concept's selected units, their baselines and the random pool, the named
+    # suspicion list at every site, and two placebo concepts at the headline site
     targets = pl.read_parquet(results / "clamping" / "targets.parquet")
     assert set(targets["site"]) == {"resid3", "mlp3"}
     assert set(targets.select("unit_kind", "selection").iter_rows()) == {
-        ("feature", "input"), ("feature", "output"), ("neuron", "output"), ("correlated_neuron", ""),
-        ("diffmean", ""), ("random", "")}
-    assert targets.group_by("site").agg(pl.col("concept").n_unique()).sort("site").rows() == [("mlp3", 1), ("resid3", 3)]
+        ("feature", "input"), ("feature", "output"), ("neuron", "output"), ("correlated_neuron", "input"),
+        ("correlated_neuron", "output"), ("diffmean", ""), ("random", "pool")}
+    assert targets.group_by("site").agg(pl.col("concept").n_unique()).sort("site").rows() == [("mlp3", 1), ("resid3", 5)]
+    assert targets.filter(pl.col("placebo"))["concept"].unique().sort().to_list() == ["placebo:00", "placebo:01"]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(results / "model")
@@ -187,18 +190,24 @@ def test_smoke_run_end_to_end(smoke_run, tmp_path):
     for word in default["clamping"]["word_lists"]["suspicion"]:  # the study's example, in the real vocabulary
         assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
     effects = pl.read_parquet(results / "clamping" / "effects.parquet")
-    assert set(effects["strength"]) == {-1, 0, 1, 2} and effects["prompt"].n_unique() == 6
-    assert (effects["kl"] >= 0).all() and effects.filter(pl.col("strength") == 2)["kl"].mean() > 0
+    # every unit at the probes (-1, 0, 1) and at 4 strengths aimed at its KL targets (a repeat counts once)
+    strengths = effects.group_by("site", "concept", "unit_kind", "selection", "unit").agg(pl.col("strength").unique())
+    assert all({-1.0, 0.0, 1.0} <= set(s) and 3 <= len(s) <= 7 for s in strengths["strength"].to_list())
+    assert effects["prompt"].n_unique() == 6
+    assert (effects["kl"] >= 0).all() and effects.filter(pl.col("strength") == 1)["kl"].mean() > 0
     summary = pl.read_parquet(results / "clamping" / "summary.parquet")
     for column in ("concept", "site", "unit_kind", "selection", "unit", "spearman_relative", "effect_at_kl_0.1",
                    "effect_at_kl_0.1_ci_low", "effect_at_kl_0.1_ci_high"):
         assert column in summary.columns, column
-    assert summary.height == targets.height and summary["spearman_relative"].drop_nans().is_between(-1, 1).all()
+    # the pool's members become its mean and its best, for each of the 6 concept-site pairs
+    assert summary.height == targets.filter(pl.col("selection") != "pool").height + 2 * 6
+    assert summary["spearman_relative"].drop_nans().is_between(-1, 1).all()
     verdict = pl.read_parquet(results / "clamping" / "verdict.parquet")
-    assert set(verdict["statistic"]) == {"monotone", "raises_concept", "lowers_concept", "beats", "mean_difference"}
+    assert set(verdict["statistic"]) == {"monotone", "raises_concept", "lowers_concept", "effect", "mean_difference",
+                                         "effect_beyond_placebo"}
     assert verdict["value"].drop_nans().is_between(-10, 10).all() and set(verdict["site"]) == {"resid3", "mlp3"}
     continuations = pl.read_parquet(results / "clamping" / "continuations.parquet")
-    assert set(continuations["mode"]) == {"greedy", "sampled"} and set(continuations["strength"]) == {-1, 0, 1, 2}
+    assert set(continuations["mode"]) == {"greedy", "sampled"} and set(continuations["strength"]) == {-1, 0, 2}
     assert continuations["continuation"].str.len_chars().min() > 0 and (continuations["perplexity"] >= 1).all()
 
     # beyond the study: a crosscoder over resid3 and mlp3 against their own SAEs; the tuned lens
