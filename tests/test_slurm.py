@@ -51,7 +51,8 @@ def test_the_model_stages_on_slurm_equal_the_local_run(slurm_cluster, smoke_run,
             "polysemanticity", "clamping"} <= planned
     assert submitted == planned, (planned ^ submitted, log[-3000:])
     assert not re.search(r"^localrule ", log, re.MULTILINE)
-    assert "threads: 2" in log and "--threads 2" in log  # the config's resources.threads, not --cores
+    threads = yaml.safe_load((REPO / SMOKE[1]).read_text())["resources"]["threads"]
+    assert f"threads: {threads}" in log and f"--threads {threads}" in log  # the config's resources.threads, not --cores
 
     # every output of those jobs as the local run has it: arrays and weights byte for byte, tables and
     # JSON values exactly, run times aside

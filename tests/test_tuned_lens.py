@@ -26,6 +26,7 @@ from mechinterp.tuned_lens import (
     output_log_probs,
     position_kinds,
     stop_rule,
+    train_jointly,
     train_translators,
     window_means,
 )
@@ -116,6 +117,37 @@ def test_layers_stop_by_the_rule_on_a_plateau_and_by_the_cap_otherwise(tiny_brid
     steps = capped.filter(pl.col("train_loss").is_not_null()).group_by("lens", "layer").len()["len"]
     assert (steps == 4).all()
     assert capped.filter(pl.col("step") == 4)["val_loss"].is_not_null().all()  # evaluated after the last step
+
+
+def test_a_translator_trains_the_same_alone_as_decoded_with_the_others(tiny_bridge):
+    """Translators are decoded together for speed; each must still see only its own loss and samples: one
+    layer trained alone ends where it ends trained beside every other layer (a gradient leaking between
+    translators, or a sample drawn from another layer's positions, would move it)."""
+    windows = text_windows(tiny_bridge.tokenizer)[:12]
+    resid, kinds = cache_residuals(tiny_bridge, windows, batch_sequences=4, sink_norm_ratio=5.0)
+    n_layers, d_model = resid.shape[0] - 1, resid.shape[-1]
+    flat = resid.reshape(n_layers + 1, -1, d_model)
+    final = output_log_probs(tiny_bridge, flat[-1])
+    index = torch.arange(flat.shape[1])
+    fit, validation = [index[32:]] * n_layers, [index[:32]] * n_layers
+    start = {(layer, lens): least_squares_start(flat[layer][fit[layer]], flat[-1][fit[layer]], affine=lens == "tuned")
+             for layer in range(n_layers) for lens in ("tuned", "bias_only")}
+    together, rows = train_jointly(tiny_bridge, flat, final, fit, validation, start, settings(max_steps=6), seed=3)
+    alone, alone_rows = train_jointly(tiny_bridge, flat, final, fit, validation,
+                                      {pair: start[pair] for pair in start if pair[0] == 1}, settings(max_steps=6), seed=3)
+    for lens in ("tuned", "bias_only"):
+        for joint, single in zip(together[(1, lens)], alone[(1, lens)], strict=True):
+            assert (joint is None) == (single is None)
+            if joint is not None:
+                assert torch.allclose(joint, single, atol=1e-5, rtol=1e-4)
+    layer_rows = [row for row in rows if row["layer"] == 1]
+    for joint, single in zip(layer_rows, alone_rows, strict=True):
+        assert (joint["lens"], joint["step"], joint["kept"]) == (single["lens"], single["step"], single["kept"])
+        for loss in ("train_loss", "val_loss"):
+            assert (joint[loss] is None) == (single[loss] is None)
+            assert joint[loss] is None or joint[loss] == pytest.approx(single[loss], rel=1e-4)
+    moved = [row["train_loss"] for row in rows if row["layer"] == 0 and row["lens"] == "bias_only"]
+    assert moved[0] != moved[-1]  # the translators did train
 
 
 def test_the_bias_only_translator_changes_only_a_bias(tiny_bridge):

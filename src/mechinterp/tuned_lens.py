@@ -27,6 +27,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ BOS, SINK, OTHER = range(len(KINDS))
 LENSES = ("logit", "tuned", "bias_only", "constant")
 TRAINED = ("tuned", "bias_only")  # the lenses with a translator to train: affine and bias-only
 N_BOOTSTRAP = 1000  # resamples of the held-out windows for each confidence interval
+ROWS_PER_PRODUCT = 512  # rows decoded in one unembedding product while training (see train_jointly)
 RIDGE = 1e-3  # the warm start's ridge penalty, relative to the mean variance of a residual coordinate
 
 
@@ -157,9 +159,12 @@ def position_kinds(resid: torch.Tensor, sink_norm_ratio: float) -> torch.Tensor:
     return kinds
 
 
-def kl_to_final(final_log_probs: torch.Tensor, lens_log_probs: torch.Tensor) -> torch.Tensor:
-    """KL(final || lens) in nats for each row of log-probabilities [..., vocab] -> [...]."""
-    return (final_log_probs.exp() * (final_log_probs - lens_log_probs)).sum(-1)
+def kl_to_final(final_log_probs: torch.Tensor, lens_log_probs: torch.Tensor, final_probs: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """KL(final || lens) in nats for each row of log-probabilities [..., vocab] -> [...]; `final_probs`, when
+    given, is final_log_probs.exp() computed once for many lenses."""
+    probs = final_log_probs.exp() if final_probs is None else final_probs
+    return (probs * (final_log_probs - lens_log_probs)).sum(-1)
 
 
 def sample_windows(windows: np.ndarray, n_windows: int, seed: int) -> np.ndarray:
@@ -224,65 +229,107 @@ def stop_rule(history: list[float], patience: int, min_improvement: float) -> bo
     return min(history[-patience:]) >= (1 - min_improvement) * min(history[:-patience])
 
 
-def mean_kl(bridge, weight: torch.Tensor | None, bias: torch.Tensor, resid: torch.Tensor, final: torch.Tensor
-            ) -> torch.Tensor:
-    """Mean KL(output || translated lens) over positions: residuals [n, d_model], output log-probs [n, vocab]."""
-    return kl_to_final(final, decode(bridge, translate(resid, weight, bias))).mean()
+def pair_groups(sizes: list[int], limit: int) -> list[slice]:
+    """Consecutive groups of items of `sizes` rows, each under `limit` rows unless one item alone is over it.
+
+    >>> pair_groups([3, 3, 3, 5], 6)
+    [slice(0, 2, None), slice(2, 3, None), slice(3, 4, None)]
+    """
+    groups, start, rows = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and rows + size > limit:
+            groups.append(slice(start, i))
+            start, rows = i, 0
+        rows += size
+    return groups + [slice(start, len(sizes))] if sizes else groups
 
 
-def train_layer(bridge, fit: torch.Tensor, fit_final: torch.Tensor, validation: torch.Tensor,
-                validation_final: torch.Tensor, start: dict[str, tuple[torch.Tensor | None, torch.Tensor]],
-                settings: TunedLensSettings, generator: torch.Generator
-                ) -> tuple[dict[str, tuple[torch.Tensor | None, torch.Tensor]], list[dict]]:
-    """Train one layer's translators (`start`: lens -> warm-start weight, bias) on fit residuals [n, d]
-    with output log-probs [n, vocab]: Adam steps on `batch_tokens` sampled positions, the validation KL
-    evaluated every `eval_every` steps (and after the last), each lens stopping by `stop_rule` or at
-    `max_steps`. The bias is trained in units of the residuals' RMS, so one learning rate suits every
-    layer's scale. Returns each lens's parameters at its best evaluation, and the training rows (lens,
-    step, train_loss: before the step, val_loss: at evaluations, stopped_by, kept)."""
-    scale = float(rms(fit).median())
+def mean_kls(bridge, translated: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """Mean KL(output || lens) of each part: translated residuals [n_i, d_model] against output log-probs
+    [n_i, vocab], decoded together (one unembedding product for every part) -> [len(parts)]."""
+    kl = kl_to_final(torch.cat(targets), decode(bridge, torch.cat(translated)))
+    return torch.stack([part.mean() for part in kl.split([len(t) for t in targets])])
+
+
+def train_jointly(bridge, resid: torch.Tensor, final: torch.Tensor, fit: list[torch.Tensor],
+                  validation: list[torch.Tensor], start: dict[tuple[int, str], tuple[torch.Tensor | None, torch.Tensor]],
+                  settings: TunedLensSettings, seed: int
+                  ) -> tuple[dict[tuple[int, str], tuple[torch.Tensor | None, torch.Tensor]], list[dict]]:
+    """Train every (layer, lens) translator (`start`: its warm-start weight, bias) on residuals
+    [n_layers + 1, n, d_model] against output log-probs [n, vocab], layer l on the positions `fit[l]` (indices
+    into n) and stopped on those of `validation[l]`: Adam steps on `batch_tokens` positions sampled per layer
+(from a generator of its own, seeded by `seed` and the layer, so a layer trains the same with or without the others),
+    the validation KL evaluated every `eval_every` steps (and after the last), each translator stopping by
+    `stop_rule` or at `max_steps`. The translators are independent (each its own loss and parameters); they
+    are decoded together, in products of about ROWS_PER_PRODUCT rows, because a narrow unembedding product
+    runs at a fraction of a wide one's speed on a CPU. The bias is trained in units of the layer's residual
+    RMS, so one learning rate suits every layer's scale. Returns each translator's parameters at its best
+    evaluation, and the training rows (layer, lens, step, train_loss: before the step, val_loss: at
+    evaluations, stopped_by, kept)."""
+    pairs = list(start)
+    scale = {layer: float(rms(resid[layer][fit[layer]]).median()) for layer, _ in pairs}
     params, optimizers, best, history, stopped, rows = {}, {}, {}, {}, {}, []
-    for lens, (weight, bias) in start.items():
-        params[lens] = [torch.nn.Parameter(bias / scale), *([] if weight is None else [torch.nn.Parameter(weight)])]
-        optimizers[lens] = torch.optim.Adam(params[lens], lr=settings.lr)
-        history[lens] = []
+    for pair, (weight, bias) in start.items():
+        params[pair] = [torch.nn.Parameter(bias / scale[pair[0]]),
+                        *([] if weight is None else [torch.nn.Parameter(weight.clone())])]
+        optimizers[pair] = torch.optim.Adam(params[pair], lr=settings.lr)
+        history[pair] = []
 
-    def current(lens: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-        unit_bias, *weight = params[lens]
-        return (weight[0] if weight else None), unit_bias * scale
+    def current(pair: tuple[int, str]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        unit_bias, *weight = params[pair]
+        return (weight[0] if weight else None), unit_bias * scale[pair[0]]
 
-    for step in range(settings.max_steps + 1):
-        active = [lens for lens in params if lens not in stopped]
+    def translated(pair: tuple[int, str], index: torch.Tensor) -> torch.Tensor:
+        return translate(resid[pair[0]][index], *current(pair))
+
+    def losses(group: list[tuple[int, str]], index: Sequence[torch.Tensor] | dict[int, torch.Tensor]) -> torch.Tensor:
+        return mean_kls(bridge, [translated(pair, index[pair[0]]) for pair in group],
+                        [final[index[pair[0]]] for pair in group])
+
+    def groups(active: list[tuple[int, str]], index: Sequence[torch.Tensor] | dict[int, torch.Tensor]):
+        for part in pair_groups([len(index[layer]) for layer, _ in active], ROWS_PER_PRODUCT):
+            yield active[part]
+
+    generators = {layer: torch.Generator().manual_seed(int(np.random.SeedSequence([seed, layer]).generate_state(1)[0]))
+                  for layer in sorted({layer for layer, _ in pairs})}
+    for step in tqdm(range(settings.max_steps + 1), desc="tuned lens (every layer)", unit="step"):
+        active = [pair for pair in pairs if pair not in stopped]
         if not active:
             break
         evaluate = step % settings.eval_every == 0 or step == settings.max_steps
-        picks = torch.randint(len(fit), (settings.batch_tokens,), generator=generator)
-        for lens in active:
-            row = {"lens": lens, "step": step, "train_loss": None, "val_loss": None}
-            if evaluate:
-                with torch.no_grad():
-                    row["val_loss"] = mean_kl(bridge, *current(lens), validation, validation_final).item()
-                history[lens].append(row["val_loss"])
-                if row["val_loss"] <= min(history[lens]):
-                    best[lens] = (step, *(None if t is None else t.detach().clone() for t in current(lens)))
-                if stop_rule(history[lens], settings.patience, settings.min_improvement):
-                    stopped[lens] = "rule"
-            if step == settings.max_steps:
-                stopped.setdefault(lens, "cap")
-            if lens in stopped:
-                rows.append(row)
-                continue
-            optimizers[lens].zero_grad(set_to_none=True)
-            loss = mean_kl(bridge, *current(lens), fit[picks], fit_final[picks])
-            # only the translator's gradients: the model's weights need none (and the unembedding's is costly)
-            loss.backward(inputs=params[lens])
-            optimizers[lens].step()
-            row["train_loss"] = loss.item()
-            rows.append(row)
+        picks = {layer: fit[layer][torch.randint(len(fit[layer]), (settings.batch_tokens,), generator=generator)]
+                 for layer, generator in generators.items()}
+        step_rows = {pair: {"layer": pair[0], "lens": pair[1], "step": step, "train_loss": None, "val_loss": None}
+                     for pair in active}
+        if evaluate:
+            with torch.no_grad():
+                for group in groups(active, validation):
+                    for pair, loss in zip(group, losses(group, validation).tolist(), strict=True):
+                        step_rows[pair]["val_loss"] = loss
+                        history[pair].append(loss)
+                        if loss <= min(history[pair]):
+                            best[pair] = (step, *(None if t is None else t.detach().clone() for t in current(pair)))
+                        if stop_rule(history[pair], settings.patience, settings.min_improvement):
+                            stopped[pair] = "rule"
+        if step == settings.max_steps:
+            for pair in active:
+                stopped.setdefault(pair, "cap")
+        for group in groups([pair for pair in active if pair not in stopped], picks):
+            for pair in group:
+                optimizers[pair].zero_grad(set_to_none=True)
+            group_losses = losses(group, picks)
+            # only the translators' gradients: the model's weights need none (and the unembedding's is costly);
+            # each translator's loss reaches only its own parameters, so the sum trains each on its own
+            group_losses.sum().backward(inputs=[t for pair in group for t in params[pair]])
+            for pair, loss in zip(group, group_losses.tolist(), strict=True):
+                optimizers[pair].step()
+                step_rows[pair]["train_loss"] = loss
+        rows += step_rows.values()
     for row in rows:
-        row["stopped_by"] = stopped[row["lens"]]
-        row["kept"] = row["step"] == best[row["lens"]][0]
-    return {lens: best[lens][1:] for lens in params}, rows
+        pair = (row["layer"], row["lens"])
+        row["stopped_by"] = stopped[pair]
+        row["kept"] = row["step"] == best[pair][0]
+    return {pair: best[pair][1:] for pair in pairs}, rows
 
 
 def train_translators(bridge, resid: torch.Tensor, kinds: torch.Tensor, n_validation: int,
@@ -290,34 +337,30 @@ def train_translators(bridge, resid: torch.Tensor, kinds: torch.Tensor, n_valida
     """Train the affine (`tuned`) and bias-only translators of every layer but the last from cached
     residuals [n_layers + 1, n_windows, n_pos, d_model] and position kinds [n_layers + 1, n_windows, n_pos]
     (cache_residuals): the first `n_validation` windows are the validation split of the stopping rule,
-    the rest the fit split. Each layer learns on its `other` positions (see train_layer). Returns the
+    the rest the fit split. Each layer learns on its `other` positions (see train_jointly). Returns the
     translators by lens, the constant baseline's log-probs [vocab] (the mean output distribution over
     the fit windows' positions after BOS) and the training table (lens, layer, step, train_loss, val_loss,
     stopped_by, kept)."""
-    n_layers = resid.shape[0] - 1
-    final = output_log_probs(bridge, resid[-1].reshape(-1, resid.shape[-1])).reshape(*resid.shape[1:3], -1)
-    constant = constant_log_probs(final[n_validation:, 1:].reshape(-1, final.shape[-1]))
-    translators = {lens: Translators(n_layers, resid.shape[-1], affine=lens == "tuned").to(resid.device)
-                   for lens in TRAINED}
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for layer in tqdm(range(n_layers), desc="tuned lens", unit="layer"):
-        keep = kinds[layer] == OTHER
-        fit_keep, validation_keep = keep.clone(), keep.clone()
-        fit_keep[:n_validation], validation_keep[n_validation:] = False, False
-        fit, validation = resid[layer][fit_keep], resid[layer][validation_keep]
-        start = {lens: least_squares_start(fit, resid[-1][fit_keep], affine=lens == "tuned") for lens in TRAINED}
-        kept, layer_rows = train_layer(bridge, fit, final[fit_keep], validation, final[validation_keep], start,
-                                       settings, generator)
-        rows += [{"layer": layer, **row} for row in layer_rows]
-        with torch.no_grad():
-            for lens, (weight, bias) in kept.items():
-                translators[lens].bias[layer] = bias
-                if weight is not None:
-                    translators[lens].weight[layer] = weight
+    n_layers, (n_windows, n_pos, d_model) = resid.shape[0] - 1, resid.shape[1:]
+    flat = resid.reshape(n_layers + 1, n_windows * n_pos, d_model)
+    final = output_log_probs(bridge, flat[-1])  # [n_windows * n_pos, vocab]
+    constant = constant_log_probs(final.reshape(n_windows, n_pos, -1)[n_validation:, 1:].reshape(-1, final.shape[-1]))
+    in_validation = (torch.arange(n_windows) < n_validation).repeat_interleave(n_pos)
+    other = kinds.reshape(n_layers + 1, -1) == OTHER
+    fit = [torch.nonzero(other[layer] & ~in_validation)[:, 0] for layer in range(n_layers)]
+    validation = [torch.nonzero(other[layer] & in_validation)[:, 0] for layer in range(n_layers)]
+    start = {(layer, lens): least_squares_start(flat[layer][fit[layer]], flat[-1][fit[layer]], affine=lens == "tuned")
+             for layer in range(n_layers) for lens in TRAINED}
+    kept, rows = train_jointly(bridge, flat, final, fit, validation, start, settings, seed)
+    translators = {lens: Translators(n_layers, d_model, affine=lens == "tuned").to(resid.device) for lens in TRAINED}
+    with torch.no_grad():
+        for (layer, lens), (weight, bias) in kept.items():
+            translators[lens].bias[layer] = bias
+            if weight is not None:
+                translators[lens].weight[layer] = weight
     table = pl.DataFrame(rows, schema={"layer": pl.Int64, "lens": pl.Utf8, "step": pl.Int64, "train_loss": pl.Float64,
                                        "val_loss": pl.Float64, "stopped_by": pl.Utf8, "kept": pl.Boolean})
-    return translators, constant, table
+    return translators, constant, table.sort("layer", "step", maintain_order=True)
 
 
 def training_summary(training: pl.DataFrame) -> pl.DataFrame:
@@ -373,17 +416,23 @@ def heldout_kl(bridge, translators: dict[str, Translators], constant: torch.Tens
         batch = slice(start, start + batch_sequences)
         logits, resid = residual_stream(bridge, torch.from_numpy(windows[batch]))
         final = logits.float().log_softmax(-1)
+        final_probs = final.exp()
         kinds = torch.nn.functional.one_hot(position_kinds(resid, sink_norm_ratio), len(KINDS)).double()
         counts[:, :, batch] = kinds.sum(2).permute(0, 2, 1).cpu().numpy()
+        # several layers per unembedding product when a batch is narrower than ROWS_PER_PRODUCT positions
+        per_product = max(1, ROWS_PER_PRODUCT // final[..., 0].numel())
         for i, lens in enumerate(LENSES):
-            for layer in range(n_lens_layers):
+            for first in range(0, n_lens_layers, per_product):
+                layers = range(first, min(first + per_product, n_lens_layers))
                 if lens == "constant":
-                    decoded = constant.expand_as(final)
+                    decoded = constant.expand(len(layers), *final.shape)
                 else:
-                    h = resid[layer] if lens == "logit" else translators[lens].translate(layer, resid[layer])
-                    decoded = decode(bridge, h)
-                kl = kl_to_final(final, decoded).double()
-                sums[i, layer, :, batch] = torch.einsum("bp,bpk->kb", kl, kinds[layer]).cpu().numpy()
+                    decoded = decode(bridge, torch.stack([resid[layer] if lens == "logit" else
+                                                          translators[lens].translate(layer, resid[layer])
+                                                          for layer in layers]))
+                kl = kl_to_final(final, decoded, final_probs).double()  # [layers, batch, n_pos]
+                for j, layer in enumerate(layers):
+                    sums[i, layer, :, batch] = torch.einsum("bp,bpk->kb", kl[j], kinds[layer]).cpu().numpy()
     counts = np.broadcast_to(counts, sums.shape)
     mean, boot = window_bootstrap(sums, counts, n_boot, seed)
     excess, excess_boot = mean - mean[LENSES.index("tuned")], boot - boot[LENSES.index("tuned")]
