@@ -203,15 +203,20 @@ def floor_table(run: Path, threads: int) -> tuple[pl.DataFrame, dict]:
 
 
 def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+    """The CPU's name, family and model, and whether it has AVX-512 and native bf16 products."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    if not fields:
+        return platform.processor()
+    return (f"{fields.get('model name')} (family {fields.get('cpu family')} model {fields.get('model')}; "
+            f"{'AVX-512' if 'avx512f' in flags else 'AVX2'}, {'with' if 'avx512_bf16' in flags else 'no'} native bf16)")
 
 
 def markdown(table: pl.DataFrame, meta: dict) -> str:
     lines = [f"{meta['cpu']}, {meta['threads']} threads: fp32 GEMM {meta['gemm_gflop_per_s']:.0f} GFLOP/s; "
-             f"per job: Python {meta['python_s']:.1f} s + imports {meta['stage_imports_s']:.1f} s, a model job "
+             f"per job: Python {meta['python_s']:.2f} s + imports {meta['stage_imports_s']:.1f} s, a model job "
              f"+ transformer-lens {meta['transformer_lens_s']:.1f} s + boot {meta['model_boot_s']:.1f} s",
              "", "| rule | jobs | wall s | CPU s | floor s | fixed s | wall / floor | (wall - fixed) / floor |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
