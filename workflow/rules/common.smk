@@ -20,7 +20,9 @@ from mechinterp.sites import check_layers
 # the stages allocate and free tensors of ~100 MB in loops (log-probabilities over the vocabulary), which cost as
 # much system time as the products. Freed memory stays in the process instead (issue 29: the smoke tuned lens took
 # 46 s against 72 s, system time 2 s against 34, peak memory +13%); allocation changes no number.
-KEEP_FREED_MEMORY = "export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296; "
+KEEP_FREED_MEMORY = (
+    "export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296; "
+)
 # Rules run each stage's entry point as `python -m mechinterp.<stage>`: use the Python running Snakemake
 # even when its virtual environment is not activated; with --use-conda the rule's own environment provides it.
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
