@@ -134,7 +134,9 @@ def floors(run: Path) -> dict[str, float]:
                          + heldout_positions * (forward + 3 * (n_layers + 1) * unembed)  # logit, tuned, bias-only
                          + lens_rows / (n_layers + 1) * forward + lens_rows * unembed)
 
-    training_tokens = lambda folder: json.loads((folder / "cfg.json").read_text())["mechinterp"]["training_tokens"]  # noqa: E731
+    def training_tokens(folder: Path) -> int:  # 0 for a loaded (pretrained) SAE, which trains nothing
+        return json.loads((folder / "cfg.json").read_text()).get("mechinterp", {}).get("training_tokens", 0)
+
     out["train_sae"] = sum(training_tokens(run / "saes" / s) * STEP_PRODUCTS.get(arch, 10) * d_in * d_sae
                            for s, (d_in, d_sae, arch) in saes.items())
     spliced = 4 * config["sae_eval"]["sequences"] * context * forward  # clean, SAE, zero and mean ablation

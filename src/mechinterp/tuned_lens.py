@@ -54,6 +54,7 @@ BOS, SINK, OTHER = range(len(KINDS))
 LENSES = ("logit", "tuned", "bias_only", "constant")
 TRAINED = ("tuned", "bias_only")  # the lenses with a translator to train: affine and bias-only
 N_BOOTSTRAP = 1000  # resamples of the held-out windows for each confidence interval
+Positions = Sequence[torch.Tensor] | dict[int, torch.Tensor]  # per layer: position indices (a list, or a dict by layer)
 ROWS_PER_PRODUCT = 512  # rows decoded in one unembedding product while training (see train_jointly)
 RIDGE = 1e-3  # the warm start's ridge penalty, relative to the mean variance of a residual coordinate
 
@@ -258,8 +259,8 @@ def train_jointly(bridge, resid: torch.Tensor, final: torch.Tensor, fit: list[to
     """Train every (layer, lens) translator (`start`: its warm-start weight, bias) on residuals
     [n_layers + 1, n, d_model] against output log-probs [n, vocab], layer l on the positions `fit[l]` (indices
     into n) and stopped on those of `validation[l]`: Adam steps on `batch_tokens` positions sampled per layer
-(from a generator of its own, seeded by `seed` and the layer, so a layer trains the same with or without the others),
-    the validation KL evaluated every `eval_every` steps (and after the last), each translator stopping by
+    (from a generator of its own, seeded by `seed` and the layer, so a layer trains the same with or without the
+    others), the validation KL evaluated every `eval_every` steps (and after the last), each translator stopping by
     `stop_rule` or at `max_steps`. The translators are independent (each its own loss and parameters); they
     are decoded together, in products of about ROWS_PER_PRODUCT rows, because a narrow unembedding product
     runs at a fraction of a wide one's speed on a CPU. The bias is trained in units of the layer's residual
@@ -282,11 +283,11 @@ def train_jointly(bridge, resid: torch.Tensor, final: torch.Tensor, fit: list[to
     def translated(pair: tuple[int, str], index: torch.Tensor) -> torch.Tensor:
         return translate(resid[pair[0]][index], *current(pair))
 
-    def losses(group: list[tuple[int, str]], index: Sequence[torch.Tensor] | dict[int, torch.Tensor]) -> torch.Tensor:
+    def losses(group: list[tuple[int, str]], index: Positions) -> torch.Tensor:
         return mean_kls(bridge, [translated(pair, index[pair[0]]) for pair in group],
                         [final[index[pair[0]]] for pair in group])
 
-    def groups(active: list[tuple[int, str]], index: Sequence[torch.Tensor] | dict[int, torch.Tensor]):
+    def groups(active: list[tuple[int, str]], index: Positions):
         for part in pair_groups([len(index[layer]) for layer, _ in active], ROWS_PER_PRODUCT):
             yield active[part]
 
@@ -419,20 +420,15 @@ def heldout_kl(bridge, translators: dict[str, Translators], constant: torch.Tens
         final_probs = final.exp()
         kinds = torch.nn.functional.one_hot(position_kinds(resid, sink_norm_ratio), len(KINDS)).double()
         counts[:, :, batch] = kinds.sum(2).permute(0, 2, 1).cpu().numpy()
-        # several layers per unembedding product when a batch is narrower than ROWS_PER_PRODUCT positions
-        per_product = max(1, ROWS_PER_PRODUCT // final[..., 0].numel())
         for i, lens in enumerate(LENSES):
-            for first in range(0, n_lens_layers, per_product):
-                layers = range(first, min(first + per_product, n_lens_layers))
+            for layer in range(n_lens_layers):
                 if lens == "constant":
-                    decoded = constant.expand(len(layers), *final.shape)
+                    decoded = constant.expand_as(final)
                 else:
-                    decoded = decode(bridge, torch.stack([resid[layer] if lens == "logit" else
-                                                          translators[lens].translate(layer, resid[layer])
-                                                          for layer in layers]))
-                kl = kl_to_final(final, decoded, final_probs).double()  # [layers, batch, n_pos]
-                for j, layer in enumerate(layers):
-                    sums[i, layer, :, batch] = torch.einsum("bp,bpk->kb", kl[j], kinds[layer]).cpu().numpy()
+                    h = resid[layer] if lens == "logit" else translators[lens].translate(layer, resid[layer])
+                    decoded = decode(bridge, h)
+                kl = kl_to_final(final, decoded, final_probs).double()
+                sums[i, layer, :, batch] = torch.einsum("bp,bpk->kb", kl, kinds[layer]).cpu().numpy()
     counts = np.broadcast_to(counts, sums.shape)
     mean, boot = window_bootstrap(sums, counts, n_boot, seed)
     excess, excess_boot = mean - mean[LENSES.index("tuned")], boot - boot[LENSES.index("tuned")]
