@@ -208,7 +208,8 @@ def test_heldout_kl_reads_each_layer_through_its_own_translator(tiny_bridge):
                                   ("bias_only", decode(tiny_bridge, translated[1]))):
                 by_hand = (out.exp() * (out - decoded)).sum(-1).mean().item()
                 row = kl.filter((pl.col("lens") == lens) & (pl.col("layer") == layer) & (pl.col("position_kind") == "other"))
-                assert row["mean_kl"].item() == pytest.approx(by_hand, rel=1e-4), (lens, layer)
+                # abs: at the last layer both are float32 rounding around 0 (5e-9 against 0 under MKL_CBWR=COMPATIBLE)
+                assert row["mean_kl"].item() == pytest.approx(by_hand, rel=1e-4, abs=1e-6), (lens, layer)
 
 
 def test_kl_to_final_is_the_forward_kl():
