@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -199,6 +201,32 @@ def test_reference_needs_current_replicates(tmp_path):
     assert not (tmp_path / "ref").exists()
 
 
+def test_reference_never_replaces_what_it_did_not_make(tmp_path):
+    """Issue 30: `--out` at the run itself deleted the run. The run, a folder holding it, a folder inside it
+    and a folder of other files are refused, naming the fix; a reference is remade in place; --replace asks."""
+    run_dir = tmp_path / "results" / "r"
+    write_run(run_dir, seed_manifests())
+    (run_dir / "saes").mkdir()
+    (run_dir / "saes" / "weights.safetensors").write_bytes(b"weights")
+    kept = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out in (run_dir, tmp_path / "results", tmp_path, run_dir / "reference"):
+        with pytest.raises(UserError, match=r"overlaps the run .*Write it elsewhere, e\.g\. --out reference/r"):
+            make_reference(run_dir, out)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"--out .*notes exists and is not a reference \(it holds todo\.txt\).*--replace"):
+        make_reference(run_dir, other)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == sorted([*kept, Path("notes"), Path("notes/todo.txt")])
+    folder = tmp_path / "reference" / "r"
+    make_reference(run_dir, folder)
+    make_reference(run_dir, folder)  # a reference is remade in place
+    make_reference(run_dir, other, replace=True)
+    assert not (other / "todo.txt").exists() and (other / "MANIFEST.json").is_file()
+    with pytest.raises(UserError, match="overlaps the run"):  # asking to replace never reaches the run
+        make_reference(run_dir, run_dir, replace=True)
+
+
 def test_manifest_records_files_config_and_jobs(tmp_path, monkeypatch):
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # a run made under another CPU's rounding says so
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
@@ -288,6 +316,39 @@ def test_the_audit_checks_the_run_beside_its_manifest(tmp_path):
     assert "figure.svg: size differs since the manifest was written" in result.failures
     assert any(line.startswith("corpus.parquet: cannot be read") for line in result.failures), result.failures
     assert result.failures[-1].endswith(f"rm -r {run / 'corpus.parquet'} {run / 'figure.svg'}")
+
+
+@pytest.mark.parametrize(("key", "name"), [("files", "../../../../etc/passwd"), ("files", "/etc/passwd"),
+                                           ("artifacts", "saes/../../outside"), ("files", "")])
+def test_a_manifest_naming_a_path_outside_its_run_is_refused(tmp_path, key, name):
+    """Issue 30: a hand-edited manifest made the audit stat and parse files outside the run, and its fix said to
+    `rm -r` them. A manifest is untrusted input: every name it holds is inside its run, or it is refused by name."""
+    edited = manifest()
+    edited["artifacts"] = []
+    edited[key] = {**edited[key], name: {"sha256": "a" * 64, "bytes": 1}} if key == "files" else [name]
+    path = tmp_path / "MANIFEST.json"
+    path.write_text(json.dumps(edited))
+    with pytest.raises(UserError, match=rf"names {re.escape(repr(name))} under '{key}': a manifest names only paths "
+                                        r"inside its run"):
+        load_manifest(path, "the run's")
+    path.write_text(json.dumps({**manifest(), "files": ["corpus.parquet"]}))
+    with pytest.raises(UserError, match=r"has no 'files' section \(an object\)"):
+        load_manifest(path, "the run's")
+
+
+def test_a_link_out_of_the_run_is_a_failure_never_read(tmp_path):
+    run = tmp_path / "results" / "r"
+    run.mkdir(parents=True)
+    outside = tmp_path / "secret.parquet"
+    pl.DataFrame({"x": [1]}).write_parquet(outside)
+    pl.DataFrame({"x": [1]}).write_parquet(run / "corpus.parquet")
+    manifest = build_manifest(run, {"run": "r", "seed": 0, "data_seed": 0}, tmp_path, [], 1, [run / "corpus.parquet"])
+    (run / "corpus.parquet").unlink()
+    (run / "corpus.parquet").symlink_to(outside)
+    result = audit(manifest, Reference(manifest, None, None), SETTINGS, run)
+    assert not result.passed
+    assert f"corpus.parquet: resolves outside the run {run} (a link out of it); not read" in result.failures
+    assert not any("rm -r" in line and "secret" in line for line in result.failures)
 
 
 def test_the_model_files_must_match_and_the_fetch_record_is_a_note():

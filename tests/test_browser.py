@@ -210,6 +210,13 @@ def test_index_pages_load_and_list_every_live_unit(browser, smoke):
     index.wait_for_selector(".panel")
     assert page.errors == []
 
+    # issue 30: a link's dictionary named a script outside the site, which the page loaded and ran; only the
+    # site's own names reach an address now
+    for view in ("table", "unit"):
+        refused = page.open(f"index.html#view={view}&sae=resid3-topk&dict=../../../evil/x&unit=0", "p.error")
+        assert "no dictionary ../../../evil/x of resid3-topk (have: features, neurons)" in refused.inner_text("p.error")
+        assert not any("evil" in src for src in refused.eval_on_selector_all("script", "s => s.map(x => x.src)"))
+
 
 @pytest.mark.e2e
 @needs_chromium

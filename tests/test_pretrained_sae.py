@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from mechinterp.config import load_default_config, sae_specs, validate_config
 from mechinterp.errors import UserError
 from mechinterp.pretrained_sae import PretrainedSettings, fetch_pretrained, read_gemma_scope, read_saelens
 from mechinterp.saes import JumpReluSAE, ReluSAE, TopKSAE
@@ -45,6 +46,18 @@ def test_a_saved_sae_loads_back_with_the_same_latents(tmp_path):
     x = torch.randn(10, 16)
     assert isinstance(loaded, TopKSAE) and loaded.settings.k == 4
     torch.testing.assert_close(loaded.encode(x), sae.encode(x))
+
+
+def test_a_pretrained_sae_holding_nan_is_refused_by_name(tmp_path):
+    arrays = {k: v for k, v in random_arrays().items() if k != "threshold"}
+    arrays["W_enc"][0, 0] = float("nan")
+    folder = tmp_path / "standard"
+    folder.mkdir()
+    save_file(arrays, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 16, "d_sae": 48,
+                                                 "apply_b_dec_to_input": True, "normalize_activations": "none"}))
+    with pytest.raises(UserError, match=r"sae\.sites\.0\.pretrained: the SAE's W_enc hold NaN or infinite values"):
+        read_saelens(folder, SETTINGS, "sae.sites.0.pretrained")
 
 
 def test_a_foreign_saelens_folder_converts_its_input_bias_and_dtype(tmp_path):
@@ -125,6 +138,20 @@ def test_hub_sources_read_a_prefilled_cache_offline(fmt, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"sae.sites.2.pretrained: 'layer_9/nothing' of someone/saes at revision "
                                         r"\w+ is not in the local Hugging Face cache.*HF_HUB_OFFLINE=1"):
         fetch_pretrained(missing, "sae.sites.2.pretrained")
+
+
+@pytest.mark.parametrize("hub", ["left out", None])
+def test_the_readme_s_local_form_validates_and_loads(tmp_path, hub):
+    """Issue 30: the README's `pretrained: {format: saelens, path: ...}` with no `hub` raised a TypeError, and
+    `hub: null` was refused by the schema. Both name a local folder, read as such."""
+    topk_sae(16, 48, 4).save(tmp_path / "sae", {"hook_name": "blocks.2.hook_resid_post"})
+    pretrained = {"format": "saelens", "path": str(tmp_path / "sae"), **({} if hub == "left out" else {"hub": hub})}
+    config = load_default_config()
+    config["sae"]["sites"].append({"site": "resid", "layer": 2, "pretrained": pretrained})
+    entry = sae_specs(validate_config(config, REPO / "workflow/schemas/config.schema.yaml"))["resid2-topk"]
+    settings = PretrainedSettings(**entry.pretrained)
+    assert settings.hub is None and fetch_pretrained(settings, "sae.sites.4.pretrained") == tmp_path / "sae"
+    assert isinstance(read_saelens(tmp_path / "sae", entry.settings, "sae.sites.4.pretrained"), TopKSAE)
 
 
 def test_a_local_path_that_does_not_exist_names_the_key(tmp_path):

@@ -2,11 +2,13 @@
 and recovery of planted sparse structure."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 from conftest import relu_sae, topk_sae
 from mechinterp.errors import UserError
@@ -242,6 +244,19 @@ def test_broken_sae_folders_are_refused_with_a_message_naming_the_file_and_the_f
     (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
     with pytest.raises(UserError, match=r"SAE architecture 'gated' is not one of \['jumprelu', 'standard', 'topk'\]"):
         load_sae(folder)
+    # issue 30: NaN weights passed every stage with NaN scores and a claim that "holds"
+    sae.save(folder, metadata={})
+    weights = load_file(folder / "sae_weights.safetensors")
+    weights["W_dec"][2, 1] = float("nan")
+    save_file(weights, folder / "sae_weights.safetensors")
+    with pytest.raises(UserError, match=r"sae_weights\.safetensors: W_dec hold NaN or infinite values\. .*" + fix + "$"):
+        load_sae(folder)
+    with torch.no_grad():
+        sae.b_enc[0] = float("inf")
+    shutil.rmtree(folder)
+    with pytest.raises(UserError, match=r"the trained SAE's b_enc hold NaN or infinite values: training diverged, "
+                                        r"and nothing was saved\. Lower its learning rate \(sae\.lr"):
+        sae.save(folder, metadata={})
 
 
 def test_the_saelens_metadata_hooks_the_cached_site():

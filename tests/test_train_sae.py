@@ -507,6 +507,28 @@ def test_a_checkpoint_is_resumed_only_by_the_same_seed_and_whatever_the_header_k
     assert "resuming resid0 from step 5 of 12" in caplog.text
 
 
+def test_a_checkpoint_that_does_not_load_is_discarded_by_name(tmp_path, caplog):
+    """Issue 30: an empty checkpoint raised a raw EOFError, a pickled one advised weights_only=False, and every
+    rerun failed alike. Each is now deleted with a warning naming it, and training runs as if it was never there."""
+    import pickle
+
+    cache, _, selection = planted_cache(tmp_path, n=4000)
+    spec = SaeSpec.from_config({**SETTINGS, "training_tokens": 512 * 4, "dead_after_tokens": 1024})
+    straight, _, _ = train_sae(cache, selection, spec, seed=0)
+    checkpoint = tmp_path / "ckpt.pt"
+    caplog.set_level("WARNING", logger="mechinterp.train_sae")
+    for content, problem in ((b"", "EOFError"), (pickle.dumps(pickle.Pickler), "UnpicklingError"),
+                             (None, "it is not a checkpoint of this stage")):
+        if content is None:
+            torch.save({"weights": torch.zeros(3)}, checkpoint)
+        else:
+            checkpoint.write_bytes(content)
+        sae, _, _ = train_sae(cache, selection, spec, seed=0, checkpoint=checkpoint)
+        assert f"checkpoint {checkpoint} does not load ({problem}" in caplog.text
+        assert all(torch.equal(value, straight.state_dict()[name]) for name, value in sae.state_dict().items())
+        caplog.clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_on_cuda_returns_a_cpu_sae_like_the_cpu_run(tmp_path):
     """On a GPU every tensor of the step (SAE, batch, counters) sits on the device; the SAE comes back on

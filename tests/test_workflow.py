@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -90,6 +91,22 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "model.hub.repo_id" in result.stderr + result.stdout
     assert not (REPO / "results" / "bad").exists()
+
+
+def test_config_values_reach_the_shell_quoted(tmp_path):
+    """Issue 30: audit.reference went into the audit's shell line unquoted, so `reference/my ref` split in two and
+    `...;touch ..$(echo)INJ;#` ran a command. Each planned command line splits back into the very value."""
+    workdir = copy_workflow(tmp_path / "repo")
+    reference = "reference/my ref;touch ..$(echo)INJ;#"
+    (workdir / reference).mkdir(parents=True)
+    (workdir / reference / "MANIFEST.json").write_text("{}")
+    overlay = tmp_path / "audit.yaml"
+    overlay.write_text(yaml.safe_dump({"audit": {"reference": reference}}))
+    planned = snakemake(workdir, "-n", "-p", "--configfile", "config/smoke.yaml", str(overlay), "--", "audit").stdout
+    line = next(line for line in planned.splitlines() if "-m mechinterp.audit " in line)
+    args = shlex.split(line.removeprefix("Shell command: "))
+    assert args[args.index("--reference") + 1] == reference
+    assert json.loads(args[args.index("--settings") + 1])["reference"] == reference
 
 
 def test_layers_beyond_the_fetched_model_stop_before_any_job(tmp_path):

@@ -39,7 +39,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import polars as pl
@@ -230,6 +230,13 @@ def audit_run_files(manifest: dict[str, Any], run_dir: Path, result: AuditResult
     its recorded size, and every stage output verifies (an SAE loads, an array's header matches its
     size). A manifest copied without its run is noted and compared on its own."""
     files, artifacts = manifest["files"], manifest.get("artifacts", [])
+    root = run_dir.resolve()
+    # a link inside the run may still point out of it: such a name is a failure, never opened
+    escaping = sorted(name for name in {*files, *artifacts} if root not in (run_dir / name).resolve().parents)
+    if escaping:
+        result.failures += [f"{name}: resolves outside the run {run_dir} (a link out of it); not read" for name in escaping]
+        files = {name: entry for name, entry in files.items() if name not in escaping}
+        artifacts = [name for name in artifacts if name not in escaping]
     if not any((run_dir / name).is_file() for name in files):
         result.notes.append(f"no file of the run beside the manifest ({run_dir}): only the manifest is compared")
         return
@@ -410,10 +417,32 @@ def load_manifest(path: str | Path, role: str) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{role} manifest {path} is not valid JSON ({err}); rebuild it.") from err
-    for key in ("files", "metrics", "environment", "config"):
-        if key not in manifest:
-            raise UserError(f"{role} manifest {path} has no {key!r} section; it is not a MANIFEST.json of this workflow.")
+    for key, kind in (("files", dict), ("metrics", dict), ("environment", dict), ("config", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise UserError(f"{role} manifest {path} has no {key!r} section (an object); it is not a MANIFEST.json of "
+                            "this workflow.")
+    if not isinstance(manifest.get("artifacts", []), list):
+        raise UserError(f"{role} manifest {path}: 'artifacts' is not a list; it is not a MANIFEST.json of this workflow.")
+    for key, names in (("files", manifest["files"]), ("artifacts", manifest.get("artifacts", []))):
+        for name in names:
+            if not is_run_relative(name):
+                raise UserError(f"{role} manifest {path} names {name!r} under {key!r}: a manifest names only paths "
+                                "inside its run (relative, no '..'). It was edited or is not this workflow's; "
+                                "remake it with `snakemake <run>/MANIFEST.json`.")
     return manifest
+
+
+def is_run_relative(name: object) -> bool:
+    """Whether a manifest's file name stays inside the run: a relative path without '..' (a manifest comes from
+    another machine; what it names is opened and its fix names it for deletion).
+
+    >>> [is_run_relative(n) for n in ("saes/x/cfg.json", "../x", "/etc/passwd", "a/../../b", "", 3)]
+    [True, False, False, False, False, False]
+    """
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def default_settings() -> dict[str, Any]:

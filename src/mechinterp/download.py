@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ def download_wheel(package: str, version: str, sha256: str, out_path: str | Path
             )
         verify_sha256(wheels[0], sha256, key)
         with atomic_path(out_path) as partial:
-            wheels[0].replace(partial)
+            shutil.move(wheels[0], partial)  # TMPDIR may be another filesystem (/dev/shm): a rename would fail
     return sha256
 
 

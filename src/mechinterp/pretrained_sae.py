@@ -35,7 +35,7 @@ from mechinterp.activations import ActivationCache
 from mechinterp.errors import UserError, run_stage
 from mechinterp.files import atomic_path, sha256_file, write_json, write_parquet
 from mechinterp.saes import ARCHITECTURES, SparseAutoencoder
-from mechinterp.saes.base import CONFIG_FILE, WEIGHTS_FILE
+from mechinterp.saes.base import CONFIG_FILE, WEIGHTS_FILE, non_finite
 from mechinterp.tokens import split_rows
 from mechinterp.train_sae import TRAINING_LOG_SCHEMA, saelens_metadata, select_rows
 
@@ -107,6 +107,10 @@ def from_arrays(architecture: str, arrays: dict[str, torch.Tensor], settings: di
     sae = cls(d_in, cls.Settings(**{f.name: settings[f.name] for f in fields(cls.Settings) if f.name != "d_sae"},
                                  d_sae=d_sae))
     arrays = {name: a.to(torch.float32) for name, a in arrays.items()}
+    bad = non_finite(arrays)
+    if bad:
+        raise UserError(f"{where}: the SAE's {', '.join(bad)} hold NaN or infinite values; it cannot be scored. "
+                        "Check the file, or name another SAE.")
     if not subtracts_b_dec:
         arrays["b_enc"] = input_bias_folded(arrays["W_enc"], arrays["b_enc"], arrays["b_dec"])
     expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}

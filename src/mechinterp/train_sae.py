@@ -222,8 +222,8 @@ def train_sae(cache: ActivationCache, selection: RowSelection, spec: SaeSpec, se
     rows_log: list[dict[str, float]] = []
     start_step, key = 0, fingerprint(spec, seed, cache, selection)
 
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
+    state = read_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None:
         if state["fingerprint"] == key:
             sae.load_state_dict(state["sae"])
             optimizer.load_state_dict(state["optimizer"])
@@ -275,6 +275,24 @@ def train_sae(cache: ActivationCache, selection: RowSelection, spec: SaeSpec, se
                "heldout_fvu": float(training_log["heldout_fvu"][-1]) if len(training_log) else float("nan"),
                "late_fvu_drop": drop, "still_improving": improving}
     return sae, training_log, summary
+
+
+def read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's state, or None when there is none or it does not load (empty, truncated, a pickle of
+    objects, not this stage's): such a file is discarded with a warning naming it, and training starts afresh.
+    Loaded with weights_only=True always: a checkpoint is never unpickled as code."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+        if isinstance(state, dict) and "fingerprint" in state:
+            return state
+        problem = "it is not a checkpoint of this stage"
+    except Exception as err:  # noqa: BLE001 - any file that does not load is discarded alike
+        problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+    log.warning("checkpoint %s does not load (%s); deleting it and starting afresh", path, problem)
+    path.unlink()
+    return None
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -66,6 +66,14 @@ function saeOf(site, id) {
   if (!found) throw new Error(`no SAE ${id} in this browser (have: ${site.saes.map((s) => s.sae).join(", ")})`);
   return found;
 }
+// A script's address is built only from names the site lists: a link cannot make a page load a file outside it.
+function dictOf(sae, name) {
+  const dict = name || "features";
+  if (!Object.hasOwn(sae.dictionaries, dict)) {
+    throw new Error(`no dictionary ${dict} of ${sae.sae} (have: ${Object.keys(sae.dictionaries).join(", ")})`);
+  }
+  return dict;
+}
 function loadIndex(sae, dict) { return MI.load(`${sae}/${dict}-index.js`, `${sae}/${dict}-index`); }
 function loadUnit(sae, dict, index, unit) {
   const file = index.file_of[String(unit)];
@@ -292,8 +300,8 @@ function matches(row, query) {
 }
 
 async function tablePage() {
-  const params = hashParams(), dict = params.get("dict") || "features";
-  const site = await loadSite(), sae = saeOf(site, params.get("sae"));
+  const params = hashParams();
+  const site = await loadSite(), sae = saeOf(site, params.get("sae")), dict = dictOf(sae, params.get("dict"));
   const index = await loadIndex(sae.sae, dict);
   const title = dict === "features" ? `${sae.sae} features` : `${sae.site} ${sae.unit_kind.replace("_", " ")}s`;
   header(site, [title]);
@@ -345,8 +353,8 @@ async function tablePage() {
 }
 
 async function unitPage() {
-  const params = hashParams(), dict = params.get("dict") || "features", unit = Number(params.get("unit"));
-  const site = await loadSite(), sae = saeOf(site, params.get("sae"));
+  const params = hashParams(), unit = Number(params.get("unit"));
+  const site = await loadSite(), sae = saeOf(site, params.get("sae")), dict = dictOf(sae, params.get("dict"));
   const [index, corpus] = await Promise.all([loadIndex(sae.sae, dict), loadCorpus()]);
   const row = indexRows(index).find((r) => r.unit === unit);
   if (!row) throw new Error(`${dict} ${unit} of ${sae.sae} is dead or does not exist`);

@@ -44,7 +44,7 @@ rule audit_report:
         settings=settings("audit"),
         reference=config["audit"]["reference"],
     shell:
-        "python -m mechinterp.audit --manifest {input.manifest} --reference {params.reference}"
+        "python -m mechinterp.audit --manifest {input.manifest} --reference {params.reference:q}"
         " --settings {params.settings:q} --out {output} --exit-zero > {log} 2>&1"
 
 

@@ -33,11 +33,11 @@ rule browser_sae:
         seed=config["seed"],
         device=config["device"],
     shell:
-        "python -m mechinterp.browser sae --sae-id {wildcards.sae} --sae {input.sae} --cache {input.cache}"
+        "python -m mechinterp.browser sae --sae-id {wildcards.sae:q} --sae {input.sae} --cache {input.cache}"
         " --units {input.units} --codes {input.codes} --table {input.table} --model {input.model}"
         " --targets {input.targets} --effects {input.effects} --comparisons {input.comparisons}"
         " --continuations {input.continuations} --scores {input.scores} --polysemanticity {params.polysemanticity:q}"
-        " --settings {params.settings:q} --seed {params.seed} --device {params.device}"
+        " --settings {params.settings:q} --seed {params.seed} --device {params.device:q}"
         " --threads {threads} --out {output} > {log} 2>&1"
 
 
@@ -73,5 +73,5 @@ rule browser:
         out=lambda wc, output: Path(output.index).parent,
     shell:
         "python -m mechinterp.browser site --summaries {params.summaries} --table {input.table}"
-        " --split {params.split} --pages workflow/browser --run {params.run}"
+        " --split {params.split:q} --pages workflow/browser --run {params.run:q}"
         " --model-name {params.model_name:q} --out {params.out} > {log} 2>&1"

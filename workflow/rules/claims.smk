@@ -31,5 +31,5 @@ rule claims:
             for name, path in input.items()
         ),
     shell:
-        "python -m mechinterp.claims {params.tables} --headline-site {params.headline_site}"
+        "python -m mechinterp.claims {params.tables} --headline-site {params.headline_site:q}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -37,13 +37,13 @@ rule clamping:
     params:
         code=stage_code("mechinterp.clamping"),
         settings=settings("clamping"),
-        sae_ids=" ".join(SAES),
+        sae_ids=list(SAES),
         seed=replicate_seed,
         data_seed=config["data_seed"],
         device=config["device"],
         out_dir=lambda wc, output: Path(output.summary).parent,
     shell:
-        "python -m mechinterp.clamping --model {input.model} --saes {input.saes} --sae-ids {params.sae_ids}"
+        "python -m mechinterp.clamping --model {input.model} --saes {input.saes} --sae-ids {params.sae_ids:q}"
         " --caches {input.caches} --units {input.units} --lexicons {input.lexicons} --table {input.table}"
-        " --tokens {input.tokens} --settings {params.settings:q} --seed {params.seed} --data-seed {params.data_seed} --device {params.device}"
+        " --tokens {input.tokens} --settings {params.settings:q} --seed {params.seed} --data-seed {params.data_seed} --device {params.device:q}"
         " --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"

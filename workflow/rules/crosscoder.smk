@@ -35,7 +35,7 @@ rule train_crosscoder:
         device=config["device"],
     shell:
         "python -m mechinterp.crosscoder --caches {input.caches} --table {input.table} --spec {params.spec:q}"
-        " --seed {params.seed} --threads {threads} --checkpoint {params.checkpoint} --device {params.device}"
+        " --seed {params.seed} --threads {threads} --checkpoint {params.checkpoint} --device {params.device:q}"
         " --model-name {params.model_name:q} --dataset {params.dataset:q} --out {output} > {log} 2>&1"
 
 
@@ -62,15 +62,15 @@ rule evaluate_crosscoder:
         **job_resources("model"),
     params:
         code=stage_code("mechinterp.evaluate_crosscoder"),
-        sae_ids=" ".join(CROSSCODER.saes),
+        sae_ids=CROSSCODER.saes,
         settings=settings("sae_eval"),
         seed=config["seed"],
         device=config["device"],
     shell:
         "python -m mechinterp.evaluate_crosscoder --crosscoder {input.crosscoder} --saes {input.saes}"
-        " --sae-ids {params.sae_ids} --sae-metrics {input.sae_metrics} --caches {input.caches}"
+        " --sae-ids {params.sae_ids:q} --sae-metrics {input.sae_metrics} --caches {input.caches}"
         " --table {input.table} --tokens {input.tokens} --model {input.model}"
-        " --settings {params.settings:q} --seed {params.seed} --device {params.device} --threads {threads}"
+        " --settings {params.settings:q} --seed {params.seed} --device {params.device:q} --threads {threads}"
         " --out {output.metrics} --density-out {output.density} > {log} 2>&1"
 
 

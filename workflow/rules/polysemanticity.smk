@@ -24,11 +24,11 @@ rule polysemanticity:
     params:
         code=stage_code("mechinterp.polysemanticity"),
         settings=settings("polysemanticity"),
-        sae_ids=lambda wc: " ".join(saes_at(wc.site)),
+        sae_ids=lambda wc: saes_at(wc.site),
         seed=replicate_seed,
     shell:
         "python -m mechinterp.polysemanticity --cache {input.cache} --table {input.table}"
-        " --lexicons {input.lexicons} --saes {input.saes} --sae-ids {params.sae_ids}"
+        " --lexicons {input.lexicons} --saes {input.saes} --sae-ids {params.sae_ids:q}"
         " --settings {params.settings:q} --seed {params.seed}"
         " --threads {threads} --units {output.units} --concepts {output.concepts}"
         " --comparison {output.comparison} --codes {output.codes} > {log} 2>&1"

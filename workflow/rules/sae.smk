@@ -24,7 +24,7 @@ rule cache_activations:
     shell:
         "python -m mechinterp.activations --model {input.model} --tokens {input.tokens} --table {input.table}"
         " --sites {params.sites} --settings {params.settings:q}"
-        " --device {params.device} --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"
+        " --device {params.device:q} --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule train_sae:
@@ -55,7 +55,7 @@ rule train_sae:
         device=config["device"],
     shell:
         "python -m mechinterp.train_sae --cache {input.cache} --table {input.table} --spec {params.spec:q}"
-        " --seed {params.seed} --threads {threads} --checkpoint {params.checkpoint} --device {params.device}"
+        " --seed {params.seed} --threads {threads} --checkpoint {params.checkpoint} --device {params.device:q}"
         " --model-name {params.model_name:q} --dataset {params.dataset:q} --out {output} > {log} 2>&1"
 
 
@@ -117,9 +117,9 @@ rule evaluate_sae:
         seed=replicate_seed,
         device=config["device"],
     shell:
-        "python -m mechinterp.evaluate_sae --model {input.model} --sae {input.sae} --sae-id {wildcards.sae}"
+        "python -m mechinterp.evaluate_sae --model {input.model} --sae {input.sae} --sae-id {wildcards.sae:q}"
         " --cache {input.cache} --table {input.table} --tokens {input.tokens} --settings {params.settings:q}"
-        " --seed {params.seed} --device {params.device} --threads {threads} --out {output.metrics}"
+        " --seed {params.seed} --device {params.device:q} --threads {threads} --out {output.metrics}"
         " --density-out {output.density} > {log} 2>&1"
 
 

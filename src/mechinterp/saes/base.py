@@ -100,10 +100,19 @@ class SparseAutoencoder(torch.nn.Module):
                "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION,
                             "sae_lens_training_version": SAELENS_FORMAT_VERSION, **metadata},
                **(extra or {})}
+        bad = non_finite(dict(self.named_parameters()))
+        if bad:
+            raise UserError(f"the trained SAE's {', '.join(bad)} hold NaN or infinite values: training diverged, and "
+                            "nothing was saved. Lower its learning rate (sae.lr, or the site's lr in sae.sites).")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}, folder / WEIGHTS_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity (an SAE with one scores NaN everywhere, silently)."""
+    return [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
 
 
 def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
@@ -127,4 +136,7 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     except (SafetensorError, RuntimeError, OSError) as err:  # truncated or corrupt file, or tensors of other shapes
         raise UserError(f"{folder / WEIGHTS_FILE} does not load ({type(err).__name__}: {err}). "
                         f"{rebuild_hint(folder)}") from err
+    bad = non_finite(sae.state_dict())
+    if bad:
+        raise UserError(f"{folder / WEIGHTS_FILE}: {', '.join(bad)} hold NaN or infinite values. {rebuild_hint(folder)}")
     return sae.eval(), cfg
