@@ -192,6 +192,8 @@ def test_index_pages_load_and_list_every_live_unit(browser, smoke):
             dead = units.filter((pl.col("site") == site) & (pl.col("dictionary") == name)
                                 & (pl.col("status") == "dead")).height
             assert f"{dead} dead" in table.inner_text("#main")
+            # issue 30: the neurons' missing dense list was shown as the text "null"
+            assert "null" not in [line.strip() for line in table.inner_text("#main").splitlines()]
     table = page.open("index.html#view=table&sae=resid3-topk&dict=features", "#units tbody tr")
     table.click("th[data-key='monosemanticity']")  # sorted, highest first
     shown = table.eval_on_selector_all("#units tbody tr td:nth-child(3)", "c => c.map(x => x.textContent)")

@@ -56,6 +56,10 @@ def test_schema_fills_defaults():
         (lambda c: c.update(run="a/b"), r"config key run: 'a/b' does not match"),
         (lambda c: c["clamping"].update(sae="resid99-topk"), r"clamping\.sae is 'resid99-topk', which is not one of"),
         (lambda c: c["clamping"].update(strengths=[1]), r"config key clamping\.strengths"),
+        # issue 30: silent wrong results before
+        (lambda c: c["clamping"].update(strengths=[1, 1, 1]), r"config key clamping\.strengths: .*non-unique"),
+        (lambda c: c.update(crosscoder={"sites": ["resid4", "resid4"]}), r"config key crosscoder\.sites: .*non-unique"),
+        (lambda c: c["lexicons"].update(include=[]), r"config key lexicons\.include: \[\] should be non-empty"),
         (lambda c: c["clamping"].update(concepts=["Negativ"]), r"config key clamping\.concepts\.0"),
         (lambda c: c["polysemanticity"].update(active_fraction=0), r"config key polysemanticity\.active_fraction"),
         (lambda c: c["audit"].update(floor={"rel": -1, "abs": 0}), r"config key audit\.floor\.rel"),

@@ -343,12 +343,13 @@ async function tablePage() {
   status.addEventListener("change", render);
   const apart = (label, units) => el("details", { class: label.split(" ")[0] }, el("summary", {}, `${units.length} ${label}`),
     el("p", {}, units.length ? units.map((u, i) => [i ? ", " : "", dict === "features" && label.startsWith("dense") ? unitLink(sae, dict, u, String(u)) : String(u)]) : "none"));
-  document.getElementById("main").replaceChildren(
+  // (replaceChildren would show a null child as the text "null": the neurons have no dense list)
+  document.getElementById("main").replaceChildren(...[
     el("p", {}, `${index.n_units} units: ${rows.length} live (scored when active on enough tokens: alive; else rare), ${index.dead.length} dead (never positive on the scored tokens).`),
     apart("dead units", index.dead),
     dict === "features" ? apart(`dense latents (active on more than ${fmt(index.dense_density * 100)}% of tokens)`, index.dense) : null,
     el("div", { class: "controls" }, el("label", {}, "search ", search), " ", el("label", {}, "status ", status), " ", count),
-    el("table", { class: "units", id: "units" }, el("thead", {}, headRow), body));
+    el("table", { class: "units", id: "units" }, el("thead", {}, headRow), body)].filter((child) => child !== null));
   render();
 }
 
