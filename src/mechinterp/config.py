@@ -200,6 +200,26 @@ def check_config(config: dict[str, Any]) -> None:
     if config["logit_lens"]["corpus_window_tokens"] >= config["tokens"]["context_length"]:
         raise UserError(f"logit_lens.corpus_window_tokens must be below tokens.context_length "
                         f"({config['tokens']['context_length']}); the token after the window is the target.")
+    check_study_settings(config)
+
+
+def check_study_settings(config: dict[str, Any]) -> None:
+    """Settings that passed the schema but would crash a stage after it ran, or give a silent wrong result."""
+    from mechinterp.clamping_stats import COMPARED_KL
+
+    levels = config["clamping"]["kl_levels"]
+    if COMPARED_KL not in levels:
+        raise UserError(f"clamping.kl_levels {levels} leaves out {COMPARED_KL}: features and baselines are compared, and "
+                        f"the claims read, at KL {COMPARED_KL}. Add {COMPARED_KL} to clamping.kl_levels.")
+    toy = config["toy"]
+    if toy["sae_k"] >= toy["sae_d_sae"]:
+        raise UserError(f"toy.sae_k = {toy['sae_k']} must be below toy.sae_d_sae = {toy['sae_d_sae']} (a TopK SAE keeps "
+                        "k of its latents); lower toy.sae_k or raise toy.sae_d_sae.")
+    seeds = {config["seed"], *config["replicates"]["seeds"]}
+    if len(seeds) < 3:
+        raise UserError(f"replicates.seeds {config['replicates']['seeds']} with seed {config['seed']} make "
+                        f"{len(seeds)} distinct seeds; the audit's spread needs at least three. List two seeds in "
+                        "replicates.seeds other than `seed`.")
 
 
 def window_count(n_tokens: int, context_length: int) -> int:
