@@ -62,7 +62,7 @@ def test_schema_fills_defaults():
         (lambda c: c["lexicons"].update(include=[]), r"config key lexicons\.include: \[\] should be non-empty"),
         (lambda c: c["clamping"].update(kl_levels=[0.03, 0.3]),
          r"clamping\.kl_levels \[0\.03, 0\.3\] leaves out 0\.1: .*Add 0\.1 to clamping\.kl_levels"),
-        (lambda c: c["toy"].update(sae_k=20, sae_d_sae=20), r"toy\.sae_k = 20 must be below toy\.sae_d_sae = 20"),
+        (lambda c: c.update(toy={"sae_k": 20, "sae_d_sae": 20}), r"toy\.sae_k = 20 must be below toy\.sae_d_sae = 20"),
         (lambda c: c.update(seed=0, replicates={"seeds": [0, 1]}),
          r"replicates\.seeds \[0, 1\] with seed 0 make 2 distinct seeds; .*at least three"),
         (lambda c: c["clamping"].update(concepts=["Negativ"]), r"config key clamping\.concepts\.0"),

@@ -1,4 +1,5 @@
 import ast
+import functools
 import hashlib
 import json
 import re
@@ -187,6 +188,7 @@ def python_source(path):
     return "\n".join(lines)
 
 
+@functools.cache  # every rule asks for the same modules: each file is parsed once per Snakemake process
 def package_imports(path):
     """Modules of the package that a source file (or notebook) imports, at any depth of the file."""
     names = set()
@@ -205,6 +207,7 @@ def package_imports(path):
     return {n for n in names if module_file(n).exists()}
 
 
+@functools.cache
 def stage_code(entry, *files):
     """sha256 of the code a stage runs: its `entry` module (run as `python -m <entry>`), the package's
     `__init__`, every package module they import (transitively), and `files` (a notebook, the
