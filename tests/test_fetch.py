@@ -2,6 +2,7 @@
 gives a clear error with no output left behind."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,24 @@ def test_local_corpus_errors_name_the_key(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin-1"))
     spec.local["paths"] = [str(tmp_path / "latin1.txt")]
     with pytest.raises(UserError, match=r"'.*latin1\.txt' is not UTF-8 text \(byte 3: b'\\xe9'\).*iconv -f latin1"):
+        fetch_documents(spec, None, seed=0)
+    # issue 30: a raw traceback that named no file, or a silent wrong corpus
+    spec.local["paths"] = [str(tmp_path)]
+    with pytest.raises(UserError, match=r"corpus\.local\.paths: '.*' is a folder; list its files"):
+        fetch_documents(spec, None, seed=0)
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    spec.local["paths"] = [str(tmp_path / "empty.jsonl")]
+    with pytest.raises(UserError, match=r"corpus\.local\.paths: file '.*empty\.jsonl' is empty"):
+        fetch_documents(spec, None, seed=0)
+    for name, content in (("noise.parquet", bytes(range(256)) * 4), ("broken.jsonl", b'{"text": "a"}\n{"text": \n')):
+        (tmp_path / name).write_bytes(content)
+        spec.local["paths"] = [str(tmp_path / name)]
+        with pytest.raises(UserError, match=rf"corpus\.local\.paths: '.*{re.escape(name)}' is not readable "
+                                            rf"\.(parquet|jsonl) \(.*Fix or replace the file"):
+            fetch_documents(spec, None, seed=0)
+    pl.DataFrame({"text": [{"a": 0, "b": [1, 2]}]}).write_parquet(tmp_path / "objects.parquet")
+    spec.local["paths"] = [str(tmp_path / "objects.parquet")]
+    with pytest.raises(UserError, match=r"corpus\.local\.text_column 'text' of local:objects\.parquet holds Struct"):
         fetch_documents(spec, None, seed=0)
 
 

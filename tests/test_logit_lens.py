@@ -85,6 +85,14 @@ def test_prompt_longer_than_context_is_refused(tiny_bridge):
         prepare_prompts(tiny_bridge.tokenizer, PROMPTS, context_length=4)
 
 
+def test_a_top_k_beyond_the_vocabulary_is_refused_naming_the_key(tiny_bridge):
+    """Issue 30: `logit_lens.top_k: 100000` failed with torch's `selected index k out of range`."""
+    inputs = prepare_prompts(tiny_bridge.tokenizer, PROMPTS, context_length=64)
+    with pytest.raises(UserError, match=rf"logit_lens\.top_k = 100000 is larger than the model's vocabulary "
+                                        rf"\({tiny_bridge.cfg.d_vocab} tokens\); lower logit_lens\.top_k"):
+        run_logit_lens(tiny_bridge, inputs, top_k=100_000)
+
+
 def test_target_that_is_not_one_token_is_refused(tiny_bridge):
     prompts = [{"id": "p", "text": "The capital", "targets": [" Parisiennes-de-Lutece"]}]
     with pytest.raises(UserError, match=r"logit_lens\.prompts\[0\] \('p'\): target ' Parisiennes-de-Lutece' is not a single token"):

@@ -48,6 +48,14 @@ def test_a_saved_sae_loads_back_with_the_same_latents(tmp_path):
     torch.testing.assert_close(loaded.encode(x), sae.encode(x))
 
 
+def test_a_pretrained_sae_with_a_broken_cfg_json_is_refused_by_name(tmp_path):
+    topk_sae(16, 48, 4).save(tmp_path / "sae", {})
+    for text, problem in (("{not json", "is not valid JSON"), ("[1, 2]", "is not a JSON object")):
+        (tmp_path / "sae" / "cfg.json").write_text(text)
+        with pytest.raises(UserError, match=rf"sae\.sites\.0\.pretrained: .*cfg\.json {problem}"):
+            read_saelens(tmp_path / "sae", SETTINGS, "sae.sites.0.pretrained")
+
+
 def test_a_pretrained_sae_holding_nan_is_refused_by_name(tmp_path):
     arrays = {k: v for k, v in random_arrays().items() if k != "threshold"}
     arrays["W_enc"][0, 0] = float("nan")

@@ -137,8 +137,13 @@ def local_documents(spec: dict[str, Any]) -> pl.DataFrame:
     frames = []
     for raw_path in spec["paths"]:
         path = Path(raw_path).expanduser()
+        if path.is_dir():
+            raise UserError(f"corpus.local.paths: {str(path)!r} is a folder; list its files (.txt, .jsonl or .parquet) "
+                            "one by one.")
         if not path.is_file():
             raise UserError(f"corpus.local.paths: file {str(path)!r} does not exist. Fix the path in the config.")
+        if path.stat().st_size == 0:
+            raise UserError(f"corpus.local.paths: file {str(path)!r} is empty. Fill it or take it off the list.")
         if path.suffix == ".txt":
             try:
                 text = path.read_text(encoding="utf-8")
@@ -148,7 +153,12 @@ def local_documents(spec: dict[str, Any]) -> pl.DataFrame:
                                 f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`.") from None
             frames.append(_docs(f"local:{path.name}", [text], [None]))
         elif path.suffix in (".jsonl", ".parquet"):
-            table = pl.read_ndjson(path) if path.suffix == ".jsonl" else pl.read_parquet(path)
+            try:
+                table = pl.read_ndjson(path) if path.suffix == ".jsonl" else pl.read_parquet(path)
+            except (pl.exceptions.PolarsError, OSError) as err:
+                raise UserError(f"corpus.local.paths: {str(path)!r} is not readable {path.suffix} "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                                "Fix or replace the file.") from None
             frames.append(_columns_to_documents(table, spec, f"local:{path.name}", "corpus.local"))
         else:
             raise UserError(f"corpus.local.paths: {path.name!r} is neither .txt, .jsonl nor .parquet.")
@@ -162,6 +172,9 @@ def _columns_to_documents(table: pl.DataFrame, spec: dict[str, Any], source: str
     for col, name in ((text_col, "text_column"), (label_col, "label_column")):
         if col is not None and col not in table.columns:
             raise UserError(f"{key}.{name} is {col!r} but the data has columns {table.columns}.")
+    if table.schema[text_col] not in (pl.String, pl.Categorical):
+        raise UserError(f"{key}.text_column {text_col!r} of {source} holds {table.schema[text_col]}, not text; name "
+                        "a column of strings.")
     labels = table[label_col].cast(pl.String).to_list() if label_col else [None] * table.height
     return _docs(source, table[text_col].cast(pl.String).to_list(), labels)
 

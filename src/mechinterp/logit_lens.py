@@ -211,6 +211,9 @@ def run_logit_lens(bridge, inputs: list[LensInput], top_k: int, translator: Tran
     `random_rise_share` (share of the prompts' random tokens whose log p rises with depth, Spearman > 0)
     and `layer_positions_per_s` (throughput of the decoding). Random tokens are drawn per input from
     a generator seeded with (`seed`, the input's index)."""
+    if top_k > bridge.cfg.d_vocab:
+        raise UserError(f"logit_lens.top_k = {top_k} is larger than the model's vocabulary ({bridge.cfg.d_vocab} "
+                        "tokens); lower logit_lens.top_k.")
     vocab = vocabulary_strings(bridge.tokenizer)
     special = set(bridge.tokenizer.all_special_ids)
     position_rows, target_rows, first_rows, null_frames, prompt_random_rise = [], [], [], [], []

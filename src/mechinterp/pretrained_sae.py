@@ -125,7 +125,13 @@ def read_saelens(folder: Path, settings: dict[str, Any], where: str) -> SparseAu
     """A SAELens folder of a known architecture."""
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"{where}: {folder} is not a SAELens folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE}).")
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    try:
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{where}: {folder / CONFIG_FILE} is not valid JSON ({err}); fix the file or name another "
+                        "SAE.") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where}: {folder / CONFIG_FILE} is not a JSON object; it is not a SAELens config.")
     by_saelens_name = {cls.saelens_architecture: name for name, cls in ARCHITECTURES.items()}
     architecture = by_saelens_name.get(cfg.get("architecture"))
     if architecture is None:
