@@ -13,8 +13,15 @@ from mechinterp.errors import UserError
 
 min_version("9.0")
 
+# Paths in the rules (results/, the notebooks, the browser's pages) are relative to the checkout's root
+if Path.cwd().resolve() != Path(workflow.basedir).resolve():
+    raise WorkflowError(
+        f"run Snakemake in the checkout {workflow.basedir}: cd there, or add --directory {workflow.basedir}"
+        " (results are written under its results/<run>/)."
+    )
 
-configfile: "config/default.yaml"
+
+configfile: str(Path(workflow.basedir) / "config/default.yaml")
 
 
 report: "workflow/report/workflow.rst"

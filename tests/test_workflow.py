@@ -93,6 +93,18 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert not (REPO / "results" / "bad").exists()
 
 
+def test_from_another_folder_the_workflow_says_where_to_run(tmp_path):
+    """Issue 30: `snakemake -s path/to/Snakefile` from elsewhere failed on "'wheels' is a required property" (the
+    default config was looked for in the working folder); it names the checkout and --directory now."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = snakemake(elsewhere, "-n", "-s", str(REPO / "Snakefile"), check=False)
+    assert result.returncode != 0
+    assert f"run Snakemake in the checkout {REPO}: cd there, or add --directory {REPO}" in result.stderr + result.stdout
+    assert snakemake(elsewhere, "-n", "-s", str(REPO / "Snakefile"), "--directory", str(REPO)).returncode == 0
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_config_values_reach_the_shell_quoted(tmp_path):
     """Issue 30: audit.reference went into the audit's shell line unquoted, so `reference/my ref` split in two and
     `...;touch ..$(echo)INJ;#` ran a command. Each planned command line splits back into the very value."""
