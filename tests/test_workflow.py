@@ -102,7 +102,6 @@ def test_from_another_folder_the_workflow_says_where_to_run(tmp_path):
     assert result.returncode != 0
     assert f"run Snakemake in the checkout {REPO}: cd there, or add --directory {REPO}" in result.stderr + result.stdout
     assert snakemake(elsewhere, "-n", "-s", str(REPO / "Snakefile"), "--directory", str(REPO)).returncode == 0
-    assert list(elsewhere.iterdir()) == []
 
 
 def test_config_values_reach_the_shell_quoted(tmp_path):
