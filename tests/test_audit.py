@@ -336,6 +336,24 @@ def test_a_manifest_naming_a_path_outside_its_run_is_refused(tmp_path, key, name
         load_manifest(path, "the run's")
 
 
+def test_a_huge_integer_or_a_partial_settings_section_is_no_traceback(tmp_path, capsys):
+    """Issue 30: a manifest metric of 10**400 raised OverflowError; `--settings` with one key raised TypeError."""
+    path = tmp_path / "MANIFEST.json"
+    path.write_text(json.dumps(manifest()).replace('"n_dead": 2', '"n_dead": ' + "1" + "0" * 400))
+    with pytest.raises(UserError, match=r"MANIFEST\.json: the integer 10000000000000000000\.\.\. is beyond 64 bits"):
+        load_manifest(path, "the run's")
+    run_dir, folder = tmp_path / "results" / "r", tmp_path / "reference" / "r"
+    write_run(run_dir, seed_manifests())
+    make_reference(run_dir, folder)
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(seed_manifests()[2]))
+    args = ["--manifest", str(run), "--reference", str(folder)]
+    assert exit_status(audit_main, [*args, "--settings", '{"spread_multiple": 4.0}']) == 0
+    assert capsys.readouterr().out.startswith("AUDIT PASSED")
+    assert exit_status(audit_main, [*args, "--settings", '{"spread": 4}']) == 2
+    assert "--settings: spread is not a setting of the audit" in capsys.readouterr().err
+
+
 def test_a_link_out_of_the_run_is_a_failure_never_read(tmp_path):
     run = tmp_path / "results" / "r"
     run.mkdir(parents=True)

@@ -38,7 +38,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -414,9 +414,11 @@ def load_manifest(path: str | Path, role: str) -> dict[str, Any]:
         raise UserError(f"{role} manifest {path} does not exist; build it with `snakemake {path}` "
                         "(or name another reference in audit.reference).")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(), parse_int=bounded_int)
     except json.JSONDecodeError as err:
         raise UserError(f"{role} manifest {path} is not valid JSON ({err}); rebuild it.") from err
+    except ValueError as err:  # bounded_int's
+        raise UserError(f"{role} manifest {path}: {err}; it was edited or is not this workflow's. Rebuild it.") from None
     for key, kind in (("files", dict), ("metrics", dict), ("environment", dict), ("config", dict)):
         if not isinstance(manifest.get(key), kind):
             raise UserError(f"{role} manifest {path} has no {key!r} section (an object); it is not a MANIFEST.json of "
@@ -430,6 +432,14 @@ def load_manifest(path: str | Path, role: str) -> dict[str, Any]:
                                 "inside its run (relative, no '..'). It was edited or is not this workflow's; "
                                 "remake it with `snakemake <run>/MANIFEST.json`.")
     return manifest
+
+
+def bounded_int(text: str) -> int:
+    """An integer of a manifest: a count or a size, which a float compares with (10**400 would overflow)."""
+    value = int(text)
+    if abs(value) >= 2**63:
+        raise ValueError(f"the integer {text[:20]}{'...' if len(text) > 20 else ''} is beyond 64 bits")
+    return value
 
 
 def is_run_relative(name: object) -> bool:
@@ -452,6 +462,21 @@ def default_settings() -> dict[str, Any]:
     return load_default_config()["audit"]
 
 
+def audit_settings(given: str | None) -> AuditSettings:
+    """--settings as JSON laid over the default config's `audit` section (a partial section keeps the rest)."""
+    try:
+        section = json.loads(given) if given else {}
+    except json.JSONDecodeError as err:
+        raise UserError(f"--settings is not valid JSON ({err}); give the `audit` section as a JSON object.") from None
+    if not isinstance(section, dict):
+        raise UserError("--settings is not a JSON object; give the `audit` section, e.g. '{\"spread_multiple\": 4}'.")
+    known = {f.name for f in fields(AuditSettings)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise UserError(f"--settings: {', '.join(unknown)} is not a setting of the audit (it has {', '.join(sorted(known))}).")
+    return AuditSettings(**{**default_settings(), **section})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of rule `audit_report`: `python -m mechinterp.audit --help`. Exit status 1 when the
     audit fails (unless --exit-zero), 2 when it cannot be made (another config, a missing reference)."""
@@ -463,9 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exit-zero", action="store_true",
                         help="exit 0 when the audit fails too (the report says which); 2 still when it cannot be made")
     args = parser.parse_args(argv)
-    section = json.loads(args.settings) if args.settings else default_settings()
     result = audit(load_manifest(args.manifest, "this run's"), Reference.load(args.reference),
-                   AuditSettings(**section), Path(args.manifest).parent)
+                   audit_settings(args.settings), Path(args.manifest).parent)
     sys.stdout.write(result.report())
     if args.out:
         with atomic_path(args.out) as tmp:
