@@ -38,6 +38,26 @@ def test_fetch_local_model_writes_a_loadable_folder_with_source(tiny_model_dir, 
     assert source["settings"] == local_spec(tiny_model_dir)  # what the workflow compares with its config
 
 
+def test_a_local_model_with_its_own_code_is_fetched_with_that_code(tiny_model_dir, tmp_path):
+    """Issue 30: with trust_remote_code the folder's *.py files were not copied, and loading the fetched copy
+    looked for the code on the hub under a bogus address. They are copied (and only with remote code allowed)."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "remote")
+    (folder / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyRemoteConfig(LlamaConfig):\n    model_type = 'tiny_remote'\n")
+    (folder / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyRemoteConfig\n\n\n"
+        "class TinyRemoteForCausalLM(LlamaForCausalLM):\n    config_class = TinyRemoteConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="tiny_remote", auto_map={"AutoConfig": "configuration_tiny.TinyRemoteConfig",
+                                                      "AutoModelForCausalLM": "modeling_tiny.TinyRemoteForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "model"
+    record = fetch_model(ModelSettings(**{**local_spec(folder), "trust_remote_code": True}), out)
+    assert record["n_layers"] == 2 and {"configuration_tiny.py", "modeling_tiny.py"} <= set(record["files_sha256"])
+    without = fetch_model(ModelSettings(**local_spec(tiny_model_dir)), tmp_path / "plain")
+    assert not any(name.endswith(".py") for name in without["files_sha256"])
+
+
 def test_a_model_folder_without_tokenizer_files_is_refused_naming_them(tiny_model_dir, tmp_path):
     folder = shutil.copytree(tiny_model_dir, tmp_path / "no_tokenizer")
     for path in folder.glob("tokenizer*"):

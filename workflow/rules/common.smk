@@ -13,7 +13,7 @@ from snakemake.settings.types import DeploymentMethod
 from mechinterp.cluster import Request, sinfo_partitions, unfit_requests
 from mechinterp.config import crosscoder_plan, sae_specs
 from mechinterp.errors import UserError
-from mechinterp.fetch_model import MODEL_FILE_PATTERNS
+from mechinterp.fetch_model import model_file_patterns
 from mechinterp.replicates import REPLICATED_TABLES
 from mechinterp.sites import check_layers
 
@@ -263,9 +263,8 @@ def local_sources(section):
     if section == "corpus":
         return [str(Path(p).expanduser()) for p in part["local"]["paths"]]
     folder = Path(part["local"]["path"]).expanduser()
-    return sorted(
-        {str(p) for pattern in MODEL_FILE_PATTERNS for p in folder.glob(pattern)}
-    )
+    patterns = model_file_patterns(part["trust_remote_code"])
+    return sorted({str(p) for pattern in patterns for p in folder.glob(pattern)})
 
 
 def check_layers_of_fetched_model():
