@@ -8,7 +8,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from mechinterp.config import validate_config
+from mechinterp.config import check_unique_keys, validate_config
 from mechinterp.errors import UserError
 
 min_version("9.0")
@@ -28,6 +28,8 @@ report: "workflow/report/workflow.rst"
 
 
 try:
+    for path in workflow.configfiles:
+        check_unique_keys(path)
     validate_config(
         config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
     )

@@ -120,6 +120,16 @@ def test_config_values_reach_the_shell_quoted(tmp_path):
     assert json.loads(args[args.index("--settings") + 1])["reference"] == reference
 
 
+def test_a_key_given_twice_in_a_config_file_stops_before_any_job(tmp_path):
+    """Issue 30: YAML keeps the last of two equal keys silently, so `seed` given twice ran with the second."""
+    config = tmp_path / "twice.yaml"
+    config.write_text("run: twice\nsae:\n  k: 16\nseed: 1\nsae:\n  k: 8\n")
+    result = snakemake(REPO, "-n", "--configfile", str(config), check=False)
+    assert result.returncode != 0
+    assert f"{config}: key 'sae' is given twice (lines 2 and 5)" in result.stderr + result.stdout
+    assert not (REPO / "results" / "twice").exists()
+
+
 def test_layers_beyond_the_fetched_model_stop_before_any_job(tmp_path):
     from mechinterp.config import load_default_config
 

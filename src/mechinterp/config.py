@@ -62,6 +62,24 @@ REPOSITORY = Path(__file__).resolve().parents[2]  # the checkout (the package is
 SCHEMA = REPOSITORY / "workflow" / "schemas" / "config.schema.yaml"
 
 
+def check_unique_keys(path: str | Path) -> None:
+    """Refuse a YAML config file holding a key twice in one mapping (YAML keeps the last silently),
+    naming the key and both lines."""
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+                if key in lines:
+                    raise UserError(f"{path}: key {key!r} is given twice (lines {lines[key]} and {line}); YAML "
+                                    "would keep the last silently. Delete one.")
+                lines[key] = line
+            return super().construct_mapping(node, deep)
+
+    yaml.load(Path(path).read_text(), Loader=UniqueKeys)  # noqa: S506 - a SafeLoader
+
+
 def load_default_config() -> dict[str, Any]:
     """config/default.yaml with the schema's defaults filled in, as Snakemake resolves it."""
     return validate_config(yaml.safe_load((REPOSITORY / "config" / "default.yaml").read_text()), SCHEMA)
